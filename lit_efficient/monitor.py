@@ -1,0 +1,182 @@
+"""What every technique shows: namespaced scalars, TensorBoard histograms and images, and the
+end-of-fit savings table.
+
+* Scalars go through ``pl_module.log`` under ``efficient/<technique>/<name>`` so any Lightning
+  logger receives them (``self.log`` inside a compiled ``training_step`` crashes; callback hooks
+  do not).
+* Histograms, images and text need TensorBoard: they are written through the first
+  ``TensorBoardLogger``'s ``experiment`` on global rank 0, and skipped when there is none.
+* Each of our callbacks derives from :class:`EfficientCallback` and reports what it saved as
+  :class:`SavingsRow` s. At the end of ``fit`` the last of them prints one table covering all of
+  them on rank 0, and writes it to TensorBoard as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+NAMESPACE = "efficient"
+Number = Union[int, float, torch.Tensor]
+
+
+def metric_key(technique: str, name: str) -> str:
+    """The logged name of ``name`` for ``technique``: ``efficient/<technique>/<name>``."""
+    return f"{NAMESPACE}/{technique}/{name}"
+
+
+def log_metrics(pl_module: "pl.LightningModule", technique: str, metrics: Mapping[str, Number], **kwargs: Any) -> None:
+    """Log scalars under the technique's namespace (per optimizer step unless ``kwargs`` say otherwise).
+
+    Values must be the same on every rank (they are technique state, not per-rank statistics),
+    so no synchronisation is requested.
+    """
+    options = dict(on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
+    options.update(kwargs)
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().float()
+        pl_module.log(metric_key(technique, name), value, **options)
+
+
+def tensorboard_writer(trainer: "pl.Trainer") -> Optional[Any]:
+    """The ``SummaryWriter`` of the first TensorBoardLogger, on global rank 0; otherwise None."""
+    if not trainer.is_global_zero:
+        return None
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def log_histogram(trainer: "pl.Trainer", technique: str, name: str, values: torch.Tensor, step: Optional[int] = None) -> bool:
+    """Write a histogram of ``values``; returns whether anything was written."""
+    writer = tensorboard_writer(trainer)
+    if writer is None or values.numel() == 0:
+        return False
+    step = trainer.global_step if step is None else step
+    writer.add_histogram(metric_key(technique, name), values.detach().float().flatten().cpu(), step)
+    return True
+
+
+def log_image(trainer: "pl.Trainer", technique: str, name: str, image: torch.Tensor, step: Optional[int] = None) -> bool:
+    """Write an image: ``image`` is HW (grey) or CHW (C = 1 or 3) with values in [0, 1]."""
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        return False
+    image = image.detach().float().clamp(0, 1).cpu()
+    step = trainer.global_step if step is None else step
+    writer.add_image(metric_key(technique, name), image, step, dataformats="HW" if image.dim() == 2 else "CHW")
+    return True
+
+
+def log_text(trainer: "pl.Trainer", technique: str, name: str, text: str, step: Optional[int] = None) -> bool:
+    """Write markdown text (shown in TensorBoard's Text tab)."""
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        return False
+    writer.add_text(metric_key(technique, name), text, trainer.global_step if step is None else step)
+    return True
+
+
+def bar_image(values: Sequence[float], height: int = 32, gap: int = 1, width: int = 4) -> torch.Tensor:
+    """A grey HW image with one vertical bar per value in [0, 1] (e.g. per-layer density)."""
+    n = len(values)
+    image = torch.zeros(height, max(1, n * (width + gap)))
+    for i, value in enumerate(values):
+        filled = int(round(min(1.0, max(0.0, float(value))) * height))
+        if filled:
+            image[height - filled :, i * (width + gap) : i * (width + gap) + width] = 1.0
+    return image
+
+
+@dataclass(frozen=True)
+class SavingsRow:
+    """One line of the savings table.
+
+    Attributes:
+        technique: short technique name (``"granet"``).
+        quantity: what is measured (``"training FLOPs"``, ``"optimizer state"``).
+        value: the measured value, formatted for people (``"90.0% sparse"``, ``"1.2 MB"``).
+        ratio: cost relative to the baseline (0.3 = 30% of it), when it is a cost; else None.
+        baseline: what ``ratio`` is relative to.
+    """
+
+    technique: str
+    quantity: str
+    value: str
+    ratio: Optional[float] = None
+    baseline: str = "dense"
+
+
+def format_savings_table(rows: Sequence[SavingsRow]) -> str:
+    """A markdown table of ``rows`` (readable as plain text too)."""
+    header = ("technique", "quantity", "value", "vs baseline")
+    body = [
+        (r.technique, r.quantity, r.value, "" if r.ratio is None else f"{r.ratio:.3g}x {r.baseline}") for r in rows
+    ]
+    widths = [max(len(str(line[i])) for line in (header, *body)) for i in range(len(header))]
+
+    def fmt(line: Sequence[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |"
+
+    lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += [fmt(line) for line in body]
+    return "\n".join(lines)
+
+
+def collect_savings(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+    """Rows from every :class:`EfficientCallback` of ``trainer``, in callback order."""
+    rows: list[SavingsRow] = []
+    for callback in trainer.callbacks:
+        if isinstance(callback, EfficientCallback):
+            rows.extend(callback.savings(trainer, pl_module))
+    return rows
+
+
+class EfficientCallback(Callback):
+    """Base of every lit_efficient callback: its technique name, logging helpers and its rows of
+    the savings table. The last such callback in ``trainer.callbacks`` reports the table."""
+
+    technique: ClassVar[str] = "efficient"
+
+    def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
+        log_metrics(pl_module, self.technique, metrics, **kwargs)
+
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        """What this technique saved in the run that just ended (override)."""
+        return []
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        ours = [c for c in trainer.callbacks if isinstance(c, EfficientCallback)]
+        if not ours or ours[-1] is not self:
+            return
+        rows = collect_savings(trainer, pl_module)
+        if not rows:
+            return
+        table = format_savings_table(rows)
+        rank_zero_info(f"lit_efficient savings:\n{table}")
+        log_text(trainer, "report", "savings", table)
+
+
+__all__ = [
+    "EfficientCallback",
+    "SavingsRow",
+    "bar_image",
+    "collect_savings",
+    "format_savings_table",
+    "log_histogram",
+    "log_image",
+    "log_metrics",
+    "log_text",
+    "metric_key",
+    "tensorboard_writer",
+]

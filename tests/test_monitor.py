@@ -1,0 +1,117 @@
+import glob
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_efficient.monitor import (
+    EfficientCallback,
+    SavingsRow,
+    bar_image,
+    format_savings_table,
+    log_histogram,
+    log_image,
+    metric_key,
+    tensorboard_writer,
+)
+
+
+class Regression(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)), batch_size=4)
+
+
+class Probe(EfficientCallback):
+    """Logs what a technique would: a step counter, a histogram, a density image, a savings row."""
+
+    technique = "probe"
+
+    def __init__(self, name="probe", ratio=0.5):
+        self.technique = name
+        self.ratio = ratio
+        self.reported = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.log_metrics(pl_module, {"step_seen": float(trainer.global_step), "tensor": torch.tensor(2.0)})
+        log_histogram(trainer, self.technique, "weights", pl_module.layer.weight)
+        log_image(trainer, self.technique, "density", bar_image([0.2, 1.0, 0.5]))
+
+    def savings(self, trainer, pl_module):
+        self.reported += 1
+        return [SavingsRow(self.technique, "training FLOPs", f"{self.ratio:.0%} of dense", self.ratio)]
+
+
+def fit(tmp_path, callbacks, logger):
+    trainer = pl.Trainer(max_steps=8, callbacks=callbacks, logger=logger, log_every_n_steps=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Regression())
+    return trainer
+
+
+def test_metric_key():
+    assert metric_key("granet", "sparsity") == "efficient/granet/sparsity"
+
+
+def test_scalars_histograms_images_reach_tensorboard(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, [Probe()], logger)
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    scalars = events.Scalars("efficient/probe/step_seen")
+    assert [e.value for e in scalars] == [float(s) for s in range(1, 9)]
+    assert [e.value for e in events.Scalars("efficient/probe/tensor")] == [2.0] * 8
+    assert len(events.Histograms("efficient/probe/weights")) == 8
+    image = events.Images("efficient/probe/density")[-1]
+    assert image.width == 15 and image.height == 32
+    # the savings table goes to the Text tab too
+    text = events.Tensors("efficient/report/savings/text_summary")[-1]
+    assert b"training FLOPs" in text.tensor_proto.string_val[0]
+
+
+def test_without_tensorboard_logger_nothing_breaks(tmp_path):
+    probe = Probe()
+    trainer = fit(tmp_path, [probe], CSVLogger(tmp_path))
+    assert tensorboard_writer(trainer) is None
+    assert probe.reported == 1
+
+
+def test_one_savings_table_from_all_callbacks(tmp_path, caplog):
+    first, second = Probe("alpha", 0.25), Probe("beta", 0.5)
+    with caplog.at_level(logging.INFO):
+        fit(tmp_path, [first, pl.callbacks.Timer(), second], False)
+    reports = [r.getMessage() for r in caplog.records if "lit_efficient savings" in r.getMessage()]
+    assert len(reports) == 1
+    assert "alpha" in reports[0] and "beta" in reports[0]
+    assert reports[0].index("alpha") < reports[0].index("beta")
+    assert first.reported == second.reported == 1
+
+
+def test_format_savings_table():
+    table = format_savings_table([SavingsRow("granet", "weights", "90.0% sparse"),
+                                  SavingsRow("galore", "optimizer state", "1.0 MB", 0.3, "AdamW")])
+    lines = table.splitlines()
+    assert lines[0].startswith("| technique") and len(lines) == 4
+    assert "0.3x AdamW" in lines[3]
+    assert len({len(line) for line in lines}) == 1
+
+
+def test_bar_image():
+    image = bar_image([0.0, 0.5, 1.0], height=4, width=1, gap=0)
+    assert image.tolist() == [[0, 0, 1], [0, 0, 1], [0, 1, 1], [0, 1, 1]]
