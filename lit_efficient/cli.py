@@ -37,5 +37,10 @@ def main(args: Optional[list[str]] = None, run: bool = True) -> LightningCLI:
     return LightningCLI(**kwargs)
 
 
-if __name__ == "__main__":  # pragma: no cover
+def entry_point() -> None:
+    """The ``lit-efficient`` console script (returns nothing, so the exit status is 0 on success)."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry_point()
