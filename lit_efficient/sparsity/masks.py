@@ -1,0 +1,215 @@
+"""The mask engine every sparse technique shares.
+
+A mask is a boolean buffer (``sparsity_mask``) registered on each targeted module in ``setup``, so
+it is part of the model's state dict with the same key from step 0 to the end and is restored
+with the weights — never rebuilt from ``w != 0`` (regrown weights are exactly zero).
+
+After every optimizer step :meth:`SparseMasks.apply` multiplies each weight by its mask and zeroes
+the masked entries of every optimizer state tensor of the weight's shape (SGD momentum, Adam's
+moments, bitsandbytes' 8-bit moments — set to the code of 0.0), so neither momentum nor weight
+decay can revive a pruned weight. Gradients stay dense: growth criteria need them.
+
+Pure helpers (no Trainer needed): :func:`uniform_densities`, :func:`erk_densities`,
+:func:`keep_counts`, :func:`topk_mask`, :func:`random_mask`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lit_efficient.targets import Target
+
+MASK_BUFFER = "sparsity_mask"
+
+
+def uniform_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
+    """Every layer at ``density``."""
+    return [float(density)] * len(shapes)
+
+
+def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
+    """Erdős–Rényi-Kernel layer densities (RigL, arXiv 1911.11134).
+
+    Layer l gets ``ε · sum(shape_l) / prod(shape_l)``, with ε chosen so the total number of kept
+    weights is ``density`` × the total; a layer that would exceed density 1 is made dense and ε
+    is solved again over the others.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"`density` must lie in (0, 1]; got {density}")
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    dense: set[int] = set()
+    while True:
+        budget = density * sum(sizes) - sum(sizes[i] for i in dense)
+        weighted = sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
+        if weighted <= 0:
+            return [1.0 if i in dense else 0.0 for i in range(len(shapes))]
+        eps = budget / weighted
+        over = [i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1.0]
+        if not over:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))]
+        dense.update(over)
+
+
+def keep_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float], total_density: Optional[float] = None) -> list[int]:
+    """Whole numbers of weights to keep per layer for ``densities``.
+
+    With ``total_density`` the counts are adjusted (largest remainders first) so that they add up
+    to exactly ``round(total_density × total)``, which per-layer rounding alone does not ensure.
+    """
+    sizes = [math.prod(s) for s in shapes]
+    exact = [d * n for d, n in zip(densities, sizes)]
+    counts = [min(n, int(math.floor(e))) for e, n in zip(exact, sizes)]
+    if total_density is None:
+        return [min(n, int(round(e))) for e, n in zip(exact, sizes)]
+    missing = int(round(total_density * sum(sizes))) - sum(counts)
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in order:
+        if missing <= 0:
+            break
+        if counts[i] < sizes[i]:
+            counts[i] += 1
+            missing -= 1
+    return counts
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Boolean mask of exactly ``k`` entries with the largest ``scores``."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten().float(), k, sorted=False).indices] = True
+    return mask.view_as(scores)
+
+
+def random_mask(shape: Sequence[int], k: int, generator: torch.Generator, device=None) -> Tensor:
+    """Boolean mask with exactly ``k`` entries chosen uniformly at random by ``generator``."""
+    n = math.prod(shape)
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=generator)[:k]] = True
+    return mask.view(*shape).to(device)
+
+
+def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, where: Tensor) -> None:
+    """Zero the optimizer's per-element state of ``param`` at the True entries of ``where``.
+
+    Every state tensor of the parameter's shape counts (momentum buffers, Adam moments); 8-bit
+    states (bitsandbytes ``state1``/``state2`` with code books ``qmap1``/``qmap2``) are set to the
+    code whose value is exactly 0.0.
+    """
+    if optimizer is None:
+        return
+    state = optimizer.state.get(param)
+    if not state:
+        return
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or value.shape != param.shape:
+            continue
+        if value.dtype == torch.uint8:
+            codebook = state.get("qmap" + key[-1]) if key.startswith("state") else None
+            if codebook is None:
+                continue
+            zero = (codebook == 0).nonzero()
+            if zero.numel() == 0:
+                raise RuntimeError(f"8-bit optimizer state {key!r} has no exact code for 0.0")
+            value.masked_fill_(where, int(zero[0, 0]))
+        elif value.is_floating_point():
+            value.masked_fill_(where, 0)
+
+
+class SparseMasks:
+    """Boolean masks on a list of targets, applied to weights and optimizer state.
+
+    Args:
+        targets: the weights to sparsify (from :func:`lit_efficient.targets.select_targets`).
+    """
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        if not targets:
+            raise ValueError("no targets to sparsify")
+        self.targets = list(targets)
+        for target in self.targets:
+            module = target.module
+            existing = getattr(module, MASK_BUFFER, None)
+            if existing is None:
+                module.register_buffer(MASK_BUFFER, torch.ones_like(target.param, dtype=torch.bool), persistent=True)
+            elif not isinstance(existing, Tensor) or existing.shape != target.param.shape:
+                raise ValueError(f"{target.name} already has an attribute {MASK_BUFFER!r} that is not a mask")
+
+    # -- access -------------------------------------------------------------------------------
+    @property
+    def masks(self) -> list[Tensor]:
+        return [getattr(t.module, MASK_BUFFER) for t in self.targets]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [t.param for t in self.targets]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [tuple(t.param.shape) for t in self.targets]
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.targets]
+
+    # -- accounting ---------------------------------------------------------------------------
+    def nonzeros(self) -> list[int]:
+        return [int(m.sum()) for m in self.masks]
+
+    def sizes(self) -> list[int]:
+        return [m.numel() for m in self.masks]
+
+    def layer_densities(self) -> list[float]:
+        return [nnz / size for nnz, size in zip(self.nonzeros(), self.sizes())]
+
+    def density(self) -> float:
+        return sum(self.nonzeros()) / sum(self.sizes())
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    # -- changes ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_masks(self, new_masks: Iterable[Tensor], optimizer: Optional[torch.optim.Optimizer] = None) -> list[int]:
+        """Replace the masks in place (``copy_``: no new tensors, no recompiles) and apply them.
+
+        Positions that become active start at weight 0 with zero optimizer state. Returns the
+        number of positions grown per layer.
+        """
+        grown_counts = []
+        for target, mask, new in zip(self.targets, self.masks, new_masks):
+            new = new.to(device=mask.device, dtype=torch.bool)
+            grown = new & ~mask
+            target.param.masked_fill_(grown, 0)
+            zero_optimizer_state(optimizer, target.param, grown)
+            grown_counts.append(int(grown.sum()))
+            mask.copy_(new)
+        self.apply(optimizer)
+        return grown_counts
+
+    @torch.no_grad()
+    def apply(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Zero masked weights and their optimizer state (call after every optimizer step)."""
+        for target, mask in zip(self.targets, self.masks):
+            target.param.mul_(mask)
+            if optimizer is not None:
+                zero_optimizer_state(optimizer, target.param, ~mask)
+
+    def is_applied(self) -> bool:
+        """Whether every masked weight is exactly zero."""
+        return all(bool((t.param[~m] == 0).all()) for t, m in zip(self.targets, self.masks))
+
+
+__all__ = [
+    "MASK_BUFFER",
+    "SparseMasks",
+    "erk_densities",
+    "keep_counts",
+    "random_mask",
+    "topk_mask",
+    "uniform_densities",
+    "zero_optimizer_state",
+]
