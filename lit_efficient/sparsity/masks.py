@@ -120,6 +120,56 @@ def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tens
             value.masked_fill_(where, 0)
 
 
+def fan_in(target: Target) -> int:
+    """Multiply-accumulates per output element of a target (0 for embeddings: a lookup)."""
+    if target.kind == "embedding":
+        return 0
+    out_dim = 1 if target.transposed else 0
+    return target.param.numel() // target.param.shape[out_dim]
+
+
+class ForwardFlops:
+    """Dense forward FLOPs of each target, measured on the next forward pass through hooks.
+
+    ``2 × fan_in`` FLOPs per output element (a multiply and an add per weight used); the hooks
+    remove themselves after one call of each module.
+    """
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = list(targets)
+        self.flops: list[Optional[float]] = [None] * len(self.targets)
+        self._handles = []
+
+    def attach(self) -> "ForwardFlops":
+        self.detach()
+        for i, target in enumerate(self.targets):
+            self._handles.append(target.module.register_forward_hook(self._hook(i, target)))
+        return self
+
+    def _hook(self, i: int, target: Target):
+        def record(module, args, output):
+            if self.flops[i] is None and isinstance(output, Tensor):
+                self.flops[i] = 2.0 * output.numel() * fan_in(target)
+
+        return record
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def measured(self) -> bool:
+        return all(f is not None for f in self.flops)
+
+    def ratio(self, densities: Sequence[float]) -> float:
+        """FLOPs of the targets at ``densities`` relative to dense (1.0 if nothing was measured)."""
+        dense = sum(f or 0.0 for f in self.flops)
+        if dense == 0:
+            return 1.0
+        return sum((f or 0.0) * d for f, d in zip(self.flops, densities)) / dense
+
+
 class SparseMasks:
     """Boolean masks on a list of targets, applied to weights and optimizer state.
 
@@ -205,6 +255,8 @@ class SparseMasks:
 
 __all__ = [
     "MASK_BUFFER",
+    "ForwardFlops",
+    "fan_in",
     "SparseMasks",
     "erk_densities",
     "keep_counts",

@@ -152,3 +152,18 @@ def test_zero_optimizer_state_ignores_other_shapes():
     zero_optimizer_state(opt, p, torch.eye(3, dtype=torch.bool))
     assert opt.state[p]["exp_avg"].diagonal().eq(0).all() and opt.state[p]["exp_avg"][0, 1] != 0
     assert float(opt.state[p]["step"]) == 1.0
+
+
+def test_forward_flops_measured_per_layer():
+    from lit_efficient.sparsity.masks import ForwardFlops
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 10), nn.Linear(10, 2))
+    targets = select_targets(model, include=["0", "2", "3"])
+    probe = ForwardFlops(targets).attach()
+    model(torch.randn(4, 3, 5, 5))
+    model(torch.randn(1, 3, 5, 5))  # the first call is the one that counts
+    probe.detach()
+    assert probe.flops == [2.0 * 4 * 8 * 25 * 27, 2.0 * 4 * 10 * 200, 2.0 * 4 * 2 * 10]
+    assert not model[0]._forward_hooks
+    total = sum(probe.flops)
+    assert probe.ratio([0.5, 0.1, 1.0]) == pytest.approx((0.5 * probe.flops[0] + 0.1 * probe.flops[1] + probe.flops[2]) / total)
