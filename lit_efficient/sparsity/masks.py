@@ -93,6 +93,38 @@ def random_mask(shape: Sequence[int], k: int, generator: torch.Generator, device
     return mask.view(*shape).to(device)
 
 
+def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], keep: int) -> list[Tensor]:
+    """Keep the ``keep`` largest-magnitude active weights across all layers together (GraNet's
+    global pruning); inactive positions stay inactive. Layer densities drift, as intended."""
+    scores = [torch.where(m, w.detach().abs().float(), torch.full_like(w, -1.0, dtype=torch.float32)) for w, m in zip(weights, masks)]
+    flat = torch.cat([s.flatten() for s in scores])
+    keep = max(0, min(keep, int(sum(int(m.sum()) for m in masks))))
+    chosen = topk_mask(flat, keep)
+    out, offset = [], 0
+    for s in scores:
+        out.append(chosen[offset : offset + s.numel()].view_as(s))
+        offset += s.numel()
+    return out
+
+
+def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor) -> Tensor:
+    """Drop the ``count`` smallest-magnitude active weights of one layer and grow ``count``
+    inactive positions with the largest ``grow_scores`` (|gradient|, |momentum| or random).
+
+    Just-dropped positions are candidates for growth (as in RigL); the number of active weights
+    is unchanged.
+    """
+    active = int(mask.sum())
+    count = max(0, min(count, active, mask.numel() - active))
+    if count == 0:
+        return mask.clone()
+    magnitude = torch.where(mask, weight.detach().abs().float(), torch.full_like(weight, float("inf"), dtype=torch.float32))
+    dropped = topk_mask(-magnitude, count)
+    kept = mask & ~dropped
+    candidates = torch.where(kept, torch.full_like(weight, -float("inf"), dtype=torch.float32), grow_scores.detach().float())
+    return kept | topk_mask(candidates, count)
+
+
 def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, where: Tensor) -> None:
     """Zero the optimizer's per-element state of ``param`` at the True entries of ``where``.
 
@@ -256,7 +288,9 @@ class SparseMasks:
 __all__ = [
     "MASK_BUFFER",
     "ForwardFlops",
+    "drop_and_grow",
     "fan_in",
+    "global_magnitude_masks",
     "SparseMasks",
     "erk_densities",
     "keep_counts",

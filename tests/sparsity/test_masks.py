@@ -167,3 +167,31 @@ def test_forward_flops_measured_per_layer():
     assert not model[0]._forward_hooks
     total = sum(probe.flops)
     assert probe.ratio([0.5, 0.1, 1.0]) == pytest.approx((0.5 * probe.flops[0] + 0.1 * probe.flops[1] + probe.flops[2]) / total)
+
+
+def test_global_magnitude_masks_keeps_largest_active_across_layers():
+    from lit_efficient.sparsity.masks import global_magnitude_masks
+
+    w1 = torch.tensor([[5.0, 0.1], [3.0, 9.0]])
+    w2 = torch.tensor([[4.0, 8.0, 0.2]])
+    m1 = torch.tensor([[True, True], [True, False]])  # 9.0 is inactive: it must not come back
+    m2 = torch.ones(1, 3, dtype=torch.bool)
+    out = global_magnitude_masks([w1, w2], [m1, m2], keep=3)
+    assert out[0].tolist() == [[True, False], [False, False]]
+    assert out[1].tolist() == [[True, True, False]]
+
+
+def test_drop_and_grow_keeps_count_and_uses_scores():
+    from lit_efficient.sparsity.masks import drop_and_grow
+
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0])
+    m = torch.tensor([True, True, True, True, False, False])
+    grad = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.5, 7.0])
+    new = drop_and_grow(w, m, 2, grad.abs())
+    # drops 1.0 and 2.0; grows position 5 (score 7) and then the best remaining candidate, position 4
+    assert new.tolist() == [False, False, True, True, True, True]
+    assert int(new.sum()) == int(m.sum())
+    # a just-dropped position may regrow when its score is highest
+    new = drop_and_grow(w, m, 1, torch.tensor([9.0, 0, 0, 0, 1.0, 2.0]))
+    assert new.tolist() == m.tolist()
+    assert torch.equal(drop_and_grow(w, m, 0, grad), m)
