@@ -1,5 +1,7 @@
 """lit_efficient: efficient-training callbacks for PyTorch Lightning."""
 
+from lit_efficient.sparsity.granet import GraNet
+
 __version__ = "0.1.0"
 
-__all__: list[str] = []
+__all__ = ["GraNet"]

@@ -1,0 +1,1 @@
+"""Sparse training: the shared mask engine and the techniques built on it."""

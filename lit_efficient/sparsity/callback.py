@@ -1,0 +1,240 @@
+"""What every unstructured sparse-training callback does the same way (GraNet, RigL, SET).
+
+Targets are chosen in ``setup`` and get their mask buffers there, before Lightning restores a
+checkpoint, so the state-dict keys never change. Initial masks are drawn at ``on_fit_start``
+unless a checkpoint already brought them. After each optimizer step the masks are applied to
+weights and optimizer state; on update steps the subclass's :meth:`update` changes them. Dense
+gradients for growth are read in ``on_before_optimizer_step``, where Lightning has unscaled them
+(AMP) and DDP has averaged them, so every rank sees the same values and draws the same masks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from typing_extensions import override
+
+from lit_efficient.monitor import EfficientCallback, SavingsRow, bar_image, log_image
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, is_due
+from lit_efficient.sparsity.masks import (
+    ForwardFlops,
+    SparseMasks,
+    erk_densities,
+    keep_counts,
+    random_mask,
+    uniform_densities,
+)
+from lit_efficient.targets import select_targets, validate_patterns
+
+Distribution = Literal["erk", "uniform"]
+SPARSE_KINDS = ("linear", "conv", "embedding")
+
+
+def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True) -> float:
+    ok = low <= value < high if high_open else low <= value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"`{argument}` must lie in [{low}, {high}{bracket}; got {value!r}")
+    return float(value)
+
+
+class SparseTrainingCallback(EfficientCallback):
+    """Base of the unstructured sparse-training callbacks (see the module docstring).
+
+    Args:
+        sparsity: final fraction of targeted weights that are zero, in [0, 1).
+        update_every: time between mask updates (a time spec; default ``"100st"``).
+        distribution: per-layer densities, ``"erk"`` (default) or ``"uniform"``.
+        include: module-name patterns to sparsify (default: every linear/conv layer except the
+            stem and the head; see :mod:`lit_efficient.targets`).
+        exclude: module-name patterns never to sparsify.
+        seed: seed of every random choice (identical on all ranks).
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        update_every: TimeSpec = "100st",
+        distribution: Distribution = "erk",
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        seed: int = 0,
+    ) -> None:
+        self.sparsity = check_fraction(sparsity, "sparsity")
+        self.update_every = Time.parse(update_every, "update_every")
+        if self.update_every.value == 0:
+            raise ValueError("`update_every` must be positive")
+        if distribution not in ("erk", "uniform"):
+            raise ValueError(f"`distribution` must be 'erk' or 'uniform'; got {distribution!r}")
+        self.distribution = distribution
+        self.include = validate_patterns(include, "include") or None
+        self.exclude = validate_patterns(exclude, "exclude") or None
+        self.seed = int(seed)
+        self.masks: Optional[SparseMasks] = None
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.initialized = False
+        self.updates = 0
+        self.last_applied_step = -1
+        self.flops: Optional[ForwardFlops] = None
+        self.density_steps = 0.0  # sum over optimizer steps of the FLOPs ratio: training FLOPs
+        self.counted_steps = 0
+        self._grad_scores: Optional[list[torch.Tensor]] = None
+        self._every = 1
+
+    # -- set-up -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise RuntimeError(
+                f"{type(self).__name__} supports single-device and DDP training; {type(trainer.strategy).__name__}"
+                " shards or wraps parameters, so masks could not be applied to whole weights"
+            )
+        targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
+        self.masks = SparseMasks(targets)
+        self.flops = ForwardFlops(targets)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        assert self.masks is not None
+        length = TrainingLength.from_trainer(trainer)
+        self._every = max(1, self.update_every.to_steps(length, "update_every"))
+        self.resolve_schedule(length)
+        if not self.initialized:
+            self.masks.set_masks(self.initial_masks(), self.optimizer(trainer))
+            self.initialized = True
+        self.masks.apply(self.optimizer(trainer))
+        if self.flops is not None and not self.flops.measured:
+            self.flops.attach()
+
+    def resolve_schedule(self, length: TrainingLength) -> None:
+        """Resolve the subclass's time specs to steps (override)."""
+
+    def initial_masks(self) -> list[torch.Tensor]:
+        """Random masks at :meth:`initial_density` with the configured layer distribution."""
+        assert self.masks is not None
+        density = self.initial_density()
+        shapes = self.masks.shapes
+        densities = erk_densities(shapes, density) if self.distribution == "erk" else uniform_densities(shapes, density)
+        counts = keep_counts(shapes, densities, total_density=density)
+        return [random_mask(s, k, self.generator) for s, k in zip(shapes, counts)]
+
+    def initial_density(self) -> float:
+        return 1.0 - self.sparsity
+
+    @staticmethod
+    def optimizer(trainer: "pl.Trainer") -> Optional[torch.optim.Optimizer]:
+        return trainer.optimizers[0] if trainer.optimizers else None
+
+    # -- every step ---------------------------------------------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        """Whether the masks change after optimizer step ``step`` (override to bound it)."""
+        return is_due(step, self._every, start=self._every)
+
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        if self.masks is None or not self.is_update_step(trainer.global_step + 1):
+            self._grad_scores = None
+            return
+        # dense gradients, already unscaled (AMP) and averaged (DDP) here
+        self._grad_scores = [
+            torch.zeros_like(p) if p.grad is None else p.grad.detach().abs().clone() for p in self.masks.params
+        ]
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
+        if self.masks is None or trainer.global_step == self.last_applied_step:
+            return  # no optimizer step since the last call (gradient accumulation)
+        if self.flops is not None and self.flops.measured:
+            self.flops.detach()
+        step = trainer.global_step
+        self.last_applied_step = step
+        optimizer = self.optimizer(trainer)
+        self.masks.apply(optimizer)
+        self.account_step()
+        if self.is_update_step(step):
+            stats = self.update(step, optimizer, self._grad_scores)
+            self._grad_scores = None
+            self.updates += 1
+            self.log_update(trainer, pl_module, stats)
+
+    def account_step(self) -> None:
+        assert self.masks is not None
+        ratio = self.flops.ratio(self.masks.layer_densities()) if self.flops is not None else self.masks.density()
+        self.density_steps += ratio
+        self.counted_steps += 1
+
+    def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
+        """Change the masks after optimizer step ``step``; return statistics to log (override)."""
+        raise NotImplementedError
+
+    def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str, optimizer) -> list[torch.Tensor]:
+        """Scores for regrowth: |dense gradient|, |momentum| (first moment) or uniform random."""
+        assert self.masks is not None
+        params = self.masks.params
+        if growth == "random":
+            return [torch.rand(p.shape, generator=self.generator).to(p.device) for p in params]
+        if growth == "momentum" and optimizer is not None:
+            scores = []
+            for p in params:
+                state = optimizer.state.get(p, {})
+                buf = state.get("exp_avg", state.get("momentum_buffer"))
+                scores.append(buf.detach().abs().float() if isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.is_floating_point() else torch.zeros_like(p, dtype=torch.float32))
+            return scores
+        if grad_scores is None:
+            return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        return grad_scores
+
+    # -- reporting ----------------------------------------------------------------------------
+    def log_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stats: dict[str, float]) -> None:
+        assert self.masks is not None
+        densities = self.masks.layer_densities()
+        metrics: dict[str, Any] = {"sparsity": self.masks.sparsity(), "updates": float(self.updates), **stats}
+        if self.flops is not None and self.flops.measured:
+            metrics["inference_flops_ratio"] = self.flops.ratio(densities)
+            metrics["training_flops_ratio"] = self.density_steps / max(1, self.counted_steps)
+        self.log_metrics(pl_module, metrics)
+        log_image(trainer, self.technique, "layer_density", bar_image(densities))
+
+    @override
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        if self.masks is None:
+            return []
+        rows = [SavingsRow(self.technique, "weights of targeted layers", f"{self.masks.sparsity():.1%} zero")]
+        if self.flops is not None and self.flops.measured:
+            inference = self.flops.ratio(self.masks.layer_densities())
+            training = self.density_steps / max(1, self.counted_steps)
+            rows.append(SavingsRow(self.technique, "inference FLOPs (targeted layers)", f"{inference:.3f} of dense", inference))
+            rows.append(SavingsRow(self.technique, "training FLOPs (targeted layers, fwd+bwd)", f"{training:.3f} of dense", training))
+        return rows
+
+    # -- state --------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "initialized": self.initialized,
+            "updates": self.updates,
+            "last_applied_step": self.last_applied_step,
+            "generator": self.generator.get_state(),
+            "density_steps": self.density_steps,
+            "counted_steps": self.counted_steps,
+            "flops": [f for f in self.flops.flops] if self.flops is not None else None,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initialized = bool(state_dict["initialized"])
+        self.updates = int(state_dict["updates"])
+        self.last_applied_step = int(state_dict["last_applied_step"])
+        self.generator.set_state(state_dict["generator"])
+        self.density_steps = float(state_dict["density_steps"])
+        self.counted_steps = int(state_dict["counted_steps"])
+        if self.flops is not None and state_dict.get("flops") is not None:
+            self.flops.flops = list(state_dict["flops"])
+
+
+__all__ = ["SparseTrainingCallback", "check_fraction"]

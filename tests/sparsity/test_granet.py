@@ -1,0 +1,118 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_efficient.sparsity.granet import GraNet, granet_density, regrow_fraction_at
+
+
+class MLP(pl.LightningModule):
+    def __init__(self, optimizer="adamw"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                                 nn.ReLU(), nn.Linear(32, 4))
+        self.kind = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = nn.functional.cross_entropy(self.net(x), y, reduction="none")
+        return {"loss": losses.mean(), "sample_losses": losses}
+
+    def configure_optimizers(self):
+        if self.kind == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
+
+
+def loader(n=64, batch=16):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, generator=g)
+    return DataLoader(TensorDataset(x, (x[:, :4].argmax(1))), batch_size=batch)
+
+
+def trainer(tmp_path, callbacks, steps, **kwargs):
+    kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, **kwargs)
+
+
+def test_schedule_functions():
+    assert granet_density(0, 10, 110, 1.0, 0.1) == 1.0
+    assert granet_density(110, 10, 110, 1.0, 0.1) == pytest.approx(0.1)
+    assert granet_density(60, 10, 110, 1.0, 0.1) == pytest.approx(1 - (0.9 + (0 - 0.9) * 0.125))
+    assert regrow_fraction_at(0, 100, 0.5, 0.005) == 0.5
+    assert regrow_fraction_at(100, 100, 0.5, 0.005) == 0.005
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_final_sparsity_is_exact_at_prune_end_and_stays(tmp_path, optimizer):
+    granet = GraNet(sparsity=0.8, prune_end="30st", update_every="7st")  # 30 is no multiple of 7
+    model = MLP(optimizer)
+    seen = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen[trainer.global_step] = granet.masks.density()
+            assert granet.masks.is_applied()
+
+    trainer(tmp_path, [granet, Watch()], 60).fit(model, loader())
+    masks = granet.masks
+    target = round(0.2 * sum(masks.sizes()))
+    assert sum(masks.nonzeros()) == target
+    assert all(seen[s] == target / sum(masks.sizes()) for s in range(30, 61)), "sparsity must hold after prune_end"
+    assert seen[29] > 0.2  # not before
+    assert [t.name for t in masks.targets] == ["net.0", "net.2", "net.4"]  # the head is exempt
+    # pruned weights are exactly zero in the trained model
+    for t, m in zip(masks.targets, masks.masks):
+        assert (t.param[~m] == 0).all()
+
+
+def test_sparse_to_sparse_starts_at_initial_density(tmp_path):
+    granet = GraNet(sparsity=0.9, initial_density=0.5, prune_end="20st", update_every="5st", distribution="uniform")
+    model = MLP()
+    trainer(tmp_path, [granet], 1).fit(model, loader())
+    assert granet.masks.density() == pytest.approx(0.5, abs=1 / sum(granet.masks.sizes()))
+
+
+@pytest.mark.parametrize(
+    "kwargs, argument",
+    [({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"initial_density": 0.0}, "initial_density"),
+     ({"initial_density": 0.05}, "initial_density"), ({"prune_start": "50st", "prune_end": "10st"}, "prune_end"),
+     ({"regrow_fraction": 1.5}, "regrow_fraction"), ({"growth": "magic"}, "growth"),
+     ({"distribution": "normal"}, "distribution"), ({"update_every": "0st"}, "update_every"),
+     ({"prune_end": "ten"}, "prune_end")],
+)
+def test_bad_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        GraNet(**kwargs)
+
+
+def test_unknown_glob_fails_at_setup(tmp_path):
+    with pytest.raises(ValueError, match="`include` pattern 'net.9' matches no module"):
+        trainer(tmp_path, [GraNet(include=["net.9"])], 2).fit(MLP(), loader())
+
+
+def test_resume_mid_schedule_matches_the_uninterrupted_run(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt=None):
+        pl.seed_everything(0)
+        granet = GraNet(sparsity=0.8, prune_end="30st", update_every="5st", growth="gradient")
+        model = MLP()
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=17, save_top_k=-1, save_on_train_epoch_end=True)
+        t = trainer(tmp_path, [granet, saver], -1, max_epochs=40, deterministic=True,
+                    enable_checkpointing=True)
+        t.fit(model, loader(n=16, batch=16), ckpt_path=ckpt)  # one-batch epochs: data order restores exactly
+        return model, granet
+
+    straight, straight_granet = run()
+    ckpt = str(tmp_path / "ckpts" / "epoch=16-step=17.ckpt")  # mid-schedule, between two updates
+    state = torch.load(ckpt, weights_only=True)
+    assert any("GraNet" in k for k in state["callbacks"])
+    resumed, resumed_granet = run(ckpt=ckpt)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert straight_granet.updates == resumed_granet.updates
+    assert straight_granet.masks.density() == resumed_granet.masks.density()
