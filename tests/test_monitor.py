@@ -1,8 +1,6 @@
-import glob
 import logging
 
 import lightning.pytorch as pl
-import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

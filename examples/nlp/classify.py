@@ -18,7 +18,8 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from examples.nlp.common import attached_datamodule, decay_groups, minilm_path, total_training_steps, warmup_cosine
+from examples.common import total_training_steps, warmup_cosine
+from examples.nlp.common import attached_datamodule, decay_groups, minilm_path
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

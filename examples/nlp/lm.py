@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from examples.nlp.common import attached_datamodule, decay_groups, total_training_steps, warmup_cosine
+from examples.common import total_training_steps, warmup_cosine
+from examples.nlp.common import attached_datamodule, decay_groups
 
 IGNORE_INDEX = -100
 

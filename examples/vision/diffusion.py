@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch import LightningModule
 
+from examples.common import total_training_steps, warmup_cosine
 from lit_efficient.monitor import tensorboard_writer
 
 
@@ -116,6 +117,5 @@ class DDPMDigits(LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.lr, weight_decay=0.0)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        scheduler = warmup_cosine(optimizer, total_training_steps(self.trainer), 0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -17,7 +17,6 @@ Run it from the repository root::
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -26,13 +25,7 @@ from lightning.pytorch import LightningModule
 from timm.models.vision_transformer import VisionTransformer
 from torchmetrics.classification import MulticlassAccuracy
 
-
-def warmup_cosine(step: int, total: int, warmup: int) -> float:
-    """LR multiplier: linear warm-up over ``warmup`` steps, then cosine from 1 to 0 at ``total``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
+from examples.common import total_training_steps, warmup_cosine
 
 
 class ViTClassifier(LightningModule):
@@ -111,9 +104,5 @@ class ViTClassifier(LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_fraction * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, total, warmup)
-        )
+        scheduler = warmup_cosine(optimizer, total_training_steps(self.trainer), hp.warmup_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -10,7 +10,7 @@ gradients for growth are read in ``on_before_optimizer_step``, where Lightning h
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
