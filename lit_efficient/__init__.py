@@ -1,7 +1,8 @@
 """lit_efficient: efficient-training callbacks for PyTorch Lightning."""
 
+from lit_efficient.sparsity.dst import SET, RigL
 from lit_efficient.sparsity.granet import GraNet
 
 __version__ = "0.1.0"
 
-__all__ = ["GraNet"]
+__all__ = ["GraNet", "RigL", "SET"]

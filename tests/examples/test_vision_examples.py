@@ -6,6 +6,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from examples.vision.data import DigitsDataModule
 from examples.vision.diffusion import DDPMDigits
@@ -35,10 +38,27 @@ def test_digits_split_is_the_baseline_split():
     assert set(pair.train_set.tensors[1].tolist()) == {3, 7}
 
 
+def test_train_loader_order_is_seeded():
+    def labels(seed):
+        return torch.cat([y for _, y in DigitsDataModule(seed=seed).train_dataloader()])
+
+    first = labels(0)
+    assert torch.equal(first, labels(0)) and not torch.equal(first, labels(1))
+    assert len(DigitsDataModule().train_dataloader()) == 23  # 40 epochs = the baseline's 920 steps
+
+
 @pytest.mark.parametrize("config", ["vit_digits.yaml", "vit32_digits.yaml", "ddpm_digits.yaml"])
-def test_configs_run_through_the_cli(tmp_path, config):
-    cli = main(["fit", "--config", str(VISION / config), f"--trainer.default_root_dir={tmp_path}", *QUICK])
+def test_configs_run_through_the_cli(tmp_path, capsys, config):
+    # Run from the config LightningCLI prints, so every init argument round-trips as plain yaml.
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(VISION / config), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cli = main(["fit", "--config", str(printed), f"--trainer.default_root_dir={tmp_path}", *QUICK])
     assert cli.trainer.global_step == 2
+    written = yaml.safe_load((VISION / config).read_text())
+    for key, value in written["model"]["init_args"].items():
+        assert cli.model.hparams[key] == value, key
 
 
 def _first_batch():
@@ -86,3 +106,19 @@ def test_ddpm_loss_decreases(tmp_path):
                          enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(model, dm)
     assert fixed_loss() < 0.6 * before
+
+
+def test_ddpm_validation_noise_is_fixed_and_samples_reach_tensorboard(tmp_path):
+    pl.seed_everything(0)
+    model = DDPMDigits(channels=[8, 16], sample_every_n_epochs=1, num_inference_steps=2)
+    dm = DigitsDataModule()
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=2, num_sanity_val_steps=0,
+                         logger=TensorBoardLogger(tmp_path, name="ddpm"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    # same noise and timesteps every validation: equal weights give an equal val/loss
+    first = trainer.validate(model, dm, verbose=False)[0]["val/loss"]
+    assert trainer.validate(model, dm, verbose=False)[0]["val/loss"] == first
+    events = EventAccumulator(trainer.logger.log_dir)
+    events.Reload()
+    assert "samples" in events.Tags()["images"]
