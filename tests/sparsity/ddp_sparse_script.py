@@ -1,0 +1,50 @@
+"""Run by test_sparse_ddp.py: trains with a sparse callback under DDP on 2 CPU processes (gloo)
+and writes whether masks and weights agree across ranks. Usage: python ddp_sparse_script.py NAME OUT"""
+
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sparse_helpers import MLP, loader  # noqa: E402
+
+from lit_efficient import SET, GraNet, RigL  # noqa: E402
+
+MAKERS = {
+    "granet": lambda: GraNet(sparsity=0.8, initial_density=0.5, prune_end="12st", update_every="3st"),
+    "rigl": lambda: RigL(sparsity=0.8, update_every="3st", stop=0.9),
+    "set": lambda: SET(sparsity=0.8, update_every="3st", stop=0.9),
+}
+
+
+class CompareAcrossRanks(pl.Callback):
+    def __init__(self, sparse, path):
+        self.sparse, self.path = sparse, path
+
+    def on_train_end(self, trainer, pl_module):
+        result = {"updates": self.sparse.updates, "masks_equal": True, "weights_equal": True,
+                  "world_size": dist.get_world_size()}
+        for mask, param in zip(self.sparse.masks.masks, self.sparse.masks.params):
+            for tensor, key in ((mask.to(torch.uint8), "masks_equal"), (param.detach(), "weights_equal")):
+                gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, tensor.contiguous())
+                result[key] &= all(torch.equal(gathered[0], g) for g in gathered[1:])
+        result["density"] = self.sparse.masks.density()
+        if trainer.is_global_zero:
+            with open(self.path, "w") as f:
+                json.dump(result, f)
+
+
+if __name__ == "__main__":
+    name, out = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    sparse = MAKERS[name]()
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=16,
+                         callbacks=[sparse, CompareAcrossRanks(sparse, out)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=os.path.dirname(out))
+    trainer.fit(MLP(), loader(n=128, batch=8))
