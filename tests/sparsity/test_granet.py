@@ -84,3 +84,24 @@ def test_resume_mid_schedule_matches_the_uninterrupted_run(tmp_path):
         assert torch.equal(a, b), name
     assert straight_granet.updates == resumed_granet.updates
     assert straight_granet.masks.density() == resumed_granet.masks.density()
+
+
+def test_gradient_accumulation_updates_on_optimizer_steps_only(tmp_path):
+    granet = GraNet(sparsity=0.8, prune_end="12st", update_every="4st")
+    changes = []
+
+    class Watch(pl.Callback):
+        def __init__(self):
+            self.last = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            current = [m.clone() for m in granet.masks.masks]
+            if self.last is not None and any(not torch.equal(a, b) for a, b in zip(self.last, current)):
+                changes.append((trainer.global_step, batch_idx % 2))
+            self.last = current
+
+    # 4 micro-batches per epoch, 2 per optimizer step: 16 optimizer steps
+    trainer(tmp_path, [granet, Watch()], 16, accumulate_grad_batches=2).fit(MLP(), loader(n=64, batch=16))
+    assert [step for step, _ in changes] == [4, 8, 12, 16]
+    assert all(phase == 1 for _, phase in changes), "masks change only after the micro-batch that stepped"
+    assert granet.updates == 4
