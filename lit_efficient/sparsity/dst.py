@@ -16,7 +16,7 @@ number of active weights, so the density never changes.
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import ClassVar, Optional
 
 import torch
 from typing_extensions import override
@@ -25,7 +25,6 @@ from lit_efficient.schedules import Time, TimeSpec, TrainingLength, ramp
 from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback, check_fraction
 from lit_efficient.sparsity.masks import drop_and_grow
 
-Growth = Literal["gradient", "random"]
 
 
 def rigl_drop_fraction(step: int, stop: int, initial: float) -> float:
@@ -36,7 +35,8 @@ def rigl_drop_fraction(step: int, stop: int, initial: float) -> float:
 
 
 class DynamicSparseTraining(SparseTrainingCallback):
-    """Constant-density drop-and-grow (the shared part of :class:`RigL` and :class:`SET`).
+    """Constant-density drop-and-grow (the shared part of :class:`RigL` and :class:`SET`, which
+    differ only in their ``growth`` criterion: ``"gradient"`` or ``"random"``).
 
     Args:
         sparsity: fraction of targeted weights that are zero, in [0, 1). Default 0.9.
@@ -44,11 +44,12 @@ class DynamicSparseTraining(SparseTrainingCallback):
         drop_fraction: initial fraction α of each layer's active weights replaced per update,
             in [0, 1) (default 0.3).
         stop: when mask updates end (time spec; default 0.75 of the run, RigL's T_end).
-        growth: ``"gradient"`` (RigL) or ``"random"`` (SET).
         distribution: layer densities, ``"erk"`` (default) or ``"uniform"``.
         include, exclude: module-name patterns (see :mod:`lit_efficient.targets`).
         seed: seed of the random choices (identical on all ranks).
     """
+
+    growth: ClassVar[str] = "gradient"
 
     def __init__(
         self,
@@ -56,7 +57,6 @@ class DynamicSparseTraining(SparseTrainingCallback):
         update_every: TimeSpec = "100st",
         drop_fraction: float = 0.3,
         stop: TimeSpec = 0.75,
-        growth: Growth = "gradient",
         distribution: Distribution = "erk",
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
@@ -65,9 +65,6 @@ class DynamicSparseTraining(SparseTrainingCallback):
         super().__init__(sparsity, update_every, distribution, include, exclude, seed)
         self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
         self.stop = Time.parse(stop, "stop")
-        if growth not in ("gradient", "random"):
-            raise ValueError(f"`growth` must be 'gradient' or 'random'; got {growth!r}")
-        self.growth = growth
         self._stop = 0
 
     @override
@@ -95,46 +92,22 @@ class DynamicSparseTraining(SparseTrainingCallback):
 class RigL(DynamicSparseTraining):
     """RigL: constant-density sparse training that grows where the dense gradient is largest.
 
-    Same arguments as :class:`DynamicSparseTraining` (growth is ``"gradient"``).
+    Arguments as :class:`DynamicSparseTraining`.
     """
 
     technique = "rigl"
-
-    def __init__(
-        self,
-        sparsity: float = 0.9,
-        update_every: TimeSpec = "100st",
-        drop_fraction: float = 0.3,
-        stop: TimeSpec = 0.75,
-        distribution: Distribution = "erk",
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(sparsity, update_every, drop_fraction, stop, "gradient", distribution, include, exclude, seed)
+    growth = "gradient"
 
 
 class SET(DynamicSparseTraining):
     """SET: constant-density sparse training with random regrowth.
 
-    Same arguments as :class:`DynamicSparseTraining` (growth is ``"random"``). The classic SET
-    recipe updates once per epoch with a constant fraction: ``update_every="1ep"``.
+    Arguments as :class:`DynamicSparseTraining`. The classic SET recipe updates once per epoch:
+    ``update_every="1ep"``.
     """
 
     technique = "set"
-
-    def __init__(
-        self,
-        sparsity: float = 0.9,
-        update_every: TimeSpec = "100st",
-        drop_fraction: float = 0.3,
-        stop: TimeSpec = 0.75,
-        distribution: Distribution = "erk",
-        include: Optional[list[str]] = None,
-        exclude: Optional[list[str]] = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(sparsity, update_every, drop_fraction, stop, "random", distribution, include, exclude, seed)
+    growth = "random"
 
 
 __all__ = ["DynamicSparseTraining", "RigL", "SET", "rigl_drop_fraction"]
