@@ -1,4 +1,5 @@
-"""Helpers shared by every example: the warm-up + cosine learning-rate schedule."""
+"""Helpers shared by every example: the warm-up + cosine learning-rate schedule and the
+per-sample loss output of ``training_step``."""
 
 from __future__ import annotations
 
@@ -39,3 +40,13 @@ def total_training_steps(trainer: Any) -> int:
     if steps is None or not math.isfinite(steps):
         raise ValueError("The cosine schedule needs a finite run: set `max_steps` or `max_epochs`.")
     return int(steps)
+
+
+def training_output(module: Any, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Log ``train/loss`` (and ``train/lr`` when attached to a Trainer, so the schedule shows in
+    TensorBoard without a LearningRateMonitor) and return the per-sample loss contract's dict."""
+    loss = losses.mean()
+    module.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=losses.numel())
+    if module._trainer is not None:
+        module.log("train/lr", module.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+    return {"loss": loss, "sample_losses": losses}

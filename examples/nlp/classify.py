@@ -18,7 +18,7 @@ from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from examples.common import total_training_steps, warmup_cosine
+from examples.common import total_training_steps, training_output, warmup_cosine
 from examples.nlp.common import attached_datamodule, decay_groups, minilm_path
 
 
@@ -99,11 +99,7 @@ class MiniLMClassifier(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"])
         losses = F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        loss = losses.mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=losses.numel())
-        if self._trainer is not None:  # the schedule in TensorBoard, without needing a LearningRateMonitor
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return {"loss": loss, "sample_losses": losses}
+        return training_output(self, losses)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["input_ids"], batch["attention_mask"])

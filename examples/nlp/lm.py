@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torchmetrics import MeanMetric
 
-from examples.common import total_training_steps, warmup_cosine
+from examples.common import total_training_steps, training_output, warmup_cosine
 from examples.nlp.common import attached_datamodule, decay_groups
 
 IGNORE_INDEX = -100
@@ -176,11 +176,7 @@ class CausalLM(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         losses, _ = self._losses(batch)
         # the batch mean of sequence means equals the token mean here: all blocks are full length
-        loss = losses.mean()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=losses.numel())
-        if self._trainer is not None:  # the schedule in TensorBoard, without needing a LearningRateMonitor
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return {"loss": loss, "sample_losses": losses}
+        return training_output(self, losses)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         losses, counts = self._losses(batch)
