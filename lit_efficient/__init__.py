@@ -2,7 +2,8 @@
 
 from lit_efficient.sparsity.dst import SET, RigL
 from lit_efficient.sparsity.granet import GraNet
+from lit_efficient.sparsity.nm import NMSparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["GraNet", "RigL", "SET"]
+__all__ = ["GraNet", "NMSparsity", "RigL", "SET"]

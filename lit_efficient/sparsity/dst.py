@@ -9,14 +9,15 @@
 Both start from random masks at the target density (ERK by default) and, every ``update_every``
 steps until ``stop``, drop ``f(t)`` of each layer's active weights by smallest magnitude and grow
 as many: where the dense gradient is largest (RigL) or uniformly at random (SET). The drop
-fraction decays as ``f(t) = drop_fraction/2 · (1 + cos(π t / stop))``. Every layer keeps its
+fraction decays as ``f(t) = drop_fraction/2 · (1 + cos(π t / stop))`` (RigL), or stays at
+``drop_fraction`` with ``drop_schedule="constant"`` (SET's original ζ). Every layer keeps its
 number of active weights, so the density never changes.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 from typing_extensions import override
@@ -25,6 +26,7 @@ from lit_efficient.schedules import Time, TimeSpec, TrainingLength, ramp
 from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback, check_fraction
 from lit_efficient.sparsity.masks import drop_and_grow
 
+DropSchedule = Literal["cosine", "constant"]
 
 
 def rigl_drop_fraction(step: int, stop: int, initial: float) -> float:
@@ -44,6 +46,8 @@ class DynamicSparseTraining(SparseTrainingCallback):
         drop_fraction: initial fraction α of each layer's active weights replaced per update,
             in [0, 1) (default 0.3).
         stop: when mask updates end (time spec; default 0.75 of the run, RigL's T_end).
+        drop_schedule: ``"cosine"`` (default) decays the drop fraction to zero at ``stop``;
+            ``"constant"`` keeps it at ``drop_fraction``.
         distribution: layer densities, ``"erk"`` (default) or ``"uniform"``.
         include, exclude: module-name patterns (see :mod:`lit_efficient.targets`).
         seed: seed of the random choices (identical on all ranks).
@@ -57,6 +61,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
         update_every: TimeSpec = "100st",
         drop_fraction: float = 0.3,
         stop: TimeSpec = 0.75,
+        drop_schedule: DropSchedule = "cosine",
         distribution: Distribution = "erk",
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
@@ -65,6 +70,9 @@ class DynamicSparseTraining(SparseTrainingCallback):
         super().__init__(sparsity, update_every, distribution, include, exclude, seed)
         self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
         self.stop = Time.parse(stop, "stop")
+        if drop_schedule not in ("cosine", "constant"):
+            raise ValueError(f"`drop_schedule` must be 'cosine' or 'constant'; got {drop_schedule!r}")
+        self.drop_schedule = drop_schedule
         self._stop = 0
 
     @override
@@ -79,7 +87,10 @@ class DynamicSparseTraining(SparseTrainingCallback):
     def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
         assert self.masks is not None
         masks = self.masks
-        fraction = rigl_drop_fraction(step, self._stop, self.drop_fraction)
+        if self.drop_schedule == "constant":
+            fraction = self.drop_fraction
+        else:
+            fraction = rigl_drop_fraction(step, self._stop, self.drop_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
             drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
@@ -102,8 +113,8 @@ class RigL(DynamicSparseTraining):
 class SET(DynamicSparseTraining):
     """SET: constant-density sparse training with random regrowth.
 
-    Arguments as :class:`DynamicSparseTraining`. The classic SET recipe updates once per epoch:
-    ``update_every="1ep"``.
+    Arguments as :class:`DynamicSparseTraining`. The classic SET recipe updates once per epoch
+    with a constant fraction: ``update_every="1ep", drop_schedule="constant", stop=1.0``.
     """
 
     technique = "set"

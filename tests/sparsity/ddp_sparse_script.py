@@ -12,13 +12,25 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sparse_helpers import MLP, loader  # noqa: E402
 
-from lit_efficient import SET, GraNet, RigL  # noqa: E402
+from lit_efficient import SET, GraNet, NMSparsity, RigL  # noqa: E402
+from lit_efficient.sparsity.nm import nm_group_dim, nm_mask  # noqa: E402
 
 MAKERS = {
     "granet": lambda: GraNet(sparsity=0.8, initial_density=0.5, prune_end="12st", update_every="3st"),
     "rigl": lambda: RigL(sparsity=0.8, update_every="3st", stop=0.9),
     "set": lambda: SET(sparsity=0.8, update_every="3st", stop=0.9),
+    "nm": lambda: NMSparsity(n=1, m=4),
 }
+
+
+def masks_and_weights(sparse):
+    if isinstance(sparse, NMSparsity):  # the mask is a function of the (dense) weights
+        return [(nm_mask(t.param, sparse.n, sparse.m, nm_group_dim(t)), t.param) for t in sparse.targets]
+    return list(zip(sparse.masks.masks, sparse.masks.params))
+
+
+def density(sparse, pairs):
+    return sum(int(m.sum()) for m, _ in pairs) / sum(m.numel() for m, _ in pairs)
 
 
 class CompareAcrossRanks(pl.Callback):
@@ -26,14 +38,15 @@ class CompareAcrossRanks(pl.Callback):
         self.sparse, self.path = sparse, path
 
     def on_train_end(self, trainer, pl_module):
-        result = {"updates": self.sparse.updates, "masks_equal": True, "weights_equal": True,
+        pairs = masks_and_weights(self.sparse)
+        result = {"updates": getattr(self.sparse, "updates", None), "masks_equal": True, "weights_equal": True,
                   "world_size": dist.get_world_size()}
-        for mask, param in zip(self.sparse.masks.masks, self.sparse.masks.params):
+        for mask, param in pairs:
             for tensor, key in ((mask.to(torch.uint8), "masks_equal"), (param.detach(), "weights_equal")):
                 gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
                 dist.all_gather(gathered, tensor.contiguous())
                 result[key] &= all(torch.equal(gathered[0], g) for g in gathered[1:])
-        result["density"] = self.sparse.masks.density()
+        result["density"] = density(self.sparse, pairs)
         if trainer.is_global_zero:
             with open(self.path, "w") as f:
                 json.dump(result, f)

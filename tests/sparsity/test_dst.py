@@ -56,7 +56,22 @@ def test_rigl_grows_where_the_gradient_is_largest(tmp_path):
         assert grad[grown].min() >= grad[left].max()
 
 
+def test_set_with_a_constant_drop_fraction_replaces_the_same_share_every_update(tmp_path):
+    sparse = SET(sparsity=0.8, update_every="4st", stop=1.0, drop_schedule="constant", drop_fraction=0.25)
+    fractions = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            metrics = trainer.callback_metrics
+            if trainer.global_step % 4 == 0:
+                fractions.append(float(metrics["efficient/set/drop_fraction"]))
+
+    trainer(tmp_path, [sparse, Spy()], 14).fit(MLP(), loader())
+    assert fractions == [0.25] * 3 and sparse.updates == 3
+
+
 @pytest.mark.parametrize("kwargs, argument", [({"sparsity": 1.0}, "sparsity"), ({"drop_fraction": 1.0}, "drop_fraction"),
+                                              ({"drop_schedule": "linear"}, "drop_schedule"),
                                               ({"stop": "later"}, "stop"), ({"update_every": -1}, "update_every")])
 def test_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):

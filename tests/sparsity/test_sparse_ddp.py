@@ -11,14 +11,14 @@ import pytest
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ddp_sparse_script.py")
 
 
-@pytest.mark.parametrize("name", ["granet", "rigl", "set"])
-def test_masks_identical_on_every_rank(tmp_path, name):
+@pytest.mark.parametrize("name,density", [("granet", 0.2), ("rigl", 0.2), ("set", 0.2), ("nm", 0.25)])
+def test_masks_identical_on_every_rank(tmp_path, name, density):
     out = tmp_path / "result.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, SCRIPT, name, str(out)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert result["world_size"] == 2 and result["updates"] >= 4
+    assert result["world_size"] == 2 and (name == "nm" or result["updates"] >= 4)
     assert result["masks_equal"] and result["weights_equal"], result
-    assert result["density"] == pytest.approx(0.2, abs=1e-3)
+    assert result["density"] == pytest.approx(density, abs=1e-3)
