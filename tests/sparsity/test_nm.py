@@ -103,23 +103,24 @@ def test_sr_ste_gradient(tmp_path):
         torch.testing.assert_close(refined - plain_a, 0.5 * weight_a * pruned, rtol=0, atol=1e-6)
 
 
+class FlipRates(pl.Callback):
+    def __init__(self, nm):
+        self.nm, self.rates = nm, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.rates.append(self.nm.flip_rate)
+
+
 def test_sr_ste_decay_settles_the_mask(tmp_path):
-    flips = {}
+    late_flips = {}
     for decay in (0.0, 0.05):
         pl.seed_everything(0)
-
-        class Flips(pl.Callback):
-            rates = []
-
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                self.rates.append(nm.flip_rate)
-
         nm = NMSparsity(decay=decay)
-        watch = Flips()
-        watch.rates = []
+        watch = FlipRates(nm)
         trainer(tmp_path, [nm, watch], 40).fit(MLP(optimizer="sgd"), loader(n=256, batch=32))
-        flips[decay] = sum(watch.rates[-10:])
-    assert flips[0.05] < flips[0.0]
+        assert watch.rates[0] == 0.0 and max(watch.rates) > 0
+        late_flips[decay] = sum(watch.rates[-10:])
+    assert late_flips[0.05] < late_flips[0.0]
 
 
 def test_resume_matches_the_uninterrupted_run(tmp_path):
