@@ -382,6 +382,23 @@ def test_yaml_config_runs_through_cli(config: str, tmp_path, monkeypatch):
         assert cli.model.hparams.arch == "gpt2" and cli.model.hparams.tie_word_embeddings is True
 
 
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (NLP / "sparse").glob("*.yaml")))
+def test_sparse_overlays_train_the_lm(overlay, tmp_path, monkeypatch):
+    from lit_efficient.cli import main
+    from lit_efficient.sparsity.callback import SparseTrainingCallback
+    from lit_efficient.sparsity.nm import NMSparsity
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-efficient"])
+    cli = main(["fit", f"--config={NLP / 'lm_pydoc.yaml'}", f"--config={NLP / 'sparse' / overlay}", *SMOKE,
+                f"--trainer.default_root_dir={tmp_path}", *TINY_LM_ARGS])
+    (sparse,) = [c for c in cli.trainer.callbacks if isinstance(c, (SparseTrainingCallback, NMSparsity))]
+    names = [t.name for t in sparse.targets] if isinstance(sparse, NMSparsity) else sparse.masks.names()
+    # q, k, v, o, gate, up, down in each of the 2 layers; embeddings and head stay dense
+    assert len(names) == 14 and all(".layers." in n for n in names)
+    assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
 def test_printed_config_round_trips(tmp_path, monkeypatch, capsys):
     from lit_efficient.cli import main
 

@@ -122,3 +122,17 @@ def test_ddpm_validation_noise_is_fixed_and_samples_reach_tensorboard(tmp_path):
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     assert "samples" in events.Tags()["images"]
+
+
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (VISION / "sparse").glob("*.yaml")))
+def test_sparse_overlays_train_the_vit(tmp_path, overlay):
+    from lit_efficient.sparsity.callback import SparseTrainingCallback
+    from lit_efficient.sparsity.nm import NMSparsity
+
+    cli = main(["fit", "--config", str(VISION / "vit_digits.yaml"), "--config", str(VISION / "sparse" / overlay),
+                f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    (sparse,) = [c for c in cli.trainer.callbacks if isinstance(c, (SparseTrainingCallback, NMSparsity))]
+    names = [t.name for t in sparse.targets] if isinstance(sparse, NMSparsity) else sparse.masks.names()
+    assert len(names) == 16 and all(".blocks." in f".{n}." for n in names)
+    if isinstance(sparse, SparseTrainingCallback):
+        assert sparse.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
