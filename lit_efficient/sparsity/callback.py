@@ -194,6 +194,7 @@ class SparseTrainingCallback(EfficientCallback):
         assert self.masks is not None
         densities = self.masks.layer_densities()
         metrics: dict[str, Any] = {"sparsity": self.masks.sparsity(), "updates": float(self.updates), **stats}
+        metrics.update({f"layer_density/{name}": d for name, d in zip(self.masks.names(), densities)})
         if self.flops is not None and self.flops.measured:
             metrics["inference_flops_ratio"] = self.flops.ratio(densities)
             metrics["training_flops_ratio"] = self.density_steps / max(1, self.counted_steps)

@@ -33,5 +33,6 @@ def loader(n=64, batch=16):
 
 def trainer(tmp_path, callbacks, steps, **kwargs):
     kwargs.setdefault("enable_checkpointing", False)
-    return pl.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_progress_bar=False,
+    kwargs.setdefault("logger", False)
+    return pl.Trainer(max_steps=steps, callbacks=callbacks, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, **kwargs)

@@ -105,3 +105,22 @@ def test_gradient_accumulation_updates_on_optimizer_steps_only(tmp_path):
     assert [step for step, _ in changes] == [4, 8, 12, 16]
     assert all(phase == 1 for _, phase in changes), "masks change only after the micro-batch that stepped"
     assert granet.updates == 4
+
+
+def test_tensorboard_shows_schedule_layers_and_savings(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    granet = GraNet(sparsity=0.8, prune_end="8st", update_every="4st")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer(tmp_path, [granet], 12, logger=logger, log_every_n_steps=1).fit(MLP(), loader())
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for name in ("sparsity", "scheduled_density", "density", "pruned", "regrown", "inference_flops_ratio",
+                 "training_flops_ratio", "layer_density/net.2"):
+        assert f"efficient/granet/{name}" in scalars, name
+    scheduled = [e.value for e in events.Scalars("efficient/granet/scheduled_density")]
+    actual = [e.value for e in events.Scalars("efficient/granet/density")]
+    assert scheduled == pytest.approx(actual, abs=1e-3) and actual[-1] == pytest.approx(0.2, abs=1e-3)
+    assert "efficient/granet/layer_density" in events.Tags()["images"]
+    assert any("savings" in tag for tag in events.Tags()["tensors"])
