@@ -155,16 +155,20 @@ class SparseTrainingCallback(EfficientCallback):
         self.last_applied_step = step
         optimizer = self.optimizer(trainer)
         self.masks.apply(optimizer)
-        self.account_step()
-        if self.is_update_step(step):
+        update = self.is_update_step(step)
+        self.account_step(dense_gradient=update and getattr(self, "growth", None) == "gradient")
+        if update:
             stats = self.update(step, optimizer, self._grad_scores)
             self._grad_scores = None
             self.updates += 1
             self.log_update(trainer, pl_module, stats)
 
-    def account_step(self) -> None:
+    def account_step(self, dense_gradient: bool = False) -> None:
+        """Add this step's training FLOPs (fwd + bwd, relative to dense) to the running mean."""
         assert self.masks is not None
         ratio = self.flops.ratio(self.masks.layer_densities()) if self.flops is not None else self.masks.density()
+        if dense_gradient:  # growth by gradient needs the dense weight gradient: 1 of the 3 matmuls
+            ratio = (2 * ratio + 1) / 3
         self.density_steps += ratio
         self.counted_steps += 1
 

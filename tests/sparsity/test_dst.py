@@ -76,3 +76,12 @@ def test_set_with_a_constant_drop_fraction_replaces_the_same_share_every_update(
 def test_bad_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         RigL(**kwargs)
+
+
+@pytest.mark.parametrize("cls,expected", [(SET, 0.2), (RigL, (10 * 0.2 + 2 * (2 * 0.2 + 1) / 3) / 12)])
+def test_training_flops_count_rigl_dense_gradients_at_updates(tmp_path, cls, expected):
+    sparse = cls(sparsity=0.8, update_every="4st", stop=1.0, distribution="uniform")
+    trainer(tmp_path, [sparse], 12).fit(MLP(), loader())  # updates after steps 4 and 8
+    rows = {r.quantity: r.ratio for r in sparse.savings(None, None)}
+    assert rows["inference FLOPs (targeted layers)"] == pytest.approx(0.2, abs=1e-3)
+    assert rows["training FLOPs (targeted layers, fwd+bwd)"] == pytest.approx(expected, abs=1e-3)
