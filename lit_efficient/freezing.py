@@ -1,0 +1,540 @@
+"""Progressive layer freezing that really skips the backward of what it freezes.
+
+Papers: Brock et al., "FreezeOut: Accelerate Training by Progressively Freezing Layers", 2017,
+https://arxiv.org/abs/1706.04983 (reference code: github.com/ajbrock/FreezeOut); Liu et al.,
+"AutoFreeze: Automatically Freezing Model Blocks to Accelerate Fine-tuning", 2021,
+https://arxiv.org/abs/2102.01386.
+
+A model is cut into blocks in forward order; block 0 carries everything upstream of the first
+block (patch embedding and class/position tokens, token embeddings, a UNet's ``conv_in`` and time
+embedding). Only a *prefix* is ever frozen: then no parameter upstream of the frozen blocks needs
+a gradient, autograd records nothing for them, and the whole backward through them disappears —
+unlike freezing leaf modules in the middle, which saves only their weight gradients (Composer's
+LayerFreezing, ~5%). Frozen blocks also run under ``torch.no_grad()`` (so a tied embedding that
+keeps training through the output head does not pull the backward back in), their parameters
+leave the optimizer with their state freed, and by default they run in eval mode so BatchNorm
+statistics stop moving.
+
+Schedules (on optimizer steps, changes only between steps so DDP ranks agree):
+``"freezeout"`` — block i of L freezes at ``warp(t0 + (1 − t0)·i/L)`` of the run;
+``"linear"`` — the frozen fraction grows linearly from ``freeze_start`` to ``freeze_level`` at the
+end; ``"adaptive"`` — every ``check_every`` steps, the prefix of active blocks whose gradient norm
+changed by less than the ``percentile`` of the active blocks' changes is frozen.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from typing_extensions import override
+
+from lit_efficient.monitor import EfficientCallback, SavingsRow
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, is_due, progress
+from lit_efficient.targets import fqn_matches, no_match_message, validate_patterns
+
+Schedule = Literal["freezeout", "linear", "adaptive"]
+Warp = Literal["linear", "squared", "cubic"]
+TiedEmbeddings = Literal["train", "freeze"]
+WARPS = {"linear": 1, "squared": 2, "cubic": 3}
+
+
+@dataclass
+class Block:
+    """One unit of freezing: modules (run without a graph once frozen) and the parameters frozen."""
+
+    name: str
+    modules: list[tuple[str, nn.Module]] = field(default_factory=list)
+    params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for _, p in self.params)
+
+
+# -- block discovery ----------------------------------------------------------------------------
+
+
+def _known_layout(module: nn.Module) -> Optional[tuple[list[str], list[str], list[str]]]:
+    """(stem modules, stem parameters, blocks) of a recognised architecture, names relative to it."""
+    has = lambda *names: all(getattr(module, n, None) is not None for n in names)  # noqa: E731
+    if has("patch_embed", "blocks") and isinstance(module.blocks, nn.Sequential):  # timm ViT family
+        params = [n for n in ("cls_token", "reg_token", "pos_embed") if isinstance(getattr(module, n, None), nn.Parameter)]
+        return ["patch_embed", "norm_pre"], params, [f"blocks.{i}" for i in range(len(module.blocks))]
+    if has("conv1", "bn1", "layer1", "layer4"):  # timm / torchvision ResNet: residual blocks of every stage
+        blocks = [f"layer{s}.{i}" for s in range(1, 5) for i in range(len(getattr(module, f"layer{s}")))]
+        return ["conv1", "bn1"], [], blocks
+    if has("stem", "stages") and isinstance(module.stages, nn.Sequential):  # timm ConvNeXt and friends
+        return ["stem"], [], [f"stages.{i}" for i in range(len(module.stages))]
+    if has("conv_in", "time_embedding", "down_blocks"):  # diffusers UNet2DModel / UNet2DConditionModel
+        stem = [n for n in ("time_proj", "time_embedding", "class_embedding", "conv_in") if has(n)]
+        return stem, [], [f"down_blocks.{i}" for i in range(len(module.down_blocks))]
+    if has("wte", "wpe", "h"):  # Hugging Face GPT-2
+        return ["wte", "wpe"], [], [f"h.{i}" for i in range(len(module.h))]
+    if has("embed_tokens", "layers") and isinstance(module.layers, nn.ModuleList):  # Llama, Mistral, Qwen...
+        return ["embed_tokens"], [], [f"layers.{i}" for i in range(len(module.layers))]
+    if has("embeddings", "encoder") and isinstance(getattr(module.encoder, "layer", None), nn.ModuleList):  # BERT
+        return ["embeddings"], [], [f"encoder.layer.{i}" for i in range(len(module.encoder.layer))]
+    return None
+
+
+def _generic_layout(model: nn.Module) -> Optional[tuple[str, list[str]]]:
+    """The first ``nn.Sequential``/``nn.ModuleList`` with two or more parameterised children."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)):
+            children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+            if isinstance(module, nn.Sequential):
+                children = children[:-1]  # a plain stack ends with its head: never frozen
+            if len(children) >= 2:
+                return name, children
+    return None
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def discover_blocks(model: nn.Module) -> list[Block]:
+    """Blocks of ``model`` in forward order, block 0 carrying everything upstream of the first block.
+
+    Recognises timm ViT/ResNet/ConvNeXt, diffusers UNets, Hugging Face GPT-2/Llama/BERT, then falls
+    back to the first Sequential/ModuleList stack. Raises ``ValueError`` if nothing is recognised.
+    """
+    for prefix, module in model.named_modules():
+        layout = _known_layout(module)
+        if layout is None:
+            continue
+        stem_modules, stem_params, block_names = layout
+        blocks = [Block(_join(prefix, n), [(_join(prefix, n), module.get_submodule(n))]) for n in block_names]
+        first = blocks[0]
+        stem = [(_join(prefix, n), getattr(module, n)) for n in stem_modules if isinstance(getattr(module, n, None), nn.Module)]
+        first.modules = stem + first.modules
+        first.params = [(_join(prefix, n), getattr(module, n)) for n in stem_params]
+        return _with_params(blocks)
+    generic = _generic_layout(model)
+    if generic is None:
+        raise ValueError(
+            "`blocks`: could not find the blocks of this model (no timm ViT/ResNet/ConvNeXt, diffusers UNet, "
+            "Hugging Face GPT-2/Llama/BERT, nor a Sequential/ModuleList stack); list them in forward order, "
+            "e.g. blocks=['model.embed', 'model.layers.*']"
+        )
+    stack, children = generic
+    stack_module = model.get_submodule(stack) if stack else model
+    blocks = [Block(_join(stack, c), [(_join(stack, c), stack_module.get_submodule(c))]) for c in children]
+    return _with_params(blocks)
+
+
+def blocks_from_patterns(model: nn.Module, patterns: list[str]) -> list[Block]:
+    """One block per module (top-most matches, registration order) or parameter each pattern names,
+    in the order of the patterns."""
+    named_modules = [(n, m) for n, m in model.named_modules() if n]
+    named_params = list(model.named_parameters())
+    blocks: list[Block] = []
+    taken: list[str] = []
+    for pattern in patterns:
+        found = [(n, m) for n, m in named_modules if fqn_matches(n, pattern)]
+        found = [(n, m) for n, m in found if not any(n.startswith(t + ".") or n == t for t in taken)]
+        found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
+        if found:
+            for n, m in found:
+                blocks.append(Block(n, [(n, m)]))
+                taken.append(n)
+            continue
+        params = [(n, p) for n, p in named_params if fqn_matches(n, pattern)]
+        if not params:
+            raise ValueError(no_match_message(pattern, [n for n, _ in named_modules] + [n for n, _ in named_params], "blocks"))
+        blocks.extend(Block(n, [], [(n, p)]) for n, p in params)
+    return _with_params(blocks)
+
+
+def _with_params(blocks: list[Block]) -> list[Block]:
+    seen: set[int] = set()
+    for block in blocks:
+        params = list(block.params)
+        for module_name, module in block.modules:
+            params.extend((f"{module_name}.{n}", p) for n, p in module.named_parameters())
+        block.params = []
+        for name, p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                block.params.append((name, p))
+    return blocks
+
+
+# -- schedules ------------------------------------------------------------------------------------
+
+
+def freezeout_times(num_blocks: int, t0: float, warp: str) -> list[float]:
+    """Fraction of the run at which each block freezes: ``warp(t0 + (1 − t0)·i/L)``."""
+    power = WARPS[warp]
+    return [(t0 + (1.0 - t0) * i / num_blocks) ** power for i in range(num_blocks)]
+
+
+def linear_frozen_count(fraction_of_run: float, num_blocks: int, freeze_start: float, freeze_level: float) -> int:
+    """Blocks frozen by the linear ramp: ``freeze_level`` of them at the end, none before ``freeze_start``."""
+    if fraction_of_run < freeze_start:
+        return 0
+    level = freeze_level * progress(fraction_of_run, freeze_start, 1.0)
+    return int(level * num_blocks + 1e-9)
+
+
+def adaptive_frozen_prefix(changes: list[float], percentile: float) -> int:
+    """How many leading active blocks to freeze: those whose gradient-norm change is below the
+    ``percentile`` of all active blocks' changes."""
+    if not changes:
+        return 0
+    threshold = float(np.percentile(np.asarray(changes, dtype=np.float64), percentile))
+    count = 0
+    for change in changes:
+        if change >= threshold:
+            break
+        count += 1
+    return count
+
+
+def remove_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> int:
+    """Remove ``params`` (by identity) from every param group and free their state; returns how many
+    were found. Groups stay (possibly empty) so LR schedulers keep matching them."""
+    ids = {id(p) for p in params}
+    removed = 0
+    for group in optimizer.param_groups:
+        kept = [p for p in group["params"] if id(p) not in ids]
+        removed += len(group["params"]) - len(kept)
+        group["params"] = kept
+    for p in params:
+        optimizer.state.pop(p, None)
+    return removed
+
+
+# -- the callback -------------------------------------------------------------------------------
+
+
+class ProgressiveFreezing(EfficientCallback):
+    """Freeze a model front-to-back during training (see the module docstring).
+
+    Args:
+        schedule: ``"freezeout"`` (default), ``"linear"`` or ``"adaptive"``.
+        t0: FreezeOut: when the first block freezes, before warping, in (0, 1] (default 0.8).
+        warp: FreezeOut: ``"linear"``, ``"squared"`` or ``"cubic"`` (default) warp of the freeze times.
+        freeze_start: linear/adaptive: when freezing may begin (time spec; default 0.5).
+        freeze_level: linear/adaptive: the largest fraction of blocks frozen, in (0, 1] (default 1.0).
+        check_every: adaptive: time between gradient-norm checks (time spec; default ``"50st"``).
+        percentile: adaptive: threshold percentile of the active blocks' changes, in (0, 100] (default 50).
+        blocks: the blocks in forward order as module-name globs (or parameter names), the first
+            carrying everything upstream; default: discovered for timm, diffusers and Hugging Face
+            models (see :func:`discover_blocks`). They must form an autograd prefix, which is checked
+            on the first training step.
+        frozen_eval: put frozen blocks in eval mode (BatchNorm statistics and dropout stop; default True).
+        tied_embeddings: a frozen embedding tied to a trainable output head (GPT-2): ``"train"``
+            (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
+            it, head included.
+    """
+
+    technique = "freezing"
+
+    def __init__(
+        self,
+        schedule: Schedule = "freezeout",
+        t0: float = 0.8,
+        warp: Warp = "cubic",
+        freeze_start: TimeSpec = 0.5,
+        freeze_level: float = 1.0,
+        check_every: TimeSpec = "50st",
+        percentile: float = 50.0,
+        blocks: Optional[list[str]] = None,
+        frozen_eval: bool = True,
+        tied_embeddings: TiedEmbeddings = "train",
+    ) -> None:
+        if schedule not in ("freezeout", "linear", "adaptive"):
+            raise ValueError(f"`schedule` must be 'freezeout', 'linear' or 'adaptive'; got {schedule!r}")
+        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0.0 < t0 <= 1.0:
+            raise ValueError(f"`t0` must lie in (0, 1]; got {t0!r}")
+        if warp not in WARPS:
+            raise ValueError(f"`warp` must be one of {list(WARPS)}; got {warp!r}")
+        if isinstance(freeze_level, bool) or not isinstance(freeze_level, (int, float)) or not 0.0 < freeze_level <= 1.0:
+            raise ValueError(f"`freeze_level` must lie in (0, 1]; got {freeze_level!r}")
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0.0 < percentile <= 100.0:
+            raise ValueError(f"`percentile` must lie in (0, 100]; got {percentile!r}")
+        if tied_embeddings not in ("train", "freeze"):
+            raise ValueError(f"`tied_embeddings` must be 'train' or 'freeze'; got {tied_embeddings!r}")
+        self.schedule = schedule
+        self.t0, self.warp = float(t0), warp
+        self.freeze_start = Time.parse(freeze_start, "freeze_start")
+        self.freeze_level = float(freeze_level)
+        self.check_every = Time.parse(check_every, "check_every")
+        if self.check_every.value == 0:
+            raise ValueError("`check_every` must be positive")
+        self.percentile = float(percentile)
+        self.block_patterns = validate_patterns(blocks, "blocks") or None
+        self.frozen_eval = bool(frozen_eval)
+        self.tied_embeddings = tied_embeddings
+
+        self.blocks: list[Block] = []
+        self.frozen = 0  # blocks 0..frozen-1 are frozen
+        self.previous_norms: list[float] = []
+        self.frozen_param_steps = 0.0  # sum over steps of the frozen fraction of parameters
+        self.counted_steps = 0
+        self.throughput: list[float] = []  # samples/s per step, this process only (not state)
+        self._total_params = 0
+        self._tied: set[int] = set()
+        self._hooks: list = []
+        self._probe: Optional[list] = None
+        self._order: list[str] = []
+        self._length: Optional[TrainingLength] = None
+        self._start_step = self._every = 0
+        self._pending = 0
+        self._last_step = -1
+        self._step_start = 0.0
+
+    # -- set-up -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise RuntimeError(
+                f"ProgressiveFreezing supports single-device and DDP training, not {type(strategy).__name__}"
+            )
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+            # frozen parameters get no gradient: DDP must not wait for them
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+            rank_zero_info("ProgressiveFreezing: DDP set to find_unused_parameters=True (frozen blocks get no gradients)")
+        self.blocks = blocks_from_patterns(pl_module, self.block_patterns) if self.block_patterns else discover_blocks(pl_module)
+        self._total_params = sum(p.numel() for p in pl_module.parameters())
+        self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
+        self._start_probe(pl_module)
+
+    def _tied_params(self, pl_module: "pl.LightningModule") -> set[int]:
+        """Block parameters also reachable under a name outside every block (GPT-2's tied head)."""
+        members = [n for b in self.blocks for n, _ in b.modules]
+        own = {n for b in self.blocks for n, _ in b.params}
+        in_blocks = {id(p) for b in self.blocks for _, p in b.params}
+        tied = set()
+        for name, p in pl_module.named_parameters(remove_duplicate=False):
+            inside = name in own or any(name.startswith(m + ".") for m in members)
+            if id(p) in in_blocks and not inside:
+                tied.add(id(p))
+        return tied
+
+    def _start_probe(self, pl_module: "pl.LightningModule") -> None:
+        """Record the order in which blocks and the other parameterised modules first run, to check
+        on the first training step that the blocks form an autograd prefix."""
+        members = [n for b in self.blocks for n, _ in b.modules]
+        in_blocks = {id(p) for b in self.blocks for _, p in b.params}
+        watched = list(members)
+        for name, module in pl_module.named_modules():
+            inside = any(name == m or name.startswith(m + ".") for m in members)
+            ancestor = any(m.startswith(name + ".") for m in members) or not name  # runs around the blocks
+            own = [p for p in module.parameters(recurse=False) if id(p) not in in_blocks]
+            if own and not inside and not ancestor:
+                watched.append(name)
+        self._order, self._probe = [], []
+        for name in watched:
+            def record(mod, args, name=name):
+                if name not in self._order:
+                    self._order.append(name)
+            self._probe.append(pl_module.get_submodule(name).register_forward_pre_hook(record))
+
+    def _check_prefix(self) -> None:
+        for handle in self._probe or []:
+            handle.remove()
+        self._probe = None
+        members = {n for b in self.blocks for n, _ in b.modules}
+        ran = [i for i, n in enumerate(self._order) if n in members]
+        if not ran:
+            return
+        for name in self._order[: max(ran)]:
+            if name not in members:
+                raise ValueError(
+                    f"`blocks` must form an autograd prefix: {name!r} runs before the last block "
+                    f"({self.blocks[-1].name!r}) but belongs to no block, so its gradient would still need the "
+                    "backward through every frozen block. Add it to the first block or stop the blocks before it"
+                )
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._length = TrainingLength.from_trainer(trainer)
+        self._start_step = self.freeze_start.to_steps(self._length, "freeze_start")
+        self._every = max(1, self.check_every.to_steps(self._length, "check_every"))
+        if self.schedule != "adaptive" and self._length.total_steps is None:
+            raise ValueError(f"schedule={self.schedule!r} needs a known run length (max_steps or max_epochs)")
+        # a restored frozen set is applied here: after the optimizer exists, before its state is loaded
+        restored, self.frozen = self.frozen, 0
+        self.freeze_to(restored, trainer, pl_module)
+
+    # -- the schedule -------------------------------------------------------------------------
+    def scheduled_count(self, step: int) -> int:
+        """Blocks that should be frozen after optimizer step ``step`` (never fewer than now)."""
+        total = self._length.total_steps if self._length else None
+        limit = len(self.blocks)
+        if self.schedule == "freezeout":
+            fraction = step / total if total else 0.0
+            count = sum(1 for t in freezeout_times(limit, self.t0, self.warp) if fraction >= t)
+        elif self.schedule == "linear":
+            fraction = step / total if total else 0.0
+            start = self._start_step / total if total else 1.0
+            count = linear_frozen_count(fraction, limit, start, self.freeze_level)
+        else:
+            count = self._pending
+        return max(self.frozen, min(count, limit))
+
+    # -- every step ---------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch, batch_idx) -> None:
+        if self.frozen_eval:
+            for block in self.blocks[: self.frozen]:
+                for _, module in block.modules:
+                    if module.training:
+                        module.eval()  # Lightning puts the whole model back in train mode each epoch
+        self._step_start = time.perf_counter()
+
+    @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:
+        if self._probe is not None:
+            self._check_prefix()
+
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        step = trainer.global_step + 1
+        if self.schedule != "adaptive" or step < self._start_step or not is_due(step, self._every):
+            return
+        # gradients here are unscaled (AMP) and averaged (DDP): every rank decides alike
+        norms = []
+        for block in self.blocks[self.frozen:]:
+            grads = [p.grad.detach().float().pow(2).sum() for _, p in block.params if p.grad is not None]
+            norms.append(float(torch.stack(grads).sum().sqrt()) if grads else 0.0)
+        previous = self.previous_norms[-len(norms):] if len(self.previous_norms) >= len(norms) else []
+        self.previous_norms = norms
+        if not previous:
+            return
+        changes = [abs(p - c) / p if p > 0 else float("inf") for p, c in zip(previous, norms)]
+        limit = int(self.freeze_level * len(self.blocks) + 1e-9)
+        self._pending = min(limit, self.frozen + adaptive_frozen_prefix(changes, self.percentile))
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
+        samples = _batch_size(batch)
+        elapsed = time.perf_counter() - self._step_start
+        if samples and elapsed > 0:
+            self.throughput.append(samples / elapsed)
+        if trainer.global_step == self._last_step:
+            return  # no optimizer step since the last call (gradient accumulation)
+        self._last_step = step = trainer.global_step
+        self.frozen_param_steps += self.frozen_fraction()
+        self.counted_steps += 1
+        self.freeze_to(self.scheduled_count(step), trainer, pl_module)
+        metrics: dict[str, Any] = {"frozen_fraction": self.frozen_fraction(), "frozen_blocks": float(self.frozen)}
+        if self.throughput:
+            metrics["samples_per_second"] = self.throughput[-1]
+        self.log_metrics(pl_module, metrics)
+
+    # -- freezing -----------------------------------------------------------------------------
+    def freeze_to(self, count: int, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Freeze blocks ``self.frozen .. count-1``."""
+        if count <= self.frozen:
+            return
+        newly = self.blocks[self.frozen : count]
+        params = [p for b in newly for _, p in b.params if id(p) not in self._tied]
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+        for optimizer in trainer.optimizers:
+            remove_from_optimizer(optimizer, params)
+        for block in newly:
+            for _, module in block.modules:
+                self._hooks.append(module.register_forward_pre_hook(_enter_no_grad))
+                self._hooks.append(module.register_forward_hook(_exit_no_grad, always_call=True))
+                if self.frozen_eval:
+                    module.eval()
+        self.frozen = count
+        rank_zero_info(f"ProgressiveFreezing: {count}/{len(self.blocks)} blocks frozen (up to {newly[-1].name}) "
+                       f"at step {trainer.global_step}")
+
+    def frozen_fraction(self) -> float:
+        frozen = sum(p.numel() for b in self.blocks[: self.frozen] for _, p in b.params if id(p) not in self._tied)
+        return frozen / self._total_params if self._total_params else 0.0
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        for handle in self._hooks + (self._probe or []):
+            handle.remove()
+        self._hooks, self._probe = [], None
+
+    # -- reporting ----------------------------------------------------------------------------
+    @override
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        if not self.blocks:
+            return []
+        mean_frozen = self.frozen_param_steps / max(1, self.counted_steps)
+        rows = [
+            SavingsRow(self.technique, "blocks frozen at the end", f"{self.frozen}/{len(self.blocks)} "
+                       f"({self.frozen_fraction():.1%} of parameters)"),
+            SavingsRow(self.technique, "parameter-steps frozen (weight gradients and optimizer work skipped)",
+                       f"{mean_frozen:.1%}", 1.0 - mean_frozen),
+        ]
+        if len(self.throughput) >= 20:
+            tenth = max(1, len(self.throughput) // 10)
+            first, last = np.median(self.throughput[1 : tenth + 1]), np.median(self.throughput[-tenth:])
+            rows.append(SavingsRow(self.technique, "throughput, last vs first tenth of the run",
+                                   f"{last:.0f} vs {first:.0f} samples/s", float(first / last), "first tenth's step time"))
+        return rows
+
+    # -- state --------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen": self.frozen, "previous_norms": list(self.previous_norms), "pending": self._pending,
+                "frozen_param_steps": self.frozen_param_steps, "counted_steps": self.counted_steps,
+                "last_step": self._last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.frozen = int(state_dict["frozen"])  # applied in on_fit_start, before the optimizer state loads
+        self.previous_norms = [float(v) for v in state_dict["previous_norms"]]
+        self._pending = int(state_dict["pending"])
+        self.frozen_param_steps = float(state_dict["frozen_param_steps"])
+        self.counted_steps = int(state_dict["counted_steps"])
+        self._last_step = int(state_dict["last_step"])
+
+
+_GRAD_MODES: list[bool] = []
+
+
+def _enter_no_grad(module: nn.Module, args) -> None:
+    _GRAD_MODES.append(torch.is_grad_enabled())
+    torch.set_grad_enabled(False)
+
+
+def _exit_no_grad(module: nn.Module, args, output) -> None:
+    torch.set_grad_enabled(_GRAD_MODES.pop() if _GRAD_MODES else True)
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 0
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            size = _batch_size(item)
+            if size:
+                return size
+    return 0
+
+
+__all__ = [
+    "Block",
+    "ProgressiveFreezing",
+    "adaptive_frozen_prefix",
+    "blocks_from_patterns",
+    "discover_blocks",
+    "freezeout_times",
+    "linear_frozen_count",
+    "remove_from_optimizer",
+]
