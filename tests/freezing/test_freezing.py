@@ -268,3 +268,102 @@ def test_resume_mid_schedule_matches_the_uninterrupted_run(tmp_path):
     straight_groups = [[straight_names[i] for i in g] for g in
                        [[id(p) for p in g["params"]] for g in straight_trainer.optimizers[0].param_groups]]
     assert [[names[i] for i in g] for g in groups] == straight_groups
+
+
+class LMModule(pl.LightningModule):
+    def __init__(self, arch="gpt2"):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        if arch == "gpt2":
+            self.model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
+        else:
+            self.model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2))
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def token_loader(n=32, batch=8):
+    return DataLoader(TensorDataset(torch.randint(0, 32, (n, 8), generator=torch.Generator().manual_seed(0))),
+                      batch_size=batch)
+
+
+@pytest.mark.parametrize("tied", ["train", "freeze"])
+def test_gpt2_tied_embedding(tmp_path, tied):
+    module, snaps = LMModule(), Snapshots()
+    embedded = []
+    module.model.transformer.wte.register_forward_hook(lambda m, a, o: embedded.append(o.grad_fn))
+    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=2 / 3, tied_embeddings=tied)
+    trainer = make_trainer(tmp_path, [freezing, snaps], 12)
+    trainer.fit(module, token_loader())
+    model = module.model
+    assert model.lm_head.weight is model.transformer.wte.weight, "still tied"
+    assert freezing.frozen == 2
+    wte = "model.transformer.wte.weight"
+    optimizer_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    h0 = "model.transformer.h.0.attn.c_attn.weight"
+    assert torch.equal(snaps.weights[6][h0], snaps.weights[12][h0])
+    if tied == "train":  # keeps learning through the head only
+        assert model.transformer.wte.weight.requires_grad and id(model.transformer.wte.weight) in optimizer_ids
+        assert not torch.equal(snaps.weights[6][wte], snaps.weights[12][wte])
+        # the input side runs without a graph once block 0 froze (after step 6): no backward through it
+        assert embedded[0] is not None and embedded[-1] is None
+    else:
+        assert not model.transformer.wte.weight.requires_grad
+        assert torch.equal(snaps.weights[6][wte], snaps.weights[12][wte])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_language_models_train_with_a_frozen_prefix(tmp_path, arch):
+    freezing = ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")
+    module = LMModule(arch)
+    make_trainer(tmp_path, [freezing], 12).fit(module, token_loader())
+    assert freezing.frozen == 3 and 0 < freezing.frozen_fraction() < 1
+
+
+def test_adaptive_freezes_a_prefix_from_gradient_norm_changes(tmp_path):
+    freezing = ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=75,
+                                   freeze_level=0.75)
+    make_trainer(tmp_path, [freezing], 24).fit(ViTModule(), image_loader())
+    assert 1 <= freezing.frozen <= 3
+    assert len(freezing.previous_norms) == len(freezing.blocks) - freezing.frozen
+
+
+def test_unet_prefix_runs_without_a_graph(tmp_path):
+    from diffusers import UNet2DModel
+
+    class UNetModule(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                    norm_num_groups=8, layers_per_block=1,
+                                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+        def training_step(self, batch, batch_idx):
+            x, _ = batch
+            noise = torch.randn_like(x)
+            t = torch.randint(0, 100, (x.shape[0],))
+            return nn.functional.mse_loss(self.unet(x + noise, t).sample, noise)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    module = UNetModule()
+    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.5)
+    make_trainer(tmp_path, [freezing], 8).fit(module, image_loader())
+    assert freezing.frozen == 1
+    seen = {}
+    module.unet.down_blocks[0].register_forward_hook(lambda m, a, out: seen.setdefault("down0", out))
+    module.unet.time_embedding.register_forward_hook(lambda m, a, out: seen.setdefault("temb", out))
+    module.unet(torch.rand(2, 1, 8, 8), torch.tensor([3, 5])).sample.sum().backward()
+    assert seen["down0"][0].grad_fn is None and seen["temb"].grad_fn is None
+    assert module.unet.down_blocks[1].resnets[0].conv1.weight.grad is not None
+    assert module.unet.conv_in.weight.grad is None
