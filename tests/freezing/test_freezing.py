@@ -367,3 +367,21 @@ def test_unet_prefix_runs_without_a_graph(tmp_path):
     assert seen["down0"][0].grad_fn is None and seen["temb"].grad_fn is None
     assert module.unet.down_blocks[1].resnets[0].conv1.weight.grad is not None
     assert module.unet.conv_in.weight.grad is None
+
+
+def test_trainable_gradients_survive_freezing_changes_under_torch_compile(tmp_path):
+    module = ViTModule(drop_rate=0.0)
+    module.model = torch.compile(module.model, backend="aot_eager")
+    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.75,
+                                   blocks=["model._orig_mod.patch_embed", "model._orig_mod.cls_token",
+                                           "model._orig_mod.pos_embed", "model._orig_mod.blocks.*"])
+    checked = []
+
+    class Check(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            trainable = [p for g in optimizer.param_groups for p in g["params"]]
+            assert trainable and all(p.grad is not None for p in trainable), f"step {trainer.global_step}"
+            checked.append(freezing.frozen)
+
+    make_trainer(tmp_path, [freezing, Check()], 12).fit(module, image_loader())
+    assert len(set(checked)) >= 3, "several freezing changes happened under compile"
