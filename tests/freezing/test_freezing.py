@@ -385,3 +385,23 @@ def test_trainable_gradients_survive_freezing_changes_under_torch_compile(tmp_pa
 
     make_trainer(tmp_path, [freezing, Check()], 12).fit(module, image_loader())
     assert len(set(checked)) >= 3, "several freezing changes happened under compile"
+
+
+def test_tensorboard_and_savings(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.5)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    make_trainer(tmp_path, [freezing], 24, logger=logger, log_every_n_steps=1).fit(ViTModule(), image_loader())
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0}).Reload()
+    frozen = [e.value for e in events.Scalars("efficient/freezing/frozen_fraction")]
+    assert frozen[0] == 0.0 and frozen[-1] == pytest.approx(freezing.frozen_fraction()) and frozen[-1] > 0
+    assert frozen == sorted(frozen)
+    assert [e.value for e in events.Scalars("efficient/freezing/frozen_blocks")][-1] == 2
+    assert all(e.value > 0 for e in events.Scalars("efficient/freezing/samples_per_second"))
+    rows = {r.quantity: r for r in freezing.savings(None, None)}
+    assert rows["blocks frozen at the end"].value.startswith("2/4")
+    skipped = rows["parameter-steps frozen (weight gradients and optimizer work skipped)"]
+    assert 0 < 1 - skipped.ratio < freezing.frozen_fraction()
+    assert "throughput, last vs first tenth of the run" in rows
