@@ -399,6 +399,19 @@ def test_sparse_overlays_train_the_lm(overlay, tmp_path, monkeypatch):
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
 
 
+@pytest.mark.parametrize("base", ["lm_pydoc.yaml", "lm_pydoc_gpt2.yaml"])
+def test_freezing_overlay_trains_the_lm(base, tmp_path, monkeypatch):
+    from lit_efficient import ProgressiveFreezing
+    from lit_efficient.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-efficient"])
+    cli = main(["fit", f"--config={NLP / base}", f"--config={NLP / 'freezing' / 'freezeout.yaml'}", *SMOKE,
+                f"--trainer.default_root_dir={tmp_path}", *TINY_LM_ARGS])
+    (freezing,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveFreezing)]
+    assert len(freezing.blocks) == 2 and math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
 def test_printed_config_round_trips(tmp_path, monkeypatch, capsys):
     from lit_efficient.cli import main
 

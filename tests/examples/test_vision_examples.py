@@ -136,3 +136,14 @@ def test_sparse_overlays_train_the_vit(tmp_path, overlay):
     assert len(names) == 16 and all(".blocks." in f".{n}." for n in names)
     if isinstance(sparse, SparseTrainingCallback):
         assert sparse.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+@pytest.mark.parametrize("base", ["vit32_digits.yaml", "ddpm_digits.yaml"])
+@pytest.mark.parametrize("overlay", sorted(p.name for p in (VISION / "freezing").glob("*.yaml")))
+def test_freezing_overlays(tmp_path, base, overlay):
+    from lit_efficient import ProgressiveFreezing
+
+    cli = main(["fit", "--config", str(VISION / base), "--config", str(VISION / "freezing" / overlay),
+                f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    (freezing,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveFreezing)]
+    assert len(freezing.blocks) >= 2 and cli.trainer.global_step == 2
