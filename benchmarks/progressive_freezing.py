@@ -1,0 +1,143 @@
+"""Progressive freezing benchmark: what freezing a true prefix saves, side by side in one process.
+
+    python benchmarks/progressive_freezing.py --seeds 0 1 2      # ~7 min a seed, one thread
+    python benchmarks/progressive_freezing.py --quick            # smoke test
+
+Task: the BASELINES.md 32×32 digits ViT (patch 4, width 96, 6 blocks; AdamW 2e-3, wd 0.05, cosine,
+batch 64, 20 epochs). Methods, all within one seed one after the other:
+
+* ``baseline`` — no freezing;
+* ``linear 1.0`` / ``linear 0.5`` — ProgressiveFreezing, linear ramp from half-way to all / half
+  of the blocks (Composer's LayerFreezing schedule, ``freeze_start 0.5``), freezing a true prefix;
+* ``freezeout`` — ProgressiveFreezing's default FreezeOut schedule (t0 0.8, cubic);
+* ``adaptive`` — gradient-norm-change criterion from 30% of the run, at most 5 of 6 blocks;
+* ``leaf rule`` — Composer's rule, emulated: the same linear schedule freezes transformer blocks
+  only (requires_grad off, out of the optimizer) while the patch embedding and position/class
+  tokens keep training, so the backward still runs through every frozen block to reach them.
+
+Reported (mean ± std over seeds): final validation accuracy, fit wall time and the median step
+time over the last quarter of training relative to the baseline, and the parameter-steps frozen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from examples.vision.data import DigitsDataModule  # noqa: E402
+from examples.vision.vit import ViTClassifier  # noqa: E402
+from lit_efficient import ProgressiveFreezing  # noqa: E402
+from lit_efficient.freezing import linear_frozen_count, remove_from_optimizer  # noqa: E402
+
+
+class LeafFreezing(pl.Callback):
+    """Composer's LayerFreezing rule on the ViT blocks: freezes blocks but not what feeds them."""
+
+    def __init__(self, freeze_start: float, freeze_level: float) -> None:
+        self.freeze_start, self.freeze_level, self.frozen = freeze_start, freeze_level, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        blocks = pl_module.model.blocks
+        count = linear_frozen_count(trainer.global_step / trainer.estimated_stepping_batches, len(blocks),
+                                    self.freeze_start, self.freeze_level)
+        if count > self.frozen:
+            params = [p for b in blocks[self.frozen:count] for p in b.parameters()]
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+            remove_from_optimizer(trainer.optimizers[0], params)
+            self.frozen = count
+
+
+class StepTimes(pl.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)
+
+
+METHODS = {
+    "baseline": lambda: [],
+    "linear 1.0": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=1.0)],
+    "linear 0.5": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=0.5)],
+    "freezeout": lambda: [ProgressiveFreezing(schedule="freezeout")],
+    "adaptive": lambda: [ProgressiveFreezing(schedule="adaptive", freeze_start=0.3, check_every="23st",
+                                             freeze_level=5 / 6)],
+    "leaf rule": lambda: [LeafFreezing(freeze_start=0.5, freeze_level=1.0)],
+}
+
+
+def run_one(method: str, seed: int, epochs: int, root: str) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    model = ViTClassifier(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
+                          mlp_ratio=2.0, lr=2e-3, weight_decay=0.05)
+    data = DigitsDataModule(batch_size=64, seed=seed, image_size=32)
+    steps = StepTimes()
+    callbacks = METHODS[method]() + [steps]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=callbacks, default_root_dir=root)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit = time.perf_counter() - start
+    freezing = next((c for c in callbacks if isinstance(c, ProgressiveFreezing)), None)
+    quarter = steps.times[-max(1, len(steps.times) // 4):]
+    return {"method": method, "seed": seed, "fit": fit, "late_step": statistics.median(quarter),
+            "acc": float(trainer.callback_metrics["val/acc"]) * 100,
+            "frozen_steps": freezing.frozen_param_steps / max(1, freezing.counted_steps) if freezing else None}
+
+
+def cell(values, digits=1, scale=1.0) -> str:
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs = args.seeds[:1], 2
+    torch.set_num_threads(args.threads)
+    run_one("baseline", 0, 1, args.root)  # untimed warm-up
+    results = []
+    for seed in args.seeds:
+        for method in args.methods:
+            r = run_one(method, seed, args.epochs, args.root)
+            results.append(r)
+            print(f"[seed {seed}] {method}: acc {r['acc']:.1f} fit {r['fit']:.0f}s", flush=True)
+    base = {r["seed"]: r for r in results if r["method"] == "baseline"}
+    print(f"\n32x32 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    print("| method | val acc % | fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
+    print("|---|---|---|---|---|")
+    for method in args.methods:
+        runs = [r for r in results if r["method"] == method]
+        print(f"| {method} | {cell([r['acc'] for r in runs])} | "
+              f"{cell([r['fit'] / base[r['seed']]['fit'] for r in runs], 3)} | "
+              f"{cell([r['late_step'] / base[r['seed']]['late_step'] for r in runs], 3)} | "
+              f"{cell([r['frozen_steps'] for r in runs], 1, 100)} |")
+
+
+if __name__ == "__main__":
+    main()
