@@ -66,7 +66,7 @@ def lm_task(steps: int):
                      warmup_fraction=0.05)
     targets = [m for m in model.model.model.layers.modules() if isinstance(m, nn.Linear)]
     data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=0)
-    return model, data, targets, {"max_steps": steps, "max_epochs": -1, "val_check_interval": 50,
+    return model, data, targets, {"max_steps": steps, "max_epochs": -1, "val_check_interval": min(50, steps),
                                   "check_val_every_n_epoch": None}
 
 
