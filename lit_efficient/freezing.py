@@ -24,6 +24,7 @@ changed by less than the ``percentile`` of the active blocks' changes is frozen.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -176,6 +177,13 @@ def freezeout_times(num_blocks: int, t0: float, warp: str) -> list[float]:
     return [(t0 + (1.0 - t0) * i / num_blocks) ** power for i in range(num_blocks)]
 
 
+def freezeout_lr_factor(step: float, freeze_step: float) -> float:
+    """FreezeOut's per-block learning-rate factor: cosine from 1 at step 0 to 0 at ``freeze_step``."""
+    if freeze_step <= 0:
+        return 0.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / freeze_step)))
+
+
 def linear_frozen_count(fraction_of_run: float, num_blocks: int, freeze_start: float, freeze_level: float) -> int:
     """Blocks frozen by the linear ramp: ``freeze_level`` of them at the end, none before ``freeze_start``."""
     if fraction_of_run < freeze_start:
@@ -234,6 +242,10 @@ class ProgressiveFreezing(EfficientCallback):
         tied_embeddings: a frozen embedding tied to a trainable output head (GPT-2): ``"train"``
             (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
             it, head included.
+        lr_annealing: FreezeOut: scale each block's updates by ``½(1 + cos(π t / t_i))``, reaching
+            zero at its freeze time ``t_i``, on top of the module's own LR schedule (default False).
+            Works with any optimizer whose update is proportional to the learning rate (SGD, Adam,
+            AdamW including weight decay): the step is taken, then shrunk towards the old weights.
     """
 
     technique = "freezing"
@@ -250,6 +262,7 @@ class ProgressiveFreezing(EfficientCallback):
         blocks: Optional[list[str]] = None,
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
+        lr_annealing: bool = False,
     ) -> None:
         if schedule not in ("freezeout", "linear", "adaptive"):
             raise ValueError(f"`schedule` must be 'freezeout', 'linear' or 'adaptive'; got {schedule!r}")
@@ -274,6 +287,10 @@ class ProgressiveFreezing(EfficientCallback):
         self.block_patterns = validate_patterns(blocks, "blocks") or None
         self.frozen_eval = bool(frozen_eval)
         self.tied_embeddings = tied_embeddings
+        if lr_annealing and schedule != "freezeout":
+            raise ValueError("`lr_annealing` anneals each block to its FreezeOut freeze time: use schedule='freezeout'")
+        self.lr_annealing = bool(lr_annealing)
+        self._annealing: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
         self.blocks: list[Block] = []
         self.frozen = 0  # blocks 0..frozen-1 are frozen
@@ -402,6 +419,8 @@ class ProgressiveFreezing(EfficientCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        if self.lr_annealing:
+            self._snapshot_for_annealing(trainer.global_step)
         step = trainer.global_step + 1
         if self.schedule != "adaptive" or step < self._start_step or not is_due(step, self._every):
             return
@@ -427,6 +446,7 @@ class ProgressiveFreezing(EfficientCallback):
         if trainer.global_step == self._last_step:
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_step = step = trainer.global_step
+        self._anneal_last_step()
         self.frozen_param_steps += self.frozen_fraction()
         self.counted_steps += 1
         self.freeze_to(self.scheduled_count(step), trainer, pl_module)
@@ -434,6 +454,25 @@ class ProgressiveFreezing(EfficientCallback):
         if self.throughput:
             metrics["samples_per_second"] = self.throughput[-1]
         self.log_metrics(pl_module, metrics)
+
+    def _snapshot_for_annealing(self, step: int) -> None:
+        total = self._length.total_steps if self._length else None
+        if not total:
+            return
+        times = freezeout_times(len(self.blocks), self.t0, self.warp)
+        self._annealing = []
+        for block, t in list(zip(self.blocks, times))[self.frozen :]:
+            factor = freezeout_lr_factor(step, t * total)
+            if factor < 1.0:
+                self._annealing.extend((p, p.detach().clone(), factor) for _, p in block.params
+                                       if p.requires_grad and id(p) not in self._tied)
+
+    @torch.no_grad()
+    def _anneal_last_step(self) -> None:
+        """Shrink the step just taken: ``old + factor·(new − old)`` is the step at ``factor``·lr."""
+        for param, old, factor in self._annealing:
+            param.sub_(old).mul_(factor).add_(old)
+        self._annealing = []
 
     # -- freezing -----------------------------------------------------------------------------
     def freeze_to(self, count: int, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -534,6 +573,7 @@ __all__ = [
     "adaptive_frozen_prefix",
     "blocks_from_patterns",
     "discover_blocks",
+    "freezeout_lr_factor",
     "freezeout_times",
     "linear_frozen_count",
     "remove_from_optimizer",

@@ -405,3 +405,32 @@ def test_tensorboard_and_savings(tmp_path):
     skipped = rows["parameter-steps frozen (weight gradients and optimizer work skipped)"]
     assert 0 < 1 - skipped.ratio < freezing.frozen_fraction()
     assert "throughput, last vs first tenth of the run" in rows
+
+
+def test_freezeout_lr_annealing_scales_each_blocks_step(tmp_path):
+    from lit_efficient.freezing import freezeout_lr_factor
+
+    assert freezeout_lr_factor(0, 10) == 1.0 and freezeout_lr_factor(5, 10) == pytest.approx(0.5)
+    assert freezeout_lr_factor(10, 10) == 0.0 and freezeout_lr_factor(12, 10) == 0.0
+
+    class SGDModule(ViTModule):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)  # plain SGD: a step is -lr·grad
+
+    freezing = ProgressiveFreezing(schedule="freezeout", t0=0.5, warp="linear", lr_annealing=True)
+    grads, snaps = {}, Snapshots()
+
+    class Grads(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads[trainer.global_step] = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+
+    module = SGDModule(drop_rate=0.0)
+    make_trainer(tmp_path, [freezing, Grads(), snaps], 16).fit(module, image_loader())
+    # block 0 freezes at 0.5·16 = 8 steps; the step with index 3 (the 4th) runs at factor ½(1 + cos(π·3/8))
+    name = "model.blocks.0.mlp.fc1.weight"
+    step = snaps.weights[4][name] - snaps.weights[3][name]
+    torch.testing.assert_close(step, -0.05 * freezeout_lr_factor(3, 8) * grads[3][name], rtol=1e-4, atol=1e-7)
+    head = "model.head.weight"  # not in a block: full steps
+    torch.testing.assert_close(snaps.weights[4][head] - snaps.weights[3][head], -0.05 * grads[3][head], rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="`lr_annealing`"):
+        ProgressiveFreezing(schedule="linear", lr_annealing=True)
