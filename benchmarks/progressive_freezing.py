@@ -126,7 +126,8 @@ def main(argv=None) -> None:
         for method in args.methods:
             r = run_one(method, seed, args.epochs, args.root)
             results.append(r)
-            print(f"[seed {seed}] {method}: acc {r['acc']:.1f} fit {r['fit']:.0f}s", flush=True)
+            print(f"[seed {seed}] {method}: acc {r['acc']:.1f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
+                  flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
     print(f"\n32x32 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | val acc % | fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
