@@ -434,3 +434,24 @@ def test_freezeout_lr_annealing_scales_each_blocks_step(tmp_path):
     torch.testing.assert_close(snaps.weights[4][head] - snaps.weights[3][head], -0.05 * grads[3][head], rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="`lr_annealing`"):
         ProgressiveFreezing(schedule="linear", lr_annealing=True)
+
+
+def test_reduce_lr_on_plateau_keeps_working_after_freezing(tmp_path):
+    class PlateauModule(ViTModule):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss", "interval": "step"}}
+
+    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.75)
+    trainer = make_trainer(tmp_path, [freezing], 12)
+    trainer.fit(PlateauModule(drop_rate=0.0), image_loader())
+    assert freezing.frozen == 3
+    optimizer = trainer.optimizers[0]
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]["lr"] < 1e-2  # it kept stepping
+    trainer.lr_scheduler_configs[0].scheduler.state_dict()
