@@ -1,6 +1,7 @@
 """Progressive freezing benchmark: what freezing a true prefix saves, side by side in one process.
 
     python benchmarks/progressive_freezing.py --seeds 0 1 2      # ~7 min a seed, one thread
+    python benchmarks/progressive_freezing.py --task vit8 --epochs 40 --seeds 0 1 2   # 8x8 ViT, ~4 min a seed
     python benchmarks/progressive_freezing.py --quick            # smoke test
 
 Task: the BASELINES.md 32×32 digits ViT (patch 4, width 96, 6 blocks; AdamW 2e-3, wd 0.05, cosine,
@@ -79,11 +80,17 @@ METHODS = {
 }
 
 
-def run_one(method: str, seed: int, epochs: int, root: str) -> dict:
+TASKS = {  # the BASELINES ViTs: (model arguments, image size)
+    "vit32": (dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, lr=2e-3), 32),
+    "vit8": (dict(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4, lr=3e-3), None),
+}
+
+
+def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32") -> dict:
     pl.seed_everything(seed, verbose=False)
-    model = ViTClassifier(img_size=32, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
-                          mlp_ratio=2.0, lr=2e-3, weight_decay=0.05)
-    data = DigitsDataModule(batch_size=64, seed=seed, image_size=32)
+    arguments, image_size = TASKS[task]
+    model = ViTClassifier(in_chans=1, num_classes=10, mlp_ratio=2.0, weight_decay=0.05, **arguments)
+    data = DigitsDataModule(batch_size=64, seed=seed, image_size=image_size)
     steps = StepTimes()
     callbacks = METHODS[method]() + [steps]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
@@ -111,6 +118,8 @@ def cell(values, digits=1, scale=1.0) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--task", choices=sorted(TASKS), default="vit32",
+                        help="vit32: 32x32 digits, 20 epochs (default); vit8: the 8x8 digits ViT, use --epochs 40")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--threads", type=int, default=1)
@@ -120,16 +129,16 @@ def main(argv=None) -> None:
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2
     torch.set_num_threads(args.threads)
-    run_one("baseline", 0, 1, args.root)  # untimed warm-up
+    run_one("baseline", 0, 1, args.root, args.task)  # untimed warm-up
     results = []
     for seed in args.seeds:
         for method in args.methods:
-            r = run_one(method, seed, args.epochs, args.root)
+            r = run_one(method, seed, args.epochs, args.root, args.task)
             results.append(r)
             print(f"[seed {seed}] {method}: acc {r['acc']:.1f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
                   flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
-    print(f"\n32x32 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    print(f"\n{args.task} digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | val acc % | fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
     print("|---|---|---|---|---|")
     for method in args.methods:
