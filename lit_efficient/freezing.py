@@ -308,6 +308,7 @@ class ProgressiveFreezing(EfficientCallback):
         self._pending = 0
         self._last_step = -1
         self._step_start = 0.0
+        self._fraction, self._fraction_for = 0.0, -1
 
     # -- set-up -------------------------------------------------------------------------------
     @override
@@ -325,6 +326,7 @@ class ProgressiveFreezing(EfficientCallback):
             rank_zero_info("ProgressiveFreezing: DDP set to find_unused_parameters=True (frozen blocks get no gradients)")
         self.blocks = blocks_from_patterns(pl_module, self.block_patterns) if self.block_patterns else discover_blocks(pl_module)
         self._total_params = sum(p.numel() for p in pl_module.parameters())
+        self._fraction_for = -1
         self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
         self._start_probe(pl_module)
 
@@ -497,8 +499,12 @@ class ProgressiveFreezing(EfficientCallback):
                        f"at step {trainer.global_step}")
 
     def frozen_fraction(self) -> float:
-        frozen = sum(p.numel() for b in self.blocks[: self.frozen] for _, p in b.params if id(p) not in self._tied)
-        return frozen / self._total_params if self._total_params else 0.0
+        """Fraction of the module's parameters frozen now (cached: it changes only in ``freeze_to``)."""
+        if self._fraction_for != self.frozen:
+            frozen = sum(p.numel() for b in self.blocks[: self.frozen] for _, p in b.params if id(p) not in self._tied)
+            self._fraction = frozen / self._total_params if self._total_params else 0.0
+            self._fraction_for = self.frozen
+        return self._fraction
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
