@@ -32,14 +32,14 @@ from typing import Any, Literal, Optional
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, is_due, progress
-from lit_efficient.targets import fqn_matches, no_match_message, validate_patterns
+from lit_efficient.targets import fqn_matches, no_match_message, require_whole_weights, validate_patterns
 
 Schedule = Literal["freezeout", "linear", "adaptive"]
 Warp = Literal["linear", "squared", "cubic"]
@@ -315,11 +315,8 @@ class ProgressiveFreezing(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        require_whole_weights(trainer, "ProgressiveFreezing", "blocks could not be frozen whole")
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise RuntimeError(
-                f"ProgressiveFreezing supports single-device and DDP training, not {type(strategy).__name__}"
-            )
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
             # frozen parameters get no gradient: DDP must not wait for them
             strategy._ddp_kwargs["find_unused_parameters"] = True

@@ -33,6 +33,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
 Patterns = Union[str, Sequence[str], None]
@@ -293,6 +294,16 @@ def target_summary(targets: Sequence[Target]) -> str:
     return "\n".join(f"{t.name} ({t.kind}, {tuple(t.param.shape)})" for t in targets)
 
 
+def require_whole_weights(trainer, technique: str, reason: str) -> None:
+    """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed): ``technique`` needs each
+    weight whole on every rank, because ``reason``. Call from ``setup``."""
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise RuntimeError(
+            f"{technique} supports single-device and DDP training; {type(trainer.strategy).__name__}"
+            f" shards or wraps parameters, so {reason}"
+        )
+
+
 __all__ = [
     "ALL_LINEAR",
     "KINDS",
@@ -303,6 +314,7 @@ __all__ = [
     "match_modules",
     "module_kind",
     "no_match_message",
+    "require_whole_weights",
     "select_targets",
     "target_summary",
     "validate_patterns",

@@ -14,7 +14,6 @@ from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow, bar_image, log_image
@@ -27,7 +26,7 @@ from lit_efficient.sparsity.masks import (
     random_mask,
     uniform_densities,
 )
-from lit_efficient.targets import select_targets, validate_patterns
+from lit_efficient.targets import require_whole_weights, select_targets, validate_patterns
 
 Distribution = Literal["erk", "uniform"]
 SPARSE_KINDS = ("linear", "conv", "embedding")
@@ -89,11 +88,7 @@ class SparseTrainingCallback(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise RuntimeError(
-                f"{type(self).__name__} supports single-device and DDP training; {type(trainer.strategy).__name__}"
-                " shards or wraps parameters, so masks could not be applied to whole weights"
-            )
+        require_whole_weights(trainer, type(self).__name__, "masks could not be applied to whole weights")
         targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
         self.masks = SparseMasks(targets)
         self.flops = ForwardFlops(targets)

@@ -21,13 +21,12 @@ from typing import Optional
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow
-from lit_efficient.targets import Target, select_targets, validate_patterns
+from lit_efficient.targets import Target, require_whole_weights, select_targets, validate_patterns
 
 NM_KINDS = ("linear", "conv")
 
@@ -104,11 +103,7 @@ class NMSparsity(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise RuntimeError(
-                f"NMSparsity supports single-device and DDP training; {type(trainer.strategy).__name__}"
-                " shards or wraps parameters, so the N:M mask could not see whole weights"
-            )
+        require_whole_weights(trainer, "NMSparsity", "the N:M mask could not see whole weights")
         targets = select_targets(pl_module, self.include, self.exclude, kinds=NM_KINDS)
         tied = [t.name for t in targets if t.aliases]
         if tied:
