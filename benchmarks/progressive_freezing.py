@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import Measure, mean_std  # noqa: E402
 from examples.nlp.data import PydocTextDataModule  # noqa: E402
 from examples.nlp.lm import CausalLM  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
@@ -58,22 +59,6 @@ class LeafFreezing(pl.Callback):
                 p.grad = None
             remove_from_optimizer(trainer.optimizers[0], params)
             self.frozen = count
-
-
-class StepTimes(pl.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self.val_losses: list[float] = []
-
-    def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking:
-            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
 
 
 METHODS = {
@@ -109,7 +94,7 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
         model = ViTClassifier(in_chans=1, num_classes=10, mlp_ratio=2.0, weight_decay=0.05, **arguments)
         data = DigitsDataModule(batch_size=64, seed=seed, image_size=image_size)
         limits = {"max_epochs": epochs}
-    steps = StepTimes()
+    steps = Measure()
     callbacks = METHODS[method]() + [steps]
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -118,19 +103,10 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
     trainer.fit(model, datamodule=data)
     fit = time.perf_counter() - start
     freezing = next((c for c in callbacks if isinstance(c, ProgressiveFreezing)), None)
-    quarter = steps.times[-max(1, len(steps.times) // 4):]
+    quarter = steps.step_times[-max(1, len(steps.step_times) // 4):]
     return {"method": method, "seed": seed, "fit": fit, "late_step": statistics.median(quarter),
             "acc": float(trainer.callback_metrics["val/acc"]) * 100 if task != "lm" else min(steps.val_losses),
             "frozen_steps": freezing.frozen_param_steps / max(1, freezing.counted_steps) if freezing else None}
-
-
-def cell(values, digits=1, scale=1.0) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def main(argv=None) -> None:
@@ -165,10 +141,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|")
     for method in args.methods:
         runs = [r for r in results if r["method"] == method]
-        print(f"| {method} | {cell([r['acc'] for r in runs], 3 if args.task == 'lm' else 1)} | "
-              f"{cell([r['fit'] / base[r['seed']]['fit'] for r in runs], 3)} | "
-              f"{cell([r['late_step'] / base[r['seed']]['late_step'] for r in runs], 3)} | "
-              f"{cell([r['frozen_steps'] for r in runs], 1, 100)} |")
+        print(f"| {method} | {mean_std([r['acc'] for r in runs], digits=3 if args.task == 'lm' else 1)} | "
+              f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} | "
+              f"{mean_std([r['late_step'] / base[r['seed']]['late_step'] for r in runs], digits=3)} | "
+              f"{mean_std([r['frozen_steps'] for r in runs], scale=100, digits=1)} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import Measure, mean_std  # noqa: E402
 from examples.nlp.data import PydocTextDataModule  # noqa: E402
 from examples.nlp.lm import CausalLM  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
@@ -102,25 +103,6 @@ def method_callbacks(method: str, sparsity: float, targets, prune_epochs: int, e
 # -- measurement --------------------------------------------------------------------------------
 
 
-class Measure(pl.Callback):
-    """Step wall times and validation metrics. Put it last: its batch-end runs after the others'."""
-
-    def __init__(self) -> None:
-        self.step_times: list[float] = []
-        self.val_losses: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.step_times.append(time.perf_counter() - self._start)
-
-    def on_validation_end(self, trainer, pl_module):
-        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
-            self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
-
-
 def run_one(task: str, method: str, sparsity: float, seed: int, args) -> dict:
     pl.seed_everything(seed, verbose=False)
     if task == "vit":
@@ -161,15 +143,6 @@ def run_one(task: str, method: str, sparsity: float, seed: int, args) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------
-
-
-def mean_std(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
-    values = [v * scale for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(results: list[dict], task: str) -> str:
