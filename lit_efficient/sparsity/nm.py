@@ -17,7 +17,7 @@ PyTorch's semi-structured format for GPU inference speed-ups (``export``).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -92,7 +92,12 @@ class NMSparsity(EfficientCallback):
         self._last_masks: dict[int, Tensor] = {}  # target index -> mask of its latest training forward
         self._previous_masks: dict[int, Tensor] = {}  # masks at the previous optimizer step (flip rate)
         self._last_step = -1
-        self.flip_rate = 0.0
+        self._flips: Union[Tensor, float] = 0.0  # fraction of mask entries changed at the last step
+
+    @property
+    def flip_rate(self) -> float:
+        """Fraction of mask entries that changed between the last two optimizer steps."""
+        return float(self._flips)
 
     @property
     def density(self) -> float:
@@ -156,7 +161,8 @@ class NMSparsity(EfficientCallback):
     # -- every step ---------------------------------------------------------------------------
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
-        changed = total = 0
+        changed: Union[Tensor, int] = 0
+        total = 0
         for index, target in enumerate(self.targets):
             weight = target.param
             mask = self._last_masks.pop(index, None)
@@ -167,10 +173,10 @@ class NMSparsity(EfficientCallback):
                 weight.grad.add_(weight.detach() * ~mask, alpha=self.decay)
             previous = self._previous_masks.get(index)
             if previous is not None:
-                changed += int((previous != mask).sum())
+                changed = changed + (previous != mask).sum()  # stays on the device: no sync per layer
                 total += mask.numel()
             self._previous_masks[index] = mask
-        self.flip_rate = changed / total if total else 0.0
+        self._flips = changed / total if total else 0.0
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
@@ -178,7 +184,7 @@ class NMSparsity(EfficientCallback):
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_step = trainer.global_step
         # mask flips between consecutive steps: high early, settling as SR-STE's decay works
-        self.log_metrics(pl_module, {"mask_flip_rate": self.flip_rate, "sparsity": 1.0 - self.density})
+        self.log_metrics(pl_module, {"mask_flip_rate": self._flips, "sparsity": 1.0 - self.density})
 
     # -- the end ------------------------------------------------------------------------------
     @override
