@@ -1,0 +1,32 @@
+"""Run a 2-process DDP script (CPU, gloo) in a subprocess and read the JSON it writes.
+
+A rendezvous that fails for reasons of the machine (a port taken between being found free and
+being bound, a peer reset under load) is retried once on a fresh port; any other failure, and
+every result the script reports, is left to the test to judge."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+_INFRA_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused",
+                 "Socket Timeout", "DistNetworkError", "Connection closed by peer")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp_script(script: str, args: list[str], tmp_path, timeout: int = 300) -> dict:
+    out = tmp_path / "result.json"
+    for attempt in range(2):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        proc = subprocess.run([sys.executable, script, *args, str(out)], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        if proc.returncode == 0 or attempt == 1 or not any(e in proc.stderr for e in _INFRA_ERRORS):
+            break
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text())
