@@ -38,7 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, is_due, progress
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, is_due, progress
 from lit_efficient.targets import fqn_matches, no_match_message, require_whole_weights, validate_patterns
 
 Schedule = Literal["freezeout", "linear", "adaptive"]
@@ -266,24 +266,18 @@ class ProgressiveFreezing(EfficientCallback):
     ) -> None:
         if schedule not in ("freezeout", "linear", "adaptive"):
             raise ValueError(f"`schedule` must be 'freezeout', 'linear' or 'adaptive'; got {schedule!r}")
-        if isinstance(t0, bool) or not isinstance(t0, (int, float)) or not 0.0 < t0 <= 1.0:
-            raise ValueError(f"`t0` must lie in (0, 1]; got {t0!r}")
         if warp not in WARPS:
             raise ValueError(f"`warp` must be one of {list(WARPS)}; got {warp!r}")
-        if isinstance(freeze_level, bool) or not isinstance(freeze_level, (int, float)) or not 0.0 < freeze_level <= 1.0:
-            raise ValueError(f"`freeze_level` must lie in (0, 1]; got {freeze_level!r}")
-        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0.0 < percentile <= 100.0:
-            raise ValueError(f"`percentile` must lie in (0, 100]; got {percentile!r}")
         if tied_embeddings not in ("train", "freeze"):
             raise ValueError(f"`tied_embeddings` must be 'train' or 'freeze'; got {tied_embeddings!r}")
         self.schedule = schedule
-        self.t0, self.warp = float(t0), warp
+        self.t0, self.warp = check_fraction(t0, "t0", high_open=False, low_open=True), warp
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
-        self.freeze_level = float(freeze_level)
+        self.freeze_level = check_fraction(freeze_level, "freeze_level", high_open=False, low_open=True)
         self.check_every = Time.parse(check_every, "check_every")
         if self.check_every.value == 0:
             raise ValueError("`check_every` must be positive")
-        self.percentile = float(percentile)
+        self.percentile = check_fraction(percentile, "percentile", 0.0, 100.0, high_open=False, low_open=True)
         self.block_patterns = validate_patterns(blocks, "blocks") or None
         self.frozen_eval = bool(frozen_eval)
         self.tied_embeddings = tied_embeddings

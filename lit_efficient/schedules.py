@@ -122,6 +122,17 @@ class TrainingLength:
         return Time.parse(spec, argument).to_steps(self, argument)
 
 
+def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,
+                   low_open: bool = False) -> float:
+    """``value`` as a float if it lies in the interval (closed unless ``*_open``); else a ValueError naming ``argument``."""
+    above = low < value if low_open else low <= value
+    below = value < high if high_open else value <= high
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (above and below):
+        raise ValueError(f"`{argument}` must lie in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}; "
+                         f"got {value!r}")
+    return float(value)
+
+
 def check_ramp_kind(kind: str, argument: str = "schedule") -> str:
     if kind not in RAMP_KINDS:
         raise ValueError(f"`{argument}` must be one of {list(RAMP_KINDS)}; got {kind!r}")
@@ -170,6 +181,7 @@ __all__ = [
     "Time",
     "TimeSpec",
     "TrainingLength",
+    "check_fraction",
     "check_ramp_kind",
     "interpolate",
     "is_due",

@@ -17,7 +17,7 @@ import torch
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow, bar_image, log_image
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, is_due
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, is_due
 from lit_efficient.sparsity.masks import (
     ForwardFlops,
     SparseMasks,
@@ -30,14 +30,6 @@ from lit_efficient.targets import require_whole_weights, select_targets, validat
 
 Distribution = Literal["erk", "uniform"]
 SPARSE_KINDS = ("linear", "conv", "embedding")
-
-
-def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True) -> float:
-    ok = low <= value < high if high_open else low <= value <= high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
-        bracket = ")" if high_open else "]"
-        raise ValueError(f"`{argument}` must lie in [{low}, {high}{bracket}; got {value!r}")
-    return float(value)
 
 
 class SparseTrainingCallback(EfficientCallback):
@@ -237,4 +229,4 @@ class SparseTrainingCallback(EfficientCallback):
             self.flops.flops = list(state_dict["flops"])
 
 
-__all__ = ["SparseTrainingCallback", "check_fraction"]
+__all__ = ["SparseTrainingCallback"]

@@ -23,7 +23,8 @@ import torch
 from typing_extensions import override
 
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, ramp
-from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback, check_fraction
+from lit_efficient.schedules import check_fraction
+from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback
 from lit_efficient.sparsity.masks import drop_and_grow
 
 DropSchedule = Literal["cosine", "constant"]
