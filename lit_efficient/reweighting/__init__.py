@@ -1,0 +1,1 @@
+"""Techniques that read per-sample losses: LossReweighting and InfoBatch (see ``contract.py``)."""
