@@ -1,6 +1,7 @@
 """lit_efficient: efficient-training callbacks for PyTorch Lightning."""
 
 from lit_efficient.freezing import ProgressiveFreezing
+from lit_efficient.reweighting.infobatch import InfoBatch
 from lit_efficient.reweighting.loss_reweighting import LossReweighting
 from lit_efficient.sparsity.dst import SET, RigL
 from lit_efficient.sparsity.granet import GraNet
@@ -8,4 +9,4 @@ from lit_efficient.sparsity.nm import NMSparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["GraNet", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET"]
+__all__ = ["GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_efficient import SET, GraNet, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
+from lit_efficient import SET, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
 from tests.sparsity.sparse_helpers import MLP, loader
 
 TECHNIQUES = {
@@ -15,6 +15,7 @@ TECHNIQUES = {
     "set": lambda: SET(sparsity=0.8, update_every="3st", stop=0.9),
     "nm": lambda: NMSparsity(n=2, m=4),
     "freezeout": lambda: ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear"),
+    "infobatch": lambda: InfoBatch(prune_ratio=0.5),  # one-batch epochs that shrink when pruned
     "loss_reweighting": lambda: LossReweighting(warmup="3st", temperature=0.5),
     "adaptive": lambda: ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=90),
 }
@@ -51,3 +52,8 @@ def test_resume_matches_the_uninterrupted_run(tmp_path, name):
             assert torch.equal(a_state[k], b_state[k]), k
         else:
             assert a_state[k] == b_state[k], k
+
+
+def test_the_infobatch_resume_case_really_prunes(tmp_path):
+    _, straight, _ = run(tmp_path, "infobatch")
+    assert straight.samples_forwarded - straight.order.numel() < 20 * 16  # it did prune

@@ -1,0 +1,340 @@
+"""InfoBatch: skip well-learned samples each epoch, rescale the rest so the gradient stays unbiased.
+
+Paper: Qin et al., "InfoBatch: Lossless Training Speed Up by Unbiased Dynamic Data Pruning",
+ICLR 2024, https://arxiv.org/abs/2303.04947 (reference code: github.com/NUS-HPC-AI-Lab/InfoBatch).
+
+Each sample's score is its latest loss. At the start of every epoch, the *well-learned* samples
+(seen before, score below the mean score) lose a random ``prune_ratio`` of their number for this
+epoch; the well-learned samples kept get loss multiplier ``n_well / (n_well − n_pruned)``
+(= 1/(1 − prune_ratio) up to rounding), so the expected loss over the epoch is unchanged. The
+final ``1 − delta`` of the epochs use all data (annealing). Pruned samples are never loaded, so
+the saving is real: fewer batches per epoch.
+
+How it plugs into Lightning without changing the module or datamodule: at ``setup`` the training
+dataloader is rebuilt around an :class:`InfoBatchSampler` (a ``DistributedSampler``, so Lightning
+does not inject its own; under DDP it splits the epoch's order across ranks like
+``DistributedSampler`` does). Batch ``b`` of an epoch holds the sampler's samples
+``[b·B, (b+1)·B)``, which is how each per-sample loss finds its dataset index. Because epochs get
+shorter, the dataloader is reloaded every epoch (``reload_dataloaders_every_n_epochs=1``, so
+Lightning's batch counts and validation stay right), and step-interval LR schedulers are advanced
+by the skipped steps so a schedule built on ``estimated_stepping_batches`` still ends at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch import Tensor
+from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from typing_extensions import override
+
+from lit_efficient.monitor import SavingsRow
+from lit_efficient.reweighting.contract import SampleLossCallback, warn_nonfinite
+from lit_efficient.schedules import check_fraction
+
+
+def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One epoch's plan: which samples to keep, and each sample's loss multiplier.
+
+    Well-learned samples are those ``seen`` with score below the mean score of the seen samples;
+    ``round(prune_ratio · n_well)`` of them, chosen uniformly by ``generator``, are dropped, and the
+    kept well-learned ones get multiplier ``n_well / (n_well − n_pruned)``: the expected
+    multiplier of every well-learned sample is exactly 1 (unbiased). Everything else: kept, 1.
+    """
+    keep = torch.ones(scores.numel(), dtype=torch.bool)
+    multipliers = torch.ones(scores.numel(), dtype=torch.float32)
+    if not bool(seen.any()) or prune_ratio <= 0:
+        return keep, multipliers
+    mean = scores[seen].double().mean()
+    well = seen & (scores.double() < mean)
+    well_indices = well.nonzero().flatten()
+    n_well = well_indices.numel()
+    n_pruned = min(int(round(prune_ratio * n_well)), n_well - 1) if n_well else 0
+    if n_pruned <= 0:
+        return keep, multipliers
+    pruned = well_indices[torch.randperm(n_well, generator=generator)[:n_pruned]]
+    keep[pruned] = False
+    multipliers[well & keep] = n_well / (n_well - n_pruned)
+    return keep, multipliers
+
+
+class InfoBatchSampler(DistributedSampler):
+    """Yields this rank's share of the epoch's order that :class:`InfoBatch` planned.
+
+    A ``DistributedSampler`` (so Lightning keeps it under DDP): the order is padded by wrapping
+    around to a multiple of ``num_replicas`` and rank ``r`` takes positions ``r, r + W, …``.
+    """
+
+    def __init__(self, dataset: Any, owner: "InfoBatch", num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.owner = owner
+
+    def local_order(self) -> Tensor:
+        order = self.owner.order
+        total = math.ceil(order.numel() / self.num_replicas) * self.num_replicas
+        if total > order.numel():
+            order = torch.cat([order, order.repeat(math.ceil(total / order.numel()))[: total - order.numel()]])
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator: nothing is read before the first batch is requested, i.e. after the plan is set
+        local = self.local_order()
+        self.owner.local_order = local
+        yield from local.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.owner.order.numel() / self.num_replicas)
+
+
+class InfoBatch(SampleLossCallback):
+    r"""Loss-based dynamic data pruning with unbiased rescaling (InfoBatch, ICLR 2024).
+
+    The module must follow the per-sample loss contract
+    (``return {"loss": losses.mean(), "sample_losses": losses}``) and train by epochs
+    (``Trainer(max_epochs=...)``); the training dataloader needs a ``batch_size`` (no custom
+    ``batch_sampler``) and a dataset with ``len``.
+
+    Args:
+        prune_ratio: fraction of the well-learned samples skipped each epoch, in [0, 1)
+            (default 0.5, the paper's).
+        delta: fraction of the epochs that prune, in (0, 1]; the last ``1 − delta`` use all data
+            (default 0.875, the paper's).
+        shuffle: shuffle each epoch's order (default: as the original training dataloader did).
+        seed: seed of the pruning draws and of the shuffling (identical on all ranks).
+
+    Logged under ``efficient/infobatch/``: ``skipped_fraction`` (of the dataset, this epoch),
+    ``samples_saved`` (cumulative), ``well_learned_fraction``, ``score_mean``; a row in the
+    savings table with the samples forwarded relative to full-data training.
+    """
+
+    technique = "infobatch"
+
+    def __init__(self, prune_ratio: float = 0.5, delta: float = 0.875, shuffle: Optional[bool] = None,
+                 seed: int = 0) -> None:
+        self.prune_ratio = check_fraction(prune_ratio, "prune_ratio")
+        self.delta = check_fraction(delta, "delta", high_open=False, low_open=True)
+        if shuffle is not None and not isinstance(shuffle, bool):
+            raise ValueError(f"`shuffle` must be a bool or None; got {shuffle!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int; got {seed!r}")
+        self.shuffle, self.seed = shuffle, seed
+        self.num_samples = 0
+        self.scores = torch.zeros(0)
+        self.seen = torch.zeros(0, dtype=torch.bool)
+        self.epoch_sum = torch.zeros(0, dtype=torch.float64)
+        self.epoch_count = torch.zeros(0, dtype=torch.long)
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.multipliers = torch.zeros(0)
+        self.plan_epoch = -1
+        self.local_order = torch.zeros(0, dtype=torch.long)
+        self.samples_forwarded = 0  # planned sample visits, over all finished and current epochs
+        self.samples_full = 0
+        self.steps_in_epoch = 0
+        self.extra_scheduler_steps = 0
+        self._restored = False
+        self._batch_indices: Optional[Tensor] = None
+        self._wrapped: Optional[tuple[Any, str]] = None
+        self._batch_size = 1
+        self._drop_last = False
+
+    # -- the dataloader ---------------------------------------------------------------------------
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if trainer.max_epochs is None or trainer.max_epochs < 1:
+            raise ValueError("InfoBatch prunes each epoch and uses all data for the last `1 - delta` of the epochs: "
+                             "train by epochs with `Trainer(max_epochs=...)`")
+        source = trainer.fit_loop._data_source
+        instance = source.instance
+        if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
+            original = getattr(instance, source.name)
+            setattr(instance, source.name, lambda: self.wrap_dataloader(original(), trainer))
+            self._wrapped = (instance, source.name)
+        elif isinstance(instance, DataLoader):
+            source.instance = self.wrap_dataloader(instance, trainer)
+        else:
+            raise ValueError("InfoBatch needs one training DataLoader (or a module/datamodule whose "
+                             f"`train_dataloader` returns one); got {type(instance).__name__}")
+        trainer.reload_dataloaders_every_n_epochs = 1  # epochs change length: Lightning recounts each one
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if self._wrapped is not None:
+            instance, name = self._wrapped
+            instance.__dict__.pop(name, None)
+            self._wrapped = None
+
+    def wrap_dataloader(self, loader: Any, trainer: "pl.Trainer") -> DataLoader:
+        """``loader`` rebuilt to draw its samples from an :class:`InfoBatchSampler`."""
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"InfoBatch needs `train_dataloader` to return one DataLoader; got {type(loader).__name__}")
+        if loader.batch_size is None:
+            raise ValueError("InfoBatch maps batch b to samples [b*B, (b+1)*B) of its order: the training DataLoader "
+                             "needs `batch_size` (a custom `batch_sampler` is not supported)")
+        try:
+            size = len(loader.dataset)
+        except TypeError as err:
+            raise ValueError("InfoBatch keeps one score per dataset index: the training dataset needs `len`") from err
+        if self.shuffle is None:
+            self.shuffle = isinstance(loader.sampler, RandomSampler)
+        self._batch_size, self._drop_last = loader.batch_size, loader.drop_last
+        self.prepare_dataset(size)
+        if self.plan_epoch < 0:
+            self.prepare_epoch(trainer.current_epoch, trainer.max_epochs)
+        sampler = InfoBatchSampler(loader.dataset, self, trainer.world_size, trainer.global_rank)
+        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+
+    def prepare_dataset(self, size: int) -> None:
+        if self.num_samples == size:
+            return
+        if self._restored and self.num_samples:
+            raise ValueError(f"InfoBatch's checkpoint holds scores for {self.num_samples} samples but the training "
+                             f"dataset has {size}")
+        self.num_samples = size
+        self.scores = torch.zeros(size)
+        self.seen = torch.zeros(size, dtype=torch.bool)
+        self.epoch_sum = torch.zeros(size, dtype=torch.float64)
+        self.epoch_count = torch.zeros(size, dtype=torch.long)
+        self.plan_epoch = -1
+
+    def pruning_epochs(self, max_epochs: int) -> int:
+        return int(self.delta * max_epochs)
+
+    def prepare_epoch(self, epoch: int, max_epochs: int) -> None:
+        """Plan ``epoch``: prune (before the annealing epochs) and order the samples."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        if epoch < self.pruning_epochs(max_epochs):
+            keep, self.multipliers = infobatch_plan(self.scores, self.seen, self.prune_ratio, generator)
+        else:
+            keep, self.multipliers = torch.ones(self.num_samples, dtype=torch.bool), torch.ones(self.num_samples)
+        order = keep.nonzero().flatten()
+        if self.shuffle:
+            order = order[torch.randperm(order.numel(), generator=generator)]
+        self.order, self.plan_epoch = order, epoch
+        self.samples_forwarded += order.numel()
+        self.samples_full += self.num_samples
+        self.steps_in_epoch = self.extra_scheduler_steps = 0
+
+    def optimizer_steps(self, samples: int, trainer: "pl.Trainer") -> int:
+        """Optimizer steps an epoch of ``samples`` (before the split across ranks) takes on this rank."""
+        local = math.ceil(samples / trainer.world_size)
+        batches = local // self._batch_size if self._drop_last else math.ceil(local / self._batch_size)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+    # -- the losses -------------------------------------------------------------------------------
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        start = batch_idx * self._batch_size
+        self._batch_indices = self.local_order[start : start + self._batch_size]
+
+    @override
+    def sample_multipliers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", losses: Tensor,
+                           finite: Tensor, output: Mapping[str, Any]) -> Optional[Tensor]:
+        indices = self._batch_indices
+        if indices is None or indices.numel() != losses.numel():
+            got = "none" if indices is None else indices.numel()
+            raise ValueError(f"InfoBatch expected this batch to hold samples [b*B, (b+1)*B) of its sampler's order "
+                             f"({got} samples) but `sample_losses` has {losses.numel()}: the training DataLoader must "
+                             "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
+        cpu_losses, cpu_finite = losses.detach().double().cpu(), finite.cpu()
+        self.epoch_sum.index_add_(0, indices, torch.where(cpu_finite, cpu_losses, 0.0))
+        self.epoch_count.index_add_(0, indices, cpu_finite.long())
+        self._nonfinite = int((~cpu_finite).sum())
+        return self.multipliers[indices].to(losses.device)
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        warn_nonfinite(getattr(self, "_nonfinite", 0), "InfoBatch")
+        self._nonfinite = 0
+        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # no optimizer step on this micro-batch
+        self.steps_in_epoch += 1
+        self.catch_up_schedulers(trainer)
+
+    def catch_up_schedulers(self, trainer: "pl.Trainer") -> None:
+        """Advance step-interval LR schedulers so this epoch covers a full epoch's worth of schedule."""
+        full = self.optimizer_steps(self.num_samples, trainer)
+        planned = self.optimizer_steps(self.order.numel(), trainer)
+        done = min(self.steps_in_epoch, planned)
+        owed = (done * full) // planned - done - self.extra_scheduler_steps
+        if owed <= 0:
+            return
+        for config in trainer.lr_scheduler_configs:
+            if config.interval == "step" and not isinstance(config.scheduler, ReduceLROnPlateau):
+                for _ in range(owed // max(1, config.frequency) if config.frequency > 1 else owed):
+                    config.scheduler.step()
+        self.extra_scheduler_steps += owed
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            for tensor in (self.epoch_sum, self.epoch_count):
+                buffer = tensor.to(device)
+                dist.all_reduce(buffer)
+                tensor.copy_(buffer.cpu())
+        updated = self.epoch_count > 0
+        self.scores[updated] = (self.epoch_sum[updated] / self.epoch_count[updated]).float()
+        self.seen |= updated
+        self.epoch_sum.zero_()
+        self.epoch_count.zero_()
+        skipped = 1.0 - self.order.numel() / max(1, self.num_samples)
+        well = self.seen & (self.scores < self.scores[self.seen].mean()) if self.seen.any() else self.seen
+        self.log_metrics(pl_module, {
+            "skipped_fraction": skipped,
+            "samples_saved": float(self.samples_full - self.samples_forwarded),
+            "well_learned_fraction": float(well.float().mean()) if self.num_samples else 0.0,
+            "score_mean": float(self.scores[self.seen].mean()) if self.seen.any() else 0.0,
+        }, on_step=False, on_epoch=True)
+        self.prepare_epoch(trainer.current_epoch + 1, trainer.max_epochs)
+
+    @override
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        # the plan made for the epoch after the last one never ran
+        forwarded = self.samples_forwarded - self.order.numel()
+        full = self.samples_full - self.num_samples
+        if full <= 0:
+            return []
+        return [SavingsRow(self.technique, "samples forwarded", f"{forwarded} of {full} ({1 - forwarded / full:.1%} skipped)",
+                           forwarded / full, "full data")]
+
+    # -- checkpoint -------------------------------------------------------------------------------
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scores": self.scores.clone(), "seen": self.seen.clone(), "epoch_sum": self.epoch_sum.clone(),
+            "epoch_count": self.epoch_count.clone(), "order": self.order.clone(),
+            "multipliers": self.multipliers.clone(), "plan_epoch": self.plan_epoch, "shuffle": self.shuffle,
+            "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
+            "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("scores", "seen", "epoch_sum", "epoch_count", "order", "multipliers"):
+            setattr(self, key, state_dict[key].clone())
+        self.num_samples = self.scores.numel()
+        self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
+        self.samples_forwarded, self.samples_full = int(state_dict["samples_forwarded"]), int(state_dict["samples_full"])
+        self.steps_in_epoch = int(state_dict["steps_in_epoch"])
+        self.extra_scheduler_steps = int(state_dict["extra_scheduler_steps"])
+        self._restored = True
+
+
+__all__ = ["InfoBatch", "InfoBatchSampler", "infobatch_plan"]
