@@ -429,3 +429,18 @@ def test_printed_config_round_trips(tmp_path, monkeypatch, capsys):
     assert cli.model.model.lm_head.weight is cli.model.model.transformer.wte.weight
     assert isinstance(cli.datamodule, PydocTextDataModule) and cli.datamodule.batch_size == 4
     assert cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize("overlay", ["loss_reweighting.yaml", "infobatch.yaml"])
+def test_reweighting_overlays_train_the_lm(overlay, tmp_path, monkeypatch):
+    from lit_efficient import InfoBatch, LossReweighting
+    from lit_efficient.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-efficient"])
+    cli = main(["fit", f"--config={NLP / 'lm_pydoc.yaml'}", f"--config={NLP / 'reweighting' / overlay}", *SMOKE,
+                f"--trainer.default_root_dir={tmp_path}", *TINY_LM_ARGS])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, (InfoBatch, LossReweighting))]
+    assert cli.trainer.global_step == 2
+    if isinstance(callback, InfoBatch):
+        assert cli.trainer.max_epochs == 11 and callback.num_samples > 0

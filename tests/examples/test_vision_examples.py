@@ -1,6 +1,7 @@
 """Tests of the vision examples: data split, the per-sample loss contract, real learning with
 no callback, and every yaml config run through the ``lit-efficient`` CLI."""
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -147,3 +148,19 @@ def test_freezing_overlays(tmp_path, base, overlay):
                 f"--trainer.default_root_dir={tmp_path}", *QUICK])
     (freezing,) = [c for c in cli.trainer.callbacks if isinstance(c, ProgressiveFreezing)]
     assert len(freezing.blocks) >= 2 and cli.trainer.global_step == 2
+
+
+@pytest.mark.parametrize("base,overlay", [("vit_digits.yaml", "loss_reweighting.yaml"), ("vit_digits.yaml", "infobatch.yaml"),
+                                          ("ddpm_digits.yaml", "loss_reweighting_ddpm.yaml"),
+                                          ("ddpm_digits.yaml", "infobatch.yaml")])
+def test_reweighting_overlays(tmp_path, base, overlay):
+    from lit_efficient import InfoBatch, LossReweighting
+
+    cli = main(["fit", "--config", str(VISION / base), "--config", str(VISION / "reweighting" / overlay),
+                f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, (InfoBatch, LossReweighting))]
+    assert cli.trainer.global_step == 2 and math.isfinite(cli.trainer.callback_metrics["train/loss"].item())
+    if isinstance(callback, InfoBatch):
+        assert callback.num_samples == 1437 and callback.shuffle is True
+    elif "ddpm" in base:
+        assert callback.timestep_buckets == 10
