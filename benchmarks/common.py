@@ -11,11 +11,12 @@ import lightning.pytorch as pl
 
 class Measure(pl.Callback):
     """Wall time of every training step (batch start to the end of every callback's batch end, so
-    put it last) and the validation loss after every validation run."""
+    put it last) and the validation loss (with the optimizer step it came at) after every validation run."""
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
         self.val_losses: list[float] = []
+        self.val_steps: list[int] = []
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -27,6 +28,7 @@ class Measure(pl.Callback):
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
+            self.val_steps.append(trainer.global_step)
 
 
 def mean_std(values: list[Optional[float]], scale: float = 1.0, digits: int = 1) -> str:

@@ -1,0 +1,97 @@
+"""InfoBatch benchmark: how much data and time pruning saves on the digits ViT, and at what accuracy.
+
+    python benchmarks/infobatch.py --seeds 0 1 2 3 4      # 8x8 digits ViT, 40 epochs, ~1.5 min a seed
+    python benchmarks/infobatch.py --quick               # smoke test
+
+Side by side in one process, same seeds: the baseline (all data every epoch) vs InfoBatch at
+``prune_ratio`` 0.5 (and any others given), ``delta`` 0.875. The task is BASELINES.md's 8x8 digits
+ViT (patch 2, width 64, 4 blocks; AdamW 3e-3, wd 0.05, batch 64, warm-up + cosine over
+``estimated_stepping_batches``, which InfoBatch keeps ending at the end). Reported: final and best
+validation accuracy, samples forwarded and optimizer steps relative to the baseline, fit wall time
+relative to the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import mean_std  # noqa: E402
+from examples.vision.data import DigitsDataModule  # noqa: E402
+from examples.vision.vit import ViTClassifier  # noqa: E402
+from lit_efficient import InfoBatch  # noqa: E402
+
+
+class Accuracy(pl.Callback):
+    def __init__(self):
+        self.accs, self.samples = [], 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.samples += batch[0].shape[0]
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.accs.append(float(trainer.callback_metrics["val/acc"]) * 100)
+
+
+def run_one(ratio: float, seed: int, epochs: int, root: str) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+                          mlp_ratio=2.0, lr=3e-3, weight_decay=0.05)
+    data = DigitsDataModule(batch_size=64, seed=seed)
+    accuracy = Accuracy()
+    callbacks = ([InfoBatch(prune_ratio=ratio, delta=0.875, seed=seed)] if ratio else []) + [accuracy]
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=callbacks, default_root_dir=root)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    return {"ratio": ratio, "seed": seed, "fit": time.perf_counter() - start, "acc": accuracy.accs[-1],
+            "best": max(accuracy.accs), "samples": accuracy.samples, "steps": trainer.global_step,
+            "lr_end": trainer.optimizers[0].param_groups[0]["lr"]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs = args.seeds[:1], 3
+    torch.set_num_threads(args.threads)
+    run_one(0.0, 0, 1, args.root)  # untimed warm-up
+    methods = [0.0, *args.ratios]
+    results = []
+    for seed in args.seeds:
+        for ratio in methods:
+            r = run_one(ratio, seed, args.epochs, args.root)
+            results.append(r)
+            print(f"[seed {seed}] prune_ratio {ratio}: acc {r['acc']:.2f} (best {r['best']:.2f}), {r['samples']} samples, "
+                  f"{r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
+    base = {r["seed"]: r for r in results if r["ratio"] == 0.0}
+    print(f"\n8x8 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    print("| method | final val acc % | best val acc % | samples forwarded vs baseline | optimizer steps vs baseline "
+          "| fit time vs baseline |")
+    print("|---|---|---|---|---|---|")
+    for ratio in methods:
+        runs = [r for r in results if r["ratio"] == ratio]
+        name = "baseline" if ratio == 0.0 else f"InfoBatch {ratio}"
+        print(f"| {name} | {mean_std([r['acc'] for r in runs], digits=2)} | {mean_std([r['best'] for r in runs], digits=2)} | "
+              f"{mean_std([r['samples'] / base[r['seed']]['samples'] for r in runs], digits=3)} | "
+              f"{mean_std([r['steps'] / base[r['seed']]['steps'] for r in runs], digits=3)} | "
+              f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} |")
+
+
+if __name__ == "__main__":
+    main()
