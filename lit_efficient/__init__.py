@@ -1,6 +1,8 @@
 """lit_efficient: efficient-training callbacks for PyTorch Lightning."""
 
 from lit_efficient.freezing import ProgressiveFreezing
+from lit_efficient.lowrank.callback import GaLore
+from lit_efficient.lowrank.optim import GaLoreAdamW
 from lit_efficient.reweighting.infobatch import InfoBatch
 from lit_efficient.reweighting.loss_reweighting import LossReweighting
 from lit_efficient.sparsity.dst import SET, RigL
@@ -9,4 +11,4 @@ from lit_efficient.sparsity.nm import NMSparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET"]
+__all__ = ["GaLore", "GaLoreAdamW", "GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET"]

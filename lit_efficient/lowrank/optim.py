@@ -1,0 +1,299 @@
+"""GaLoreAdamW: AdamW whose moments live in a low-rank projection of each weight gradient.
+
+Paper: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+ICML 2024, https://arxiv.org/abs/2403.03507. Variants: APOLLO (Zhu et al., arXiv 2412.05270:
+random projection + channel-wise scaling of the raw gradient) and Fira (Chen et al., arXiv
+2410.01623: the out-of-subspace residual added back, scaled, with a norm-growth limiter).
+
+A plain ``torch.optim.Optimizer``, usable without Lightning. Parameter groups that carry a
+``rank`` are projected; the others (and any parameter that is not 2-D) get plain AdamW::
+
+    optimizer = GaLoreAdamW([
+        {"params": matrices, "rank": 64, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+        {"params": everything_else},
+    ], lr=1e-3, weight_decay=0.1)
+
+For a projected matrix W (m×n) with gradient G: every ``update_proj_gap`` steps (and at the first)
+a rank-r basis of G is computed in fp32 (see ``projector.py``); the Adam moments are kept for the
+projected gradient R only, and the update ``W ← W − lr·scale·back(N)`` uses the Adam direction N
+of R mapped back. Decoupled weight decay is applied at full rank, before the update, as in
+``torch.optim.AdamW``. A failed SVD keeps the previous basis (and warns). The state holds tensors
+and ints only, so ``torch.load(weights_only=True)`` reads checkpoints and a resume keeps the same
+subspace. With ``eight_bit=True`` the moments are stored blockwise-quantized to 8 bits
+(bitsandbytes' dynamic maps, on CPU too).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from lit_efficient.lowrank.projector import (
+    PROJ_TYPES,
+    PROJECTIONS,
+    basis_numel,
+    project,
+    project_back,
+    projected_shape,
+    projection_side,
+    random_bases,
+    subspace_overlap,
+    svd_bases,
+)
+
+GALORE_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projection": "svd", "fira": False,
+                   "eight_bit": False, "seed": 0}
+BLOCK = 256  # elements per 8-bit quantization block (bitsandbytes' optimizers use 256 too)
+_CODES: dict[tuple[bool, str], Tensor] = {}
+
+
+def check_galore_group(group: dict[str, Any]) -> None:
+    """Raise a ValueError naming the bad key of a projected parameter group."""
+    rank = group["rank"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"`rank` must be a positive int; got {rank!r}")
+    gap = group["update_proj_gap"]
+    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
+        raise ValueError(f"`update_proj_gap` must be a positive int (optimizer steps); got {gap!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {group['proj_type']!r}")
+    if group["projection"] not in PROJECTIONS:
+        raise ValueError(f"`projection` must be one of {list(PROJECTIONS)}; got {group['projection']!r}")
+    if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool) or not group["scale"] > 0:
+        raise ValueError(f"`scale` must be a positive number; got {group['scale']!r}")
+    projected = group.get("projected")
+    if projected is not None and len(projected) != len(group["params"]):
+        raise ValueError("`projected` must hold one bool per parameter of its group")
+    for i, p in enumerate(group["params"]):
+        if (projected is None or projected[i]) and p.dim() == 2 and rank > min(p.shape):
+            raise ValueError(f"`rank`={rank} is larger than a {tuple(p.shape)} matrix allows (at most {min(p.shape)})")
+
+
+def _code(signed: bool, device: torch.device) -> Tensor:
+    key = (signed, str(device))
+    if key not in _CODES:
+        import bitsandbytes.functional as bnbf
+
+        _CODES[key] = bnbf.create_dynamic_map(signed=signed).to(device)
+    return _CODES[key]
+
+
+def quantize_8bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+    """(uint8 codes, per-block absmax) of ``values`` with bitsandbytes' blockwise dynamic quantization."""
+    import bitsandbytes.functional as bnbf
+
+    codes, state = bnbf.quantize_blockwise(values.contiguous(), code=_code(signed, values.device), blocksize=BLOCK)
+    return codes, state.absmax
+
+
+def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCK)
+
+
+def channel_scale(direction: Tensor, low: Tensor, side: str) -> Tensor:
+    """Per-channel ‖direction‖/‖low‖ along the dimension the projection keeps (rows for a right
+    projection, columns for a left one; one number for ``full``), shaped to broadcast on G."""
+    if side == "right":
+        return (direction.norm(dim=1) / low.norm(dim=1).clamp(min=1e-8)).unsqueeze(1)
+    if side == "left":
+        return (direction.norm(dim=0) / low.norm(dim=0).clamp(min=1e-8)).unsqueeze(0)
+    return direction.norm() / low.norm().clamp(min=1e-8)
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW with GaLore low-rank projected moments for parameter groups that carry ``rank``.
+
+    Args:
+        params: parameters or parameter groups. A group with ``rank`` (int > 0, at most the
+            smaller dimension of each of its matrices) is projected; its other keys default to
+            ``update_proj_gap`` 200 (steps between basis refreshes), ``scale`` 0.25 (α),
+            ``proj_type`` ``"std"`` (``reverse_std``, ``left``, ``right``, ``full``), ``projection``
+            ``"svd"`` (``randomized_svd``, ``random``), ``fira`` False (add the out-of-subspace
+            residual, Fira), ``eight_bit`` False (8-bit moments), ``seed`` 0 (random projections).
+            An optional ``projected`` list of bools (one per parameter) projects only some of the
+            group's matrices — how the GaLore callback converts a module's optimizer without
+            changing its groups, so learning-rate schedulers stay valid.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (weight decay 0.01).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        if not lr >= 0:
+            raise ValueError(f"`lr` must be >= 0; got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"`betas` must lie in [0, 1); got {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rank=None))
+        for group in self.param_groups:
+            if group["rank"] is not None:
+                for key, value in GALORE_DEFAULTS.items():
+                    group.setdefault(key, value)
+                check_galore_group(group)
+        self.refresh_seconds = 0.0  # time spent computing bases (for the logs)
+        self.refreshes = 0
+        self.last_overlaps: list[float] = []  # subspace kept at the latest refreshes
+
+    @staticmethod
+    def _process_value_according_to_param_policy(param: Tensor, value: Tensor, param_id: int,
+                                                  param_groups: list[dict[str, Any]], key: Optional[str] = None) -> Tensor:
+        # torch casts loaded state to the parameter's dtype: our fp32 moments and 8-bit scales of a
+        # bf16 matrix must stay as they were saved, so only the device follows the parameter
+        return value.to(device=param.device) if isinstance(value, Tensor) else value
+
+    @staticmethod
+    def is_projected(p: Tensor, group: dict[str, Any], flag: bool = True) -> bool:
+        """Whether ``p`` (whose entry in the group's ``projected`` list is ``flag``) is projected."""
+        return flag and group["rank"] is not None and p.dim() == 2 and group["rank"] < min(p.shape)
+
+    def projected_params(self) -> list[tuple[Tensor, dict[str, Any]]]:
+        """(parameter, group) of every projected matrix, in group order."""
+        return [(p, group) for group in self.param_groups
+                for p, flag in zip(group["params"], group.get("projected") or [True] * len(group["params"]))
+                if self.is_projected(p, group, flag)]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_overlaps = []
+        for group in self.param_groups:
+            flags = group.get("projected") or [True] * len(group["params"])
+            for p, flag in zip(group["params"], flags):
+                if p.grad is not None:
+                    self.step_param(p, group, flag)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: Tensor, group: dict[str, Any], flag: bool = True) -> None:
+        """One update of ``p`` from ``p.grad`` (also what the per-layer mode calls inside backward)."""
+        if p.grad.is_sparse:
+            raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+        state = self.state[p]
+        if self.is_projected(p, group, flag):
+            self._galore_update(p, group, state)
+        else:
+            self._adamw_update(p, group, state)
+
+    def _adamw_update(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        grad = p.grad
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        lr, step = group["lr"], state["step"]
+        p.mul_(1 - lr * group["weight_decay"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
+        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+
+    def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str):
+        """The current (P, Q), refreshed every ``update_proj_gap`` steps."""
+        shape, rank = tuple(p.shape), group["rank"]
+        due = state["step"] % group["update_proj_gap"] == 0
+        if group["projection"] == "random":
+            if due:
+                state["basis_seed"] = int(group["seed"]) * 1_000_003 + state["step"] * 7919 + state["index"]
+            return random_bases(shape, rank, side, state["basis_seed"], grad.device)
+        old = (state.get("basis_left"), state.get("basis_right"))
+        if due or (old[0] is None and old[1] is None):
+            start = time.perf_counter()
+            try:
+                new = svd_bases(grad, rank, side, group["projection"])
+            except (torch.linalg.LinAlgError, RuntimeError) as err:
+                if old[0] is None and old[1] is None:  # nothing to keep yet: a seeded random orthonormal basis
+                    warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); using a random basis until the "
+                                  "next refresh", stacklevel=3)
+                    p_, q_ = random_bases(shape, rank, side, state["index"], grad.device)
+                    new = (None if p_ is None else torch.linalg.qr(p_)[0], None if q_ is None else torch.linalg.qr(q_.T)[0].T)
+                else:
+                    warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis",
+                                  stacklevel=3)
+                    new = old
+            self.refresh_seconds += time.perf_counter() - start
+            self.refreshes += 1
+            for name, before, after in (("basis_left", old[0], new[0]), ("basis_right", old[1], new[1])):
+                if after is not None:
+                    if before is not None and before is not after:
+                        self.last_overlaps.append(subspace_overlap(before, after, rows=name == "basis_right"))
+                    state[name] = after.to(grad.dtype)
+            state["basis_step"] = state["step"]
+        return state.get("basis_left"), state.get("basis_right")
+
+    def _galore_update(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        grad = p.grad.float()
+        side = projection_side(tuple(p.shape), group["proj_type"])
+        low_shape = projected_shape(tuple(p.shape), group["rank"], side)
+        if "step" not in state:
+            state["step"] = 0
+            state["index"] = sum(1 for _ in self.state)  # distinct seeds per matrix, the same on every rank
+            if group["eight_bit"]:
+                zeros = torch.zeros(low_shape, device=p.device)
+                state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(zeros, signed=True)
+                state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(zeros, signed=False)
+            else:
+                state["exp_avg"] = torch.zeros(low_shape, device=p.device)
+                state["exp_avg_sq"] = torch.zeros(low_shape, device=p.device)
+        left, right = self._bases(p, group, state, grad, side)
+        low = project(grad, left, right)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step, lr = state["step"], group["lr"]
+        if group["eight_bit"]:
+            exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(low_shape)
+            exp_avg_sq = dequantize_8bit(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False).view(low_shape)
+        else:
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(low, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        if group["eight_bit"]:
+            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
+            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
+        direction = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"])
+        if group["projection"] == "random":  # APOLLO: scale the raw gradient channel-wise
+            update = grad * channel_scale(direction, low, side)
+        else:
+            update = project_back(direction, left, right)
+            if group["fira"]:
+                residual = (grad - project_back(low, left, right)) * channel_scale(direction, low, side)
+                norm = residual.norm()
+                previous = state.get("fira_norm")
+                if previous is not None and norm > 1.01 * previous:  # norm-growth limiter
+                    residual.mul_(1.01 * previous / norm)
+                    norm = 1.01 * previous
+                state["fira_norm"] = norm.detach().clone() if isinstance(norm, Tensor) else torch.tensor(norm)
+                update = update + residual
+        p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-lr * group["scale"])
+
+
+def state_bytes(optimizer: torch.optim.Optimizer, params: Optional[Iterable[Tensor]] = None) -> int:
+    """Bytes of optimizer-state tensors (moments, bases, quantization scales), optionally only for ``params``."""
+    chosen = None if params is None else {id(p) for p in params}
+    total = 0
+    for p, state in optimizer.state.items():
+        if chosen is None or id(p) in chosen:
+            total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor) and v.dim() > 0)
+    return total
+
+
+def galore_state_numel(shape: tuple[int, int], rank: int, proj_type: str = "std", stored_basis: bool = True) -> int:
+    """State elements of one projected matrix: two moments of the projected shape plus the basis."""
+    side = projection_side(shape, proj_type)
+    low = math.prod(projected_shape(shape, rank, side))
+    return 2 * low + (basis_numel(shape, rank, side) if stored_basis else 0)
+
+
+__all__ = ["GALORE_DEFAULTS", "GaLoreAdamW", "channel_scale", "check_galore_group", "dequantize_8bit",
+           "galore_state_numel", "quantize_8bit", "state_bytes"]

@@ -1,0 +1,106 @@
+"""Low-rank projections of a weight gradient: which side, which basis, and the two maps.
+
+A gradient ``G`` (m×n) is projected to ``R`` with a basis of rank r:
+
+* ``right``: ``Q`` (r×n), ``R = G Qᵀ`` (m×r), back: ``R Q``;
+* ``left``: ``P`` (m×r), ``R = Pᵀ G`` (r×n), back: ``P R``;
+* ``full``: both, ``R = Pᵀ G Qᵀ`` (r×r), back: ``P R Q``.
+
+``proj_type`` picks the side: ``std`` projects the longer dimension away (right if m ≥ n, the
+GaLore default: the state is ``r·max(m, n)`` per moment), ``reverse_std`` the other, ``left``,
+``right`` and ``full`` as named. Bases come from an SVD of ``G`` in fp32 (``svd``), from
+``torch.svd_lowrank`` (``randomized_svd``: cheaper for large matrices), or are random Gaussian
+matrices regenerated from a seed (``random``: nothing stored, APOLLO-style, see ``optim.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal, Optional
+
+import torch
+from torch import Tensor
+
+ProjType = Literal["std", "reverse_std", "left", "right", "full"]
+Projection = Literal["svd", "randomized_svd", "random"]
+PROJ_TYPES: tuple[str, ...] = ("std", "reverse_std", "left", "right", "full")
+PROJECTIONS: tuple[str, ...] = ("svd", "randomized_svd", "random")
+
+
+def projection_side(shape: tuple[int, int], proj_type: ProjType) -> str:
+    """``"left"``, ``"right"`` or ``"full"`` for a matrix of ``shape`` under ``proj_type``."""
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {proj_type!r}")
+
+
+def projected_shape(shape: tuple[int, int], rank: int, side: str) -> tuple[int, int]:
+    m, n = shape
+    return {"right": (m, rank), "left": (rank, n), "full": (rank, rank)}[side]
+
+
+def basis_numel(shape: tuple[int, int], rank: int, side: str) -> int:
+    """Elements of the stored basis (0 for the random projection, which is regenerated)."""
+    m, n = shape
+    return {"right": rank * n, "left": m * rank, "full": m * rank + rank * n}[side]
+
+
+def svd_bases(grad: Tensor, rank: int, side: str, method: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(P, Q) from the top-``rank`` singular vectors of ``grad`` (computed in fp32); None where unused."""
+    g = grad.detach().float()
+    if method == "randomized_svd":
+        u, _, v = torch.svd_lowrank(g, q=min(rank + 4, min(g.shape)), niter=2)
+        u, vh = u[:, :rank], v[:, :rank].T
+    else:
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        u, vh = u[:, :rank], vh[:rank]
+    if not (torch.isfinite(u).all() and torch.isfinite(vh).all()):
+        raise torch.linalg.LinAlgError("non-finite singular vectors")
+    p = u.contiguous() if side in ("left", "full") else None
+    q = vh.contiguous() if side in ("right", "full") else None
+    return p, q
+
+
+def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int, device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gaussian (P, Q) with entries N(0, 1/r), identical wherever ``seed`` is (all DDP ranks)."""
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    m, n = shape
+    scale = 1.0 / math.sqrt(rank)
+    p = torch.randn(m, rank, generator=generator).mul_(scale).to(device) if side in ("left", "full") else None
+    q = torch.randn(rank, n, generator=generator).mul_(scale).to(device) if side in ("right", "full") else None
+    return p, q
+
+
+def project(grad: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
+    out = grad
+    if p is not None:
+        out = p.T @ out
+    if q is not None:
+        out = out @ q.T
+    return out
+
+
+def project_back(low: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
+    out = low
+    if p is not None:
+        out = p @ out
+    if q is not None:
+        out = out @ q
+    return out
+
+
+def subspace_overlap(old: Tensor, new: Tensor, rows: bool) -> float:
+    """How much of the old subspace the new basis keeps, in [0, 1]: ‖old·newᵀ‖²_F / r for row
+    bases (Q, r×n), ‖oldᵀ·new‖²_F / r for column bases (P, m×r) — the mean squared cosine of the
+    principal angles when both bases are orthonormal."""
+    overlap = old @ new.T if rows else old.T @ new
+    return float((overlap.float() ** 2).sum() / max(1, min(old.shape)))
+
+
+__all__ = ["PROJECTIONS", "PROJ_TYPES", "basis_numel", "project", "project_back", "projected_shape",
+           "projection_side", "random_bases", "subspace_overlap", "svd_bases"]
