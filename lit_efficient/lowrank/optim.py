@@ -140,12 +140,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.refreshes = 0
         self.last_overlaps: list[float] = []  # subspace kept at the latest refreshes
 
-    @staticmethod
-    def _process_value_according_to_param_policy(param: Tensor, value: Tensor, param_id: int,
-                                                  param_groups: list[dict[str, Any]], key: Optional[str] = None) -> Tensor:
-        # torch casts loaded state to the parameter's dtype: our fp32 moments and 8-bit scales of a
-        # bf16 matrix must stay as they were saved, so only the device follows the parameter
-        return value.to(device=param.device) if isinstance(value, Tensor) else value
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # torch casts loaded state to each parameter's dtype: our fp32 moments of a bf16 matrix and
+        # our uint8 codes must come back as they were saved
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in state_dict["state"].items():
+            state = self.state[params[index]]
+            for key, value in values.items():
+                if isinstance(value, Tensor) and key in state and state[key].dtype != value.dtype:
+                    state[key] = state[key].to(value.dtype)
 
     @staticmethod
     def is_projected(p: Tensor, group: dict[str, Any], flag: bool = True) -> bool:

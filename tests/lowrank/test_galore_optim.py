@@ -1,0 +1,187 @@
+"""GaLoreAdamW without Lightning: equality with AdamW at full rank, state memory formulas, 8-bit
+moments, weights_only round trips, SVD failures, variants that learn, and bad input."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from lit_efficient import GaLoreAdamW
+from lit_efficient.lowrank import optim as galore_optim
+from lit_efficient.lowrank.optim import galore_state_numel, state_bytes
+from lit_efficient.lowrank.projector import project, project_back, projection_side, random_bases, svd_bases
+
+
+def matrix(m=48, n=24, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Parameter(torch.randn(m, n))
+
+
+def run(opt, params, steps=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+def test_full_rank_equals_torch_adamw(proj_type):
+    w, ref = matrix(), matrix()
+    bias, ref_bias = torch.nn.Parameter(torch.zeros(48)), torch.nn.Parameter(torch.zeros(48))
+    ours = GaLoreAdamW([{"params": [w, bias], "rank": 24, "scale": 1.0, "proj_type": proj_type}], lr=1e-2,
+                       weight_decay=0.1)
+    theirs = torch.optim.AdamW([ref, ref_bias], lr=1e-2, weight_decay=0.1)
+    run(ours, [w, bias])
+    run(theirs, [ref, ref_bias])
+    torch.testing.assert_close(w, ref)
+    torch.testing.assert_close(bias, ref_bias)
+
+
+def test_projection_maps_by_hand():
+    g = torch.randn(6, 4)
+    for proj_type, side in (("std", "right"), ("reverse_std", "left"), ("full", "full")):
+        assert projection_side((6, 4), proj_type) == side
+        p, q = svd_bases(g, 4, side, "svd")  # full rank: project then back is the identity
+        torch.testing.assert_close(project_back(project(g, p, q), p, q), g, atol=1e-5, rtol=1e-5)
+    assert projection_side((4, 6), "std") == "left"
+    a, b = random_bases((6, 4), 2, "full", seed=3, device=torch.device("cpu"))
+    c, d = random_bases((6, 4), 2, "full", seed=3, device=torch.device("cpu"))
+    assert torch.equal(a, c) and torch.equal(b, d)  # regenerated identically from the seed
+
+
+@pytest.mark.parametrize("shape,rank,proj_type", [((48, 24), 6, "std"), ((24, 48), 6, "std"), ((48, 24), 8, "left"),
+                                                   ((48, 24), 4, "full")])
+def test_state_memory_matches_the_formula(shape, rank, proj_type):
+    w = torch.nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([{"params": [w], "rank": rank, "proj_type": proj_type}])
+    run(opt, [w], steps=2)
+    m, n = shape
+    if proj_type == "std":
+        assert galore_state_numel(shape, rank) == 2 * rank * max(m, n) + rank * min(m, n)
+    assert state_bytes(opt) == 4 * galore_state_numel(shape, rank, proj_type)
+    assert state_bytes(opt) < 2 * 4 * m * n  # AdamW's
+
+
+def test_eight_bit_moments_take_about_a_quarter():
+    shape, rank = (256, 128), 32
+    full, eight = matrix(*shape), matrix(*shape)
+    opt32 = GaLoreAdamW([{"params": [full], "rank": rank}])
+    opt8 = GaLoreAdamW([{"params": [eight], "rank": rank, "eight_bit": True}])
+    run(opt32, [full], steps=3)
+    run(opt8, [eight], steps=3)
+    moments32 = 2 * 4 * 256 * rank
+    moments8 = state_bytes(opt8) - 4 * rank * 128  # minus the fp32 basis
+    assert 0.24 < moments8 / moments32 < 0.27  # 1 byte per element plus one fp32 scale per 256
+    assert (eight - full).abs().max() < 0.05  # and the updates stay close to the 32-bit ones
+
+
+def test_random_projection_stores_no_basis():
+    w = matrix()
+    opt = GaLoreAdamW([{"params": [w], "rank": 6, "projection": "random"}])
+    run(opt, [w], steps=2)
+    assert state_bytes(opt) == 4 * galore_state_numel((48, 24), 6, stored_basis=False)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(eight_bit=True), dict(projection="random"), dict(fira=True)])
+def test_state_dict_round_trip_weights_only_and_same_subspace(options):
+    w, twin = matrix(), matrix()
+    opt = GaLoreAdamW([{"params": [w], "rank": 6, "update_proj_gap": 4, **options}], lr=1e-2)
+    run(opt, [w], steps=5)
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    twin.data.copy_(w.data)
+    other = GaLoreAdamW([{"params": [twin], "rank": 6, "update_proj_gap": 4, **options}], lr=1e-2)
+    other.load_state_dict(state)
+    run(opt, [w], steps=2, seed=7)  # steps 6-7: inside the gap, on the restored basis
+    run(other, [twin], steps=2, seed=7)
+    assert torch.equal(w, twin)
+
+
+def test_bf16_matrix_keeps_fp32_state_through_a_reload():
+    w = torch.nn.Parameter(torch.randn(48, 24, dtype=torch.bfloat16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 6}])
+    for _ in range(2):
+        w.grad = torch.randn(48, 24).to(torch.bfloat16)
+        opt.step()
+    assert opt.state[w]["basis_right"].dtype == torch.float32  # the SVD ran in fp32
+    state = opt.state_dict()
+    other = GaLoreAdamW([{"params": [w], "rank": 6}])
+    other.load_state_dict(state)
+    assert other.state[w]["exp_avg"].dtype == torch.float32 and torch.isfinite(w.float()).all()
+
+
+def test_failed_svd_keeps_the_previous_basis(monkeypatch):
+    w = matrix()
+    opt = GaLoreAdamW([{"params": [w], "rank": 6, "update_proj_gap": 2}])
+    run(opt, [w], steps=1)
+    before = opt.state[w]["basis_right"].clone()
+
+    def broken(*args, **kwargs):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(galore_optim, "svd_bases", broken)
+    with pytest.warns(UserWarning, match="keeping the previous basis"):
+        run(opt, [w], steps=2)  # step 2 is a refresh
+    assert torch.equal(opt.state[w]["basis_right"], before) and torch.isfinite(w).all()
+    fresh = matrix()
+    opt = GaLoreAdamW([{"params": [fresh], "rank": 6}])
+    with pytest.warns(UserWarning, match="random basis"):
+        run(opt, [fresh], steps=1)
+    q = opt.state[fresh]["basis_right"]
+    torch.testing.assert_close(q @ q.T, torch.eye(6), atol=1e-5, rtol=1e-5)  # orthonormal fallback
+
+
+@pytest.mark.parametrize("options", [dict(), dict(projection="randomized_svd"), dict(projection="random"),
+                                     dict(fira=True), dict(eight_bit=True),
+                                     dict(proj_type="full", scale=10.0)])  # the r×r core holds singular values: bigger steps
+def test_each_variant_fits_a_low_rank_regression(options):
+    torch.manual_seed(0)
+    target = torch.randn(48, 4) @ torch.randn(4, 24)
+    w = torch.nn.Parameter(torch.zeros(48, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 10, "scale": 1.0, **options}], lr=5e-2,
+                      weight_decay=0.0)
+    start = float(((w - target) ** 2).mean())
+    for _ in range(150):
+        w.grad = (w.detach() - target)
+        opt.step()
+    assert float(((w - target) ** 2).mean()) < 0.2 * start
+
+
+def test_non_2d_parameters_and_groups_without_rank_get_plain_adamw():
+    w, bias, conv = matrix(), torch.nn.Parameter(torch.randn(48)), torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    ref_bias, ref_conv = torch.nn.Parameter(bias.detach().clone()), torch.nn.Parameter(conv.detach().clone())
+    opt = GaLoreAdamW([{"params": [w, bias, conv], "rank": 6}], lr=1e-2)
+    theirs = torch.optim.AdamW([ref_bias, ref_conv], lr=1e-2)
+    run(opt, [w, bias, conv], steps=3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        torch.randn((48, 24), generator=g)
+        ref_bias.grad, ref_conv.grad = torch.randn(48, generator=g), torch.randn((4, 3, 3, 3), generator=g)
+        theirs.step()
+    torch.testing.assert_close(bias, ref_bias)
+    torch.testing.assert_close(conv, ref_conv)
+    assert "basis_right" in opt.state[w] and "basis_right" not in opt.state[bias]
+
+
+@pytest.mark.parametrize("group,match", [
+    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=25), "larger"), (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
+    (dict(rank=4, proj_type="diagonal"), "proj_type"), (dict(rank=4, projection="qr"), "projection"),
+    (dict(rank=4, scale=0.0), "scale"),
+])
+def test_bad_groups_are_refused(group, match):
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([{"params": [matrix()], **group}])
+
+
+def test_overlap_is_one_for_an_unchanged_subspace():
+    from lit_efficient.lowrank.projector import subspace_overlap
+
+    q = torch.linalg.qr(torch.randn(24, 6))[0].T
+    assert subspace_overlap(q, q, rows=True) == pytest.approx(1.0, abs=1e-5)
+    other = torch.linalg.qr(torch.randn(24, 6))[0].T
+    assert subspace_overlap(q, other, rows=True) < 0.9
+    assert math.isfinite(subspace_overlap(q.T, other.T, rows=False))
