@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lit_efficient import SET, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
+from lit_efficient import SET, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
 from tests.sparsity.sparse_helpers import MLP, loader
 
 TECHNIQUES = {
@@ -15,6 +15,8 @@ TECHNIQUES = {
     "set": lambda: SET(sparsity=0.8, update_every="3st", stop=0.9),
     "nm": lambda: NMSparsity(n=2, m=4),
     "freezeout": lambda: ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear"),
+    "galore": lambda: GaLore(rank=8, update_proj_gap=3),  # checkpoint at step 7: mid-gap, bases from step 6
+    "galore_random_8bit": lambda: GaLore(rank=8, update_proj_gap=3, projection="random", eight_bit=True),
     "infobatch": lambda: InfoBatch(prune_ratio=0.5),  # one-batch epochs that shrink when pruned
     "loss_reweighting": lambda: LossReweighting(warmup="3st", temperature=0.5),
     "adaptive": lambda: ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=90),

@@ -1,0 +1,142 @@
+"""The GaLore callback: converting the module's AdamW with schedulers rebound, targets, real
+learning on a Llama-style LM and a timm ViT, the per-layer mode, clipping, bad input. Resume is in
+test_resume_every_technique.py, DDP in test_galore_ddp.py."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from examples.nlp.lm import CausalLM
+from examples.vision.data import DigitsDataModule
+from examples.vision.vit import ViTClassifier
+from lit_efficient import GaLore, GaLoreAdamW
+from tests.sparsity.sparse_helpers import MLP, loader, trainer
+
+
+class Scheduled(MLP):
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / 100)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_the_modules_adamw_becomes_galore_with_its_scheduler(tmp_path):
+    callback, model = GaLore(rank=8, update_proj_gap=5), Scheduled()
+    t = trainer(tmp_path, [callback], 10)
+    with pytest.warns() as record:
+        t.fit(model, loader(64, 16))
+    assert not [w for w in record if "lr_scheduler" in str(w.message)]  # the rebound scheduler sees steps
+    opt = t.optimizers[0]
+    assert isinstance(opt, GaLoreAdamW) and t.lr_scheduler_configs[0].scheduler.optimizer is opt
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 * (1 - 10 / 100))  # the schedule drove the new optimizer
+    assert opt.param_groups[0]["weight_decay"] == 0.05
+    # the hidden Linear layers are projected; the head, biases stay plain AdamW
+    projected = {id(p) for p, _ in opt.projected_params()}
+    assert [t.name for t in callback.targets] == ["net.0", "net.2", "net.4"]
+    assert projected == {id(model.net[i].weight) for i in (0, 2, 4)}
+    assert "basis_right" not in opt.state[model.net[6].weight] and "basis_left" not in opt.state[model.net[0].bias]
+    assert "configure_optimizers" not in model.__dict__  # the module's own method again
+
+
+def test_each_return_form_of_configure_optimizers_is_converted(tmp_path):
+    class Lists(MLP):
+        def configure_optimizers(self):
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 3)]
+
+    t = trainer(tmp_path, [GaLore(rank=4)], 4)
+    t.fit(Lists(), loader(64, 16))
+    assert isinstance(t.optimizers[0], GaLoreAdamW) and t.lr_scheduler_configs[0].scheduler.optimizer is t.optimizers[0]
+
+
+def tokens_loader(n=32, length=16, vocab=64):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return DataLoader([{"input_ids": row} for row in ids], batch_size=8)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(projection="random", eight_bit=True)])
+def test_the_lm_learns_and_embeddings_and_head_stay_adamw(tmp_path, options):
+    torch.manual_seed(0)
+    lm = CausalLM(arch="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                  max_position_embeddings=16, tie_word_embeddings=False, lr=3e-3, warmup_fraction=0.0)
+    callback = GaLore(rank=8, update_proj_gap=20, scale=1.0, **options)
+    losses = []
+
+    class Track(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer(tmp_path, [callback, Track()], 60).fit(lm, tokens_loader())
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:4]) / 4
+    names = [t.name for t in callback.targets]
+    assert len(names) == 14 and all(".layers." in n for n in names)  # q k v o gate up down x 2 layers
+
+
+def test_a_timm_vit_learns_digits(tmp_path):
+    torch.manual_seed(0)
+    vit = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=2, num_heads=2,
+                        mlp_ratio=2.0, lr=3e-3, weight_decay=0.05)
+    callback = GaLore(rank=8, update_proj_gap=20, scale=1.0)
+    t = pl.Trainer(max_epochs=6, callbacks=[callback], logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    t.fit(vit, datamodule=DigitsDataModule(batch_size=64, seed=0))
+    # chance is 0.1; plain AdamW reaches 0.29 in these 6 epochs, GaLore rank 8 0.38
+    assert float(t.callback_metrics["val/acc"]) > 0.25
+    assert all(".blocks." in f".{t.name}." for t in callback.targets) and len(callback.targets) == 8
+
+
+def test_layerwise_matches_the_ordinary_update(tmp_path):
+    results = []
+    for layerwise in (False, True):
+        pl.seed_everything(0)
+        model = MLP()
+        trainer(tmp_path, [GaLore(rank=8, update_proj_gap=3, layerwise=layerwise)], 7).fit(model, loader(64, 16))
+        results.append([p.detach().clone() for p in model.parameters()])
+        assert all(p.grad is None for p in model.parameters()) or not layerwise  # gradients were freed
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
+                                          (dict(gradient_clip_val=1.0), "gradient_clip_val")])
+def test_layerwise_refuses_what_it_cannot_see(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, [GaLore(rank=4, layerwise=True)], 2, **kwargs).fit(MLP(), loader(32, 8))
+
+
+def test_clipping_and_accumulation_work_in_the_ordinary_mode(tmp_path):
+    model = MLP()
+    trainer(tmp_path, [GaLore(rank=4)], 4, gradient_clip_val=0.1, accumulate_grad_batches=2).fit(model, loader(64, 8))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rank=0), "rank"), (dict(rank=40), "larger than"), (dict(update_proj_gap=0), "update_proj_gap"),
+    (dict(proj_type="diag"), "proj_type"), (dict(projection="qr"), "projection"),
+    (dict(target_modules=["nothing.here"]), "target_modules"),
+])
+def test_bad_input_is_refused_before_training(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        trainer(tmp_path, [GaLore(**kwargs)], 2).fit(MLP(), loader(32, 8))
+
+
+def test_only_adam_optimizers_are_converted(tmp_path):
+    class SGDModule(MLP):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(ValueError, match="AdamW/Adam"):
+        trainer(tmp_path, [GaLore(rank=4)], 2).fit(SGDModule(), loader(32, 8))
+
+
+def test_state_and_savings_are_reported(tmp_path):
+    callback = GaLore(rank=4, update_proj_gap=2)
+    t = trainer(tmp_path, [callback], 6, log_every_n_steps=1)
+    t.fit(MLP(), loader(96, 16))
+    m = t.callback_metrics
+    assert 0 < float(m["efficient/galore/state_ratio"]) < 1
+    assert 0 <= float(m["efficient/galore/subspace_overlap"]) <= 1.0001
+    rows = callback.savings(t, t.lightning_module)
+    assert rows[1].ratio < rows[0].ratio < 1  # projected matrices save most; the head and biases keep AdamW state
