@@ -444,3 +444,18 @@ def test_reweighting_overlays_train_the_lm(overlay, tmp_path, monkeypatch):
     assert cli.trainer.global_step == 2
     if isinstance(callback, InfoBatch):
         assert cli.trainer.max_epochs == 11 and callback.num_samples > 0
+
+
+@pytest.mark.parametrize("base,overlay", [("lm_pydoc.yaml", "galore.yaml"), ("minilm_docstrings.yaml", "minilm_finetune.yaml")])
+def test_galore_overlays(base, overlay, tmp_path, monkeypatch):
+    from lit_efficient import GaLore, GaLoreAdamW
+    from lit_efficient.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-efficient"])
+    extra = CONFIGS[base] if base != "lm_pydoc.yaml" else [*TINY_LM_ARGS, "--trainer.callbacks.init_args.rank=16"]
+    cli = main(["fit", f"--config={NLP / base}", f"--config={NLP / 'galore' / overlay}", *SMOKE,
+                f"--trainer.default_root_dir={tmp_path}", *extra])
+    (galore,) = [c for c in cli.trainer.callbacks if isinstance(c, GaLore)]
+    assert isinstance(cli.trainer.optimizers[0], GaLoreAdamW) and cli.trainer.global_step == 2
+    assert galore.targets and not any("embed" in t.name or "head" in t.name for t in galore.targets)

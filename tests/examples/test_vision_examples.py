@@ -164,3 +164,13 @@ def test_reweighting_overlays(tmp_path, base, overlay):
         assert callback.num_samples == 1437 and callback.shuffle is True
     elif "ddpm" in base:
         assert callback.timestep_buckets == 10
+
+
+def test_galore_overlay_trains_the_vit(tmp_path):
+    from lit_efficient import GaLore, GaLoreAdamW
+
+    cli = main(["fit", "--config", str(VISION / "vit_digits.yaml"), "--config", str(VISION / "galore" / "galore.yaml"),
+                f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    (galore,) = [c for c in cli.trainer.callbacks if isinstance(c, GaLore)]
+    assert isinstance(cli.trainer.optimizers[0], GaLoreAdamW)
+    assert len(galore.targets) == 16 and all(".blocks." in f".{t.name}." for t in galore.targets)

@@ -100,7 +100,8 @@ def test_layerwise_matches_the_ordinary_update(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [(dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
-                                          (dict(gradient_clip_val=1.0), "gradient_clip_val")])
+                                          (dict(gradient_clip_val=1.0), "gradient_clip_val"),
+                                          (dict(strategy="ddp", devices=1, accelerator="cpu"), "DDPStrategy")])
 def test_layerwise_refuses_what_it_cannot_see(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         trainer(tmp_path, [GaLore(rank=4, layerwise=True)], 2, **kwargs).fit(MLP(), loader(32, 8))
