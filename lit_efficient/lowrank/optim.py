@@ -171,9 +171,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.last_overlaps = []
         for group in self.param_groups:
             flags = group.get("projected") or [True] * len(group["params"])
+            plain = []
             for p, flag in zip(group["params"], flags):
-                if p.grad is not None:
-                    self.step_param(p, group, flag)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                if self.is_projected(p, group, flag):
+                    self._galore_update(p, group, self.state[p])
+                else:
+                    plain.append(p)
+            if plain:
+                self._adamw_update(plain, group)
         return loss
 
     @torch.no_grad()
@@ -181,26 +190,37 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """One update of ``p`` from ``p.grad`` (also what the per-layer mode calls inside backward)."""
         if p.grad.is_sparse:
             raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-        state = self.state[p]
         if self.is_projected(p, group, flag):
-            self._galore_update(p, group, state)
+            self._galore_update(p, group, self.state[p])
         else:
-            self._adamw_update(p, group, state)
+            self._adamw_update([p], group)
 
-    def _adamw_update(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        grad = p.grad
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+    def _adamw_update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        """Plain AdamW on ``params``: torch's update, batched with foreach kernels per step count."""
+        by_step: dict[int, list[Tensor]] = {}
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            by_step.setdefault(state["step"], []).append(p)
         beta1, beta2 = group["betas"]
-        lr, step = group["lr"], state["step"]
-        p.mul_(1 - lr * group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**step))
+        lr = group["lr"]
+        for step, chosen in by_step.items():
+            grads = [p.grad for p in chosen]
+            exp_avgs = [self.state[p]["exp_avg"] for p in chosen]
+            exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in chosen]
+            if group["weight_decay"]:
+                torch._foreach_mul_(chosen, 1 - lr * group["weight_decay"])
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, math.sqrt(1 - beta2**step))
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(chosen, exp_avgs, denom, value=-lr / (1 - beta1**step))
 
     def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str):
         """The current (P, Q), refreshed every ``update_proj_gap`` steps."""
@@ -264,22 +284,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["eight_bit"]:
             state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
             state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
-        direction = (exp_avg / (1 - beta1**step)) / ((exp_avg_sq / (1 - beta2**step)).sqrt() + group["eps"])
+        # Adam's bias corrections folded into one factor: m̂/(√v̂ + ε) = c · m/(√v + ε√bc2), c = √bc2/bc1
+        root_bc2 = math.sqrt(1 - beta2**step)
+        correction = root_bc2 / (1 - beta1**step)
+        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * root_bc2)
         if group["projection"] == "random":  # APOLLO: scale the raw gradient channel-wise
-            update = grad * channel_scale(direction, low, side)
+            update = grad * channel_scale(direction.mul_(correction), low, side)
+            factor = 1.0
         else:
-            update = project_back(direction, left, right)
+            update, factor = project_back(direction, left, right), correction
             if group["fira"]:
-                residual = (grad - project_back(low, left, right)) * channel_scale(direction, low, side)
+                residual = (grad - project_back(low, left, right)) * channel_scale(direction * correction, low, side)
                 norm = residual.norm()
                 previous = state.get("fira_norm")
                 if previous is not None and norm > 1.01 * previous:  # norm-growth limiter
                     residual.mul_(1.01 * previous / norm)
                     norm = 1.01 * previous
                 state["fira_norm"] = norm.detach().clone() if isinstance(norm, Tensor) else torch.tensor(norm)
-                update = update + residual
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr * group["scale"])
+                update = update.mul_(correction).add_(residual)
+                factor = 1.0
+        if group["weight_decay"]:
+            p.mul_(1 - lr * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-lr * group["scale"] * factor)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Optional[Iterable[Tensor]] = None) -> int:

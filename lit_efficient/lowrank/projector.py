@@ -51,18 +51,30 @@ def basis_numel(shape: tuple[int, int], rank: int, side: str) -> int:
 
 
 def svd_bases(grad: Tensor, rank: int, side: str, method: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """(P, Q) from the top-``rank`` singular vectors of ``grad`` (computed in fp32); None where unused."""
+    """(P, Q) from the top-``rank`` singular vectors of ``grad`` (computed in fp32); None where unused.
+
+    A one-sided basis on the smaller dimension comes from the eigenvectors of the Gram matrix
+    (``G Gᵀ`` or ``Gᵀ G``): the same singular subspace, about 4× cheaper than a full SVD.
+    """
     g = grad.detach().float()
-    if method == "randomized_svd":
-        u, _, v = torch.svd_lowrank(g, q=min(rank + 4, min(g.shape)), niter=2)
-        u, vh = u[:, :rank], v[:, :rank].T
+    m, n = g.shape
+    if method == "svd" and side == "left" and m <= n:
+        _, vectors = torch.linalg.eigh(g @ g.T)  # ascending eigenvalues: the last columns are the top ones
+        p, q = vectors[:, -rank:].flip(1).contiguous(), None
+    elif method == "svd" and side == "right" and n <= m:
+        _, vectors = torch.linalg.eigh(g.T @ g)
+        p, q = None, vectors[:, -rank:].flip(1).T.contiguous()
     else:
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
-        u, vh = u[:, :rank], vh[:rank]
-    if not (torch.isfinite(u).all() and torch.isfinite(vh).all()):
+        if method == "randomized_svd":
+            u, _, v = torch.svd_lowrank(g, q=min(rank + 4, m, n), niter=2)
+            u, vh = u[:, :rank], v[:, :rank].T
+        else:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            u, vh = u[:, :rank], vh[:rank]
+        p = u.contiguous() if side in ("left", "full") else None
+        q = vh.contiguous() if side in ("right", "full") else None
+    if not all(b is None or bool(torch.isfinite(b).all()) for b in (p, q)):
         raise torch.linalg.LinAlgError("non-finite singular vectors")
-    p = u.contiguous() if side in ("left", "full") else None
-    q = vh.contiguous() if side in ("right", "full") else None
     return p, q
 
 

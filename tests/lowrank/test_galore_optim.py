@@ -185,3 +185,17 @@ def test_overlap_is_one_for_an_unchanged_subspace():
     other = torch.linalg.qr(torch.randn(24, 6))[0].T
     assert subspace_overlap(q, other, rows=True) < 0.9
     assert math.isfinite(subspace_overlap(q.T, other.T, rows=False))
+
+
+@pytest.mark.parametrize("shape,side", [((32, 80), "left"), ((80, 32), "right"), ((80, 32), "left")])
+def test_gram_eigenvectors_span_the_svd_subspace(shape, side):
+    from lit_efficient.lowrank.projector import subspace_overlap
+
+    torch.manual_seed(0)
+    g = torch.randn(*shape) @ torch.diag(torch.linspace(3, 0.1, shape[1]))
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    p, q = svd_bases(g, 8, side, "svd")
+    if side == "left":
+        assert subspace_overlap(u[:, :8], p, rows=False) == pytest.approx(1.0, abs=1e-4)
+    else:
+        assert subspace_overlap(vh[:8], q, rows=True) == pytest.approx(1.0, abs=1e-4)

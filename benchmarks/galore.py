@@ -1,0 +1,175 @@
+"""GaLore benchmark: optimizer state, optimizer-step time and validation loss, side by side.
+
+    python benchmarks/galore.py                       # pydoc Llama, 600 steps, every method (~1 h, 1 thread)
+    python benchmarks/galore.py --steps 300 --threads 2
+    python benchmarks/galore.py --quick               # smoke test
+
+Task: BASELINES.md's pydoc LM (Llama, d 256, 4 layers, vocab 2048, batch 16 x 128, AdamW 1e-3,
+wd 0.1, cosine with 5% warm-up). GaLore on every attention/MLP Linear (28 matrices), rank 64
+(d/4), gap 200, scale 0.25, ``std``; embeddings, norms and the head stay on AdamW. Methods:
+torch AdamW; our GaLore with ``svd``, ``randomized_svd`` and ``random`` (APOLLO-style) bases, 32-bit
+and 8-bit moments; and ``galore_torch.GaLoreAdamW`` (the reference package) at the same settings.
+
+Reported: optimizer-state bytes of the projected matrices (moments + stored bases/projectors)
+relative to AdamW's for the same matrices, and of the whole optimizer; the median time of the
+optimizer update on ordinary and on refresh steps and its mean over the run (amortised), relative
+to AdamW's; the median full step time; the best validation loss and the step it came at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Measure  # noqa: E402
+from examples.common import total_training_steps, warmup_cosine  # noqa: E402
+from examples.nlp.common import decay_groups  # noqa: E402
+from examples.nlp.data import PydocTextDataModule  # noqa: E402
+from examples.nlp.lm import CausalLM  # noqa: E402
+from lit_efficient import GaLore  # noqa: E402
+from lit_efficient.lowrank.optim import state_bytes  # noqa: E402
+from lit_efficient.targets import select_targets  # noqa: E402
+
+RANK, GAP, SCALE = 64, 200, 0.25
+METHODS = {  # name -> GaLore callback options (None: no callback)
+    "AdamW": None,
+    "GaLore svd": dict(projection="svd"),
+    "GaLore randomized_svd": dict(projection="randomized_svd"),
+    "GaLore random": dict(projection="random"),
+    "GaLore svd 8-bit": dict(projection="svd", eight_bit=True),
+    "GaLore random 8-bit": dict(projection="random", eight_bit=True),
+    "galore_torch": "reference",
+}
+
+
+class ReferenceGaLoreLM(CausalLM):
+    """The same LM whose optimizer is galore_torch.GaLoreAdamW on the same matrices."""
+
+    def configure_optimizers(self):
+        from galore_torch import GaLoreAdamW as ReferenceAdamW
+
+        h = self.hparams
+        matrices = {id(t.param): t.param for t in select_targets(self, ["all-linear"], kinds=("linear",))}
+        groups = []
+        for group in decay_groups(self, h.weight_decay):
+            rest = [p for p in group["params"] if id(p) not in matrices]
+            if rest:
+                groups.append({**group, "params": rest})
+        groups.append({"params": list(matrices.values()), "weight_decay": h.weight_decay, "rank": RANK,
+                       "update_proj_gap": GAP, "scale": SCALE, "proj_type": "std"})
+        optimizer = ReferenceAdamW(groups, lr=h.lr, eps=1e-8, no_deprecation_warning=True)
+        scheduler = warmup_cosine(optimizer, total_training_steps(self.trainer), h.warmup_fraction, h.min_lr_ratio)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class OptimizerTime(pl.Callback):
+    """Time of the optimizer update: from the end of backward (on_before_optimizer_step) to the
+    end of the batch (the update, the scheduler step and Lightning's bookkeeping, alike for all)."""
+
+    def __init__(self):
+        self.times, self.steps, self._start = [], [], None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._start is not None:
+            self.times.append(time.perf_counter() - self._start)
+            self.steps.append(trainer.global_step - 1)
+            self._start = None
+
+
+def reference_state_bytes(optimizer, params) -> int:
+    """galore_torch keeps its basis inside a projector object in the state: count it too."""
+    chosen, total = {id(p) for p in params}, 0
+    for p, state in optimizer.state.items():
+        if id(p) not in chosen:
+            continue
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+            elif hasattr(value, "ortho_matrix") and isinstance(value.ortho_matrix, torch.Tensor):
+                total += value.ortho_matrix.numel() * value.ortho_matrix.element_size()
+    return total
+
+
+def run_one(method: str, steps: int, root: str) -> dict:
+    pl.seed_everything(0, verbose=False)
+    options = METHODS[method]
+    kind = ReferenceGaLoreLM if options == "reference" else CausalLM
+    model = kind(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
+                 max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3, weight_decay=0.1,
+                 warmup_fraction=0.05)
+    data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=0)
+    measure, opt_time = Measure(), OptimizerTime()
+    galore = [GaLore(rank=RANK, update_proj_gap=GAP, scale=SCALE, **options)] if isinstance(options, dict) else []
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         max_steps=steps, max_epochs=-1, val_check_interval=min(50, steps), check_val_every_n_epoch=None,
+                         callbacks=[*galore, opt_time, measure], default_root_dir=root)
+    trainer.fit(model, datamodule=data)
+    optimizer = trainer.optimizers[0]
+    matrices = [t.param for t in select_targets(model, ["all-linear"], kinds=("linear",))]
+    if options == "reference":
+        projected = reference_state_bytes(optimizer, matrices)
+        total = reference_state_bytes(optimizer, list(model.parameters()))
+    else:
+        projected, total = state_bytes(optimizer, matrices), state_bytes(optimizer)
+    refresh = [t for t, s in zip(opt_time.times, opt_time.steps) if s % GAP == 0]
+    normal = [t for t, s in zip(opt_time.times, opt_time.steps) if s % GAP != 0]
+    best = min(measure.val_losses)
+    return {"method": method, "projected_bytes": projected, "total_bytes": total,
+            "adamw_projected_bytes": sum(2 * 4 * p.numel() for p in matrices),
+            "opt_normal": statistics.median(normal), "opt_refresh": statistics.median(refresh) if refresh else None,
+            "opt_mean": statistics.mean(opt_time.times), "step": statistics.median(measure.step_times),
+            "best": best, "best_step": measure.val_steps[measure.val_losses.index(best)]}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 4
+    torch.set_num_threads(args.threads)
+    if "galore_torch" in args.methods:
+        try:
+            import galore_torch  # noqa: F401
+        except ImportError:
+            print("galore_torch is not installed (pip install galore-torch): leaving it out")
+            args.methods.remove("galore_torch")
+    results = []
+    for method in args.methods:
+        r = run_one(method, args.steps, args.root)
+        results.append(r)
+        print(f"{method}: best val {r['best']:.4f} at {r['best_step']}, projected state {r['projected_bytes'] / 2**20:.2f} MiB, "
+              f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {0 if r['opt_refresh'] is None else r['opt_refresh'] * 1000:.0f} ms), "
+              f"step {r['step'] * 1000:.0f} ms", flush=True)
+    base = next((r for r in results if r["method"] == "AdamW"), results[0])
+    print(f"\npydoc Llama (d 256, 4 layers), {args.steps} steps, rank {RANK}, gap {GAP}, scale {SCALE}, "
+          f"{torch.get_num_threads()} thread(s)")
+    print("| method | state of projected matrices vs AdamW | whole optimizer state (MiB) | optimizer update: ordinary "
+          "/ refresh (ms) | amortised update vs AdamW | step time vs AdamW | best val loss (step) | vs AdamW |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        refresh = "-" if r["opt_refresh"] is None else f"{r['opt_refresh'] * 1000:.0f}"
+        print(f"| {r['method']} | {r['projected_bytes'] / r['adamw_projected_bytes']:.3f} | {r['total_bytes'] / 2**20:.2f} | "
+              f"{r['opt_normal'] * 1000:.1f} / {refresh} | {r['opt_mean'] / base['opt_mean']:.2f} | "
+              f"{r['step'] / base['step']:.3f} | {r['best']:.4f} ({r['best_step']}) | "
+              f"{(r['best'] / base['best'] - 1) * 100:+.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
