@@ -141,3 +141,16 @@ def test_state_and_savings_are_reported(tmp_path):
     assert 0 <= float(m["efficient/galore/subspace_overlap"]) <= 1.0001
     rows = callback.savings(t, t.lightning_module)
     assert rows[1].ratio < rows[0].ratio < 1  # projected matrices save most; the head and biases keep AdamW state
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    model = MLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    t = trainer(tmp_path, [GaLore(rank=4, update_proj_gap=2)], 4, precision="bf16-mixed")
+    t.fit(model, loader(64, 16))
+    opt = t.optimizers[0]
+    for p, _ in opt.projected_params():
+        bases = [v for k, v in opt.state[p].items() if k.startswith("basis_")]
+        assert bases and all(b.dtype == torch.float32 for b in bases)  # computed in fp32 under autocast
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
