@@ -20,10 +20,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# set in this process by any earlier in-process Trainer(strategy="ddp"): inherited, they would make
+# the script's Lightning believe it was launched externally as a lone rank, and wait for the other
+_LAUNCH_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                     "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED")
+
+
 def run_ddp_script(script: str, args: list[str], tmp_path, timeout: int = 300) -> dict:
     out = tmp_path / "result.json"
+    clean = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES and not k.startswith("TORCHELASTIC")}
     for attempt in range(2):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+        env = {**clean, "HF_HUB_OFFLINE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
         proc = subprocess.run([sys.executable, script, *args, str(out)], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=timeout)
         if proc.returncode == 0 or attempt == 1 or not any(e in proc.stderr for e in _INFRA_ERRORS):

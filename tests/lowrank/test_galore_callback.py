@@ -102,9 +102,17 @@ def test_layerwise_matches_the_ordinary_update(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [(dict(accumulate_grad_batches=2), "accumulate_grad_batches"),
                                           (dict(gradient_clip_val=1.0), "gradient_clip_val"),
                                           (dict(strategy="ddp", devices=1, accelerator="cpu"), "DDPStrategy")])
-def test_layerwise_refuses_what_it_cannot_see(tmp_path, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        trainer(tmp_path, [GaLore(rank=4, layerwise=True)], 2, **kwargs).fit(MLP(), loader(32, 8))
+def test_layerwise_refuses_what_it_cannot_see(tmp_path, kwargs, match, monkeypatch):
+    # the DDP case sets launch variables and a process group in this process: undo both afterwards,
+    # or later subprocess DDP tests inherit them
+    for name in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "GLOBAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        with pytest.raises(ValueError, match=match):
+            trainer(tmp_path, [GaLore(rank=4, layerwise=True)], 2, **kwargs).fit(MLP(), loader(32, 8))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_clipping_and_accumulation_work_in_the_ordinary_mode(tmp_path):
