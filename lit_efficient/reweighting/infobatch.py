@@ -10,34 +10,28 @@ epoch; the well-learned samples kept get loss multiplier ``n_well / (n_well − 
 final ``1 − delta`` of the epochs use all data (annealing). Pruned samples are never loaded, so
 the saving is real: fewer batches per epoch.
 
-How it plugs into Lightning without changing the module or datamodule: at ``setup`` the training
-dataloader is rebuilt around an :class:`InfoBatchSampler` (a ``DistributedSampler``, so Lightning
-does not inject its own; under DDP it splits the epoch's order across ranks like
-``DistributedSampler`` does). Batch ``b`` of an epoch holds the sampler's samples
-``[b·B, (b+1)·B)``, which is how each per-sample loss finds its dataset index. Because epochs get
-shorter, the dataloader is reloaded every epoch (``reload_dataloaders_every_n_epochs=1``, so
-Lightning's batch counts and validation stay right), and step-interval LR schedulers are advanced
-by the skipped steps so a schedule built on ``estimated_stepping_batches`` still ends at the end.
+How it plugs into Lightning without changing the module or datamodule: the training dataloader
+follows the epoch's planned order (:mod:`lit_efficient.reweighting.planned_order`), which is how
+each per-sample loss finds its dataset index; epochs get shorter, so step-interval LR schedulers
+are advanced by the skipped steps and a schedule built on ``estimated_stepping_batches`` still
+ends at the end.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.data import _update_dataloader
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from typing_extensions import override
 
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.contract import SampleLossCallback, warn_nonfinite
+from lit_efficient.reweighting.planned_order import PlannedOrder
 from lit_efficient.schedules import check_fraction
 
 
@@ -66,35 +60,7 @@ def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: 
     return keep, multipliers
 
 
-class InfoBatchSampler(DistributedSampler):
-    """Yields this rank's share of the epoch's order that :class:`InfoBatch` planned.
-
-    A ``DistributedSampler`` (so Lightning keeps it under DDP): the order is padded by wrapping
-    around to a multiple of ``num_replicas`` and rank ``r`` takes positions ``r, r + W, …``.
-    """
-
-    def __init__(self, dataset: Any, owner: "InfoBatch", num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.owner = owner
-
-    def local_order(self) -> Tensor:
-        order = self.owner.order
-        total = math.ceil(order.numel() / self.num_replicas) * self.num_replicas
-        if total > order.numel():
-            order = torch.cat([order, order.repeat(math.ceil(total / order.numel()))[: total - order.numel()]])
-        return order[self.rank : total : self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        # a generator: nothing is read before the first batch is requested, i.e. after the plan is set
-        local = self.local_order()
-        self.owner.local_order = local
-        yield from local.tolist()
-
-    def __len__(self) -> int:
-        return math.ceil(self.owner.order.numel() / self.num_replicas)
-
-
-class InfoBatch(SampleLossCallback):
+class InfoBatch(PlannedOrder, SampleLossCallback):
     r"""Loss-based dynamic data pruning with unbiased rescaling (InfoBatch, ICLR 2024).
 
     The module must follow the per-sample loss contract
@@ -126,24 +92,20 @@ class InfoBatch(SampleLossCallback):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an int; got {seed!r}")
         self.shuffle, self.seed = shuffle, seed
+        self.init_planned_order()
         self.num_samples = 0
         self.scores = torch.zeros(0)
         self.seen = torch.zeros(0, dtype=torch.bool)
         self.epoch_sum = torch.zeros(0, dtype=torch.float64)
         self.epoch_count = torch.zeros(0, dtype=torch.long)
-        self.order = torch.zeros(0, dtype=torch.long)
         self.multipliers = torch.zeros(0)
         self.plan_epoch = -1
-        self.local_order = torch.zeros(0, dtype=torch.long)
         self.samples_forwarded = 0  # planned sample visits, over all finished and current epochs
         self.samples_full = 0
         self.steps_in_epoch = 0
         self.extra_scheduler_steps = 0
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
-        self._wrapped: Optional[tuple[Any, str]] = None
-        self._batch_size = 1
-        self._drop_last = False
 
     # -- the dataloader ---------------------------------------------------------------------------
 
@@ -155,46 +117,18 @@ class InfoBatch(SampleLossCallback):
         if trainer.max_epochs is None or trainer.max_epochs < 1:
             raise ValueError("InfoBatch prunes each epoch and uses all data for the last `1 - delta` of the epochs: "
                              "train by epochs with `Trainer(max_epochs=...)`")
-        source = trainer.fit_loop._data_source
-        instance = source.instance
-        if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
-            original = getattr(instance, source.name)
-            setattr(instance, source.name, lambda: self.wrap_dataloader(original(), trainer))
-            self._wrapped = (instance, source.name)
-        elif isinstance(instance, DataLoader):
-            source.instance = self.wrap_dataloader(instance, trainer)
-        else:
-            raise ValueError("InfoBatch needs one training DataLoader (or a module/datamodule whose "
-                             f"`train_dataloader` returns one); got {type(instance).__name__}")
-        trainer.reload_dataloaders_every_n_epochs = 1  # epochs change length: Lightning recounts each one
+        self.follow_planned_order(trainer)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        if self._wrapped is not None:
-            instance, name = self._wrapped
-            instance.__dict__.pop(name, None)
-            self._wrapped = None
+        self.stop_following()
 
-    def wrap_dataloader(self, loader: Any, trainer: "pl.Trainer") -> DataLoader:
-        """``loader`` rebuilt to draw its samples from an :class:`InfoBatchSampler`."""
-        if not isinstance(loader, DataLoader):
-            raise ValueError(f"InfoBatch needs `train_dataloader` to return one DataLoader; got {type(loader).__name__}")
-        if loader.batch_size is None:
-            raise ValueError("InfoBatch maps batch b to samples [b*B, (b+1)*B) of its order: the training DataLoader "
-                             "needs `batch_size` (a custom `batch_sampler` is not supported)")
-        try:
-            size = len(loader.dataset)
-        except TypeError as err:
-            raise ValueError("InfoBatch keeps one score per dataset index: the training dataset needs `len`") from err
-        if self.shuffle is None:
-            self.shuffle = isinstance(loader.sampler, RandomSampler)
-        self._batch_size, self._drop_last = loader.batch_size, loader.drop_last
+    @override
+    def dataset_ready(self, size: int, trainer: "pl.Trainer") -> None:
         self.prepare_dataset(size)
         if self.plan_epoch < 0:
             self.prepare_epoch(trainer.current_epoch, trainer.max_epochs)
-        sampler = InfoBatchSampler(loader.dataset, self, trainer.world_size, trainer.global_rank)
-        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
 
     def prepare_dataset(self, size: int) -> None:
         if self.num_samples == size:
@@ -227,19 +161,12 @@ class InfoBatch(SampleLossCallback):
         self.samples_full += self.num_samples
         self.steps_in_epoch = self.extra_scheduler_steps = 0
 
-    def optimizer_steps(self, samples: int, trainer: "pl.Trainer") -> int:
-        """Optimizer steps an epoch of ``samples`` (before the split across ranks) takes on this rank."""
-        local = math.ceil(samples / trainer.world_size)
-        batches = local // self._batch_size if self._drop_last else math.ceil(local / self._batch_size)
-        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
     # -- the losses -------------------------------------------------------------------------------
 
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
-        start = batch_idx * self._batch_size
-        self._batch_indices = self.local_order[start : start + self._batch_size]
+        self._batch_indices = self.batch_indices(batch_idx)
 
     @override
     def sample_multipliers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", losses: Tensor,
@@ -337,4 +264,4 @@ class InfoBatch(SampleLossCallback):
         self._restored = True
 
 
-__all__ = ["InfoBatch", "InfoBatchSampler", "infobatch_plan"]
+__all__ = ["InfoBatch", "infobatch_plan"]

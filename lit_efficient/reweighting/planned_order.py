@@ -1,0 +1,129 @@
+"""A training loader whose epoch order a callback plans: how data-pruning techniques skip samples
+for real (InfoBatch, SparCL's data removal) without touching the module or the datamodule.
+
+At ``setup`` the training dataloader is rebuilt around a :class:`PlannedOrderSampler` (a
+``DistributedSampler``, so Lightning does not inject its own; under DDP it splits the planned
+order across ranks as ``DistributedSampler`` does). Batch ``b`` of an epoch holds samples
+``[b·B, (b+1)·B)`` of this rank's share of the order, which is how each per-sample output finds
+its dataset index. The dataloader is reloaded every epoch (``reload_dataloaders_every_n_epochs=1``)
+so Lightning recounts the batches of epochs whose length changes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+
+class PlannedOrderSampler(DistributedSampler):
+    """Yields this rank's share of ``owner.order`` (the epoch's planned dataset indices).
+
+    The order is padded by wrapping around to a multiple of ``num_replicas`` and rank ``r`` takes
+    positions ``r, r + W, …``; the share is recorded as ``owner.local_order`` when iteration starts.
+    """
+
+    def __init__(self, dataset: Any, owner: "PlannedOrder", num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.owner = owner
+
+    def local_order(self) -> Tensor:
+        order = self.owner.order
+        total = math.ceil(order.numel() / self.num_replicas) * self.num_replicas
+        if total > order.numel():
+            order = torch.cat([order, order.repeat(math.ceil(total / order.numel()))[: total - order.numel()]])
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        # a generator: nothing is read before the first batch is requested, i.e. after the plan is set
+        local = self.local_order()
+        self.owner.local_order = local
+        yield from local.tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.owner.order.numel() / self.num_replicas)
+
+
+class PlannedOrder:
+    """Mixin for callbacks that plan each epoch's sample order (see the module docstring).
+
+    The callback calls :meth:`follow_planned_order` from ``setup`` and :meth:`stop_following` from
+    ``teardown``, keeps ``self.order`` (dataset indices of the epoch, in order) up to date, and
+    implements :meth:`dataset_ready`, called each time the loader is (re)built.
+    """
+
+    order: Tensor
+    local_order: Tensor
+    shuffle: Optional[bool]
+
+    def init_planned_order(self) -> None:
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.local_order = torch.zeros(0, dtype=torch.long)
+        self._source_wrapped: Optional[tuple[Any, str]] = None
+        self._batch_size = 1
+        self._drop_last = False
+
+    def follow_planned_order(self, trainer: "pl.Trainer") -> None:
+        """Make the training dataloader draw from a :class:`PlannedOrderSampler` of this callback."""
+        name = type(self).__name__
+        source = trainer.fit_loop._data_source
+        instance = source.instance
+        if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
+            original = getattr(instance, source.name)
+            setattr(instance, source.name, lambda: self.planned_dataloader(original(), trainer))
+            self._source_wrapped = (instance, source.name)
+        elif isinstance(instance, DataLoader):
+            source.instance = self.planned_dataloader(instance, trainer)
+        else:
+            raise ValueError(f"{name} needs one training DataLoader (or a module/datamodule whose "
+                             f"`train_dataloader` returns one); got {type(instance).__name__}")
+        trainer.reload_dataloaders_every_n_epochs = 1  # epochs change length: Lightning recounts each one
+
+    def stop_following(self) -> None:
+        if self._source_wrapped is not None:
+            instance, attribute = self._source_wrapped
+            instance.__dict__.pop(attribute, None)
+            self._source_wrapped = None
+
+    def planned_dataloader(self, loader: Any, trainer: "pl.Trainer") -> DataLoader:
+        """``loader`` rebuilt to draw its samples from a :class:`PlannedOrderSampler`."""
+        name = type(self).__name__
+        if not isinstance(loader, DataLoader):
+            raise ValueError(f"{name} needs `train_dataloader` to return one DataLoader; got {type(loader).__name__}")
+        if loader.batch_size is None:
+            raise ValueError(f"{name} maps batch b to samples [b*B, (b+1)*B) of its order: the training DataLoader "
+                             "needs `batch_size` (a custom `batch_sampler` is not supported)")
+        try:
+            size = len(loader.dataset)
+        except TypeError as err:
+            raise ValueError(f"{name} keeps one record per dataset index: the training dataset needs `len`") from err
+        if self.shuffle is None:
+            self.shuffle = isinstance(loader.sampler, RandomSampler)
+        self._batch_size, self._drop_last = loader.batch_size, loader.drop_last
+        self.dataset_ready(size, trainer)
+        sampler = PlannedOrderSampler(loader.dataset, self, trainer.world_size, trainer.global_rank)
+        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+
+    def dataset_ready(self, size: int, trainer: "pl.Trainer") -> None:
+        """The loader was (re)built over a dataset of ``size`` samples: make sure ``order`` is planned."""
+        raise NotImplementedError
+
+    def batch_indices(self, batch_idx: int) -> Tensor:
+        """Dataset indices of this rank's batch ``batch_idx`` of the current epoch."""
+        start = batch_idx * self._batch_size
+        return self.local_order[start : start + self._batch_size]
+
+    def optimizer_steps(self, samples: int, trainer: "pl.Trainer") -> int:
+        """Optimizer steps an epoch of ``samples`` (before the split across ranks) takes on this rank."""
+        local = math.ceil(samples / trainer.world_size)
+        batches = local // self._batch_size if self._drop_last else math.ceil(local / self._batch_size)
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
+
+__all__ = ["PlannedOrder", "PlannedOrderSampler"]
