@@ -37,3 +37,23 @@ def run_ddp_script(script: str, args: list[str], tmp_path, timeout: int = 300) -
             break
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
     return json.loads(out.read_text())
+
+
+# -- inside the DDP scripts ---------------------------------------------------------------------------
+
+def gathered(tensor):
+    """Every rank's copy of ``tensor`` (same shape on all ranks), in rank order."""
+    import torch
+    import torch.distributed as dist
+
+    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
+def equal_on_all_ranks(tensor) -> bool:
+    """Whether every rank holds exactly the same ``tensor``."""
+    import torch
+
+    parts = gathered(tensor)
+    return all(torch.equal(parts[0], p) for p in parts[1:])

@@ -13,13 +13,8 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from lit_efficient import GaLore  # noqa: E402
+from tests.ddp_runner import equal_on_all_ranks  # noqa: E402
 from tests.sparsity.sparse_helpers import MLP, loader  # noqa: E402
-
-
-def equal_everywhere(tensor):
-    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return all(torch.equal(parts[0], p) for p in parts[1:])
 
 
 class CompareAcrossRanks(pl.Callback):
@@ -30,12 +25,12 @@ class CompareAcrossRanks(pl.Callback):
         opt = trainer.optimizers[0]
         projected = opt.projected_params()
         result = {"world_size": dist.get_world_size(), "projected": len(projected), "bases": 0, "state_equal": True,
-                  "weights_equal": all(equal_everywhere(p.detach()) for p in pl_module.parameters())}
+                  "weights_equal": all(equal_on_all_ranks(p.detach()) for p in pl_module.parameters())}
         for p, _ in projected:
             for key, value in opt.state[p].items():
                 if isinstance(value, torch.Tensor) and value.dim() > 0:
                     result["bases"] += key.startswith("basis")
-                    result["state_equal"] &= equal_everywhere(value.float())
+                    result["state_equal"] &= equal_on_all_ranks(value.float())
         if trainer.is_global_zero:
             with open(self.path, "w") as f:
                 json.dump(result, f)

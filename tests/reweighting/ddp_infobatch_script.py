@@ -15,13 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 from lit_efficient import InfoBatch  # noqa: E402
 from tests.reweighting.test_infobatch import CountingDataset  # noqa: E402
+from tests.ddp_runner import gathered  # noqa: E402
 from tests.sparsity.sparse_helpers import MLP  # noqa: E402
-
-
-def gathered(tensor):
-    parts = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return parts
 
 
 class CheckAcrossRanks(pl.Callback):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ddp_runner import equal_on_all_ranks  # noqa: E402
 from sparse_helpers import MLP, loader  # noqa: E402
 
 from lit_efficient import SET, GraNet, NMSparsity, RigL  # noqa: E402
@@ -43,9 +45,7 @@ class CompareAcrossRanks(pl.Callback):
                   "world_size": dist.get_world_size()}
         for mask, param in pairs:
             for tensor, key in ((mask.to(torch.uint8), "masks_equal"), (param.detach(), "weights_equal")):
-                gathered = [torch.zeros_like(tensor) for _ in range(dist.get_world_size())]
-                dist.all_gather(gathered, tensor.contiguous())
-                result[key] &= all(torch.equal(gathered[0], g) for g in gathered[1:])
+                result[key] &= equal_on_all_ranks(tensor)
         result["density"] = density(self.sparse, pairs)
         if trainer.is_global_zero:
             with open(self.path, "w") as f:
