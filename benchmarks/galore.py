@@ -29,10 +29,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Measure  # noqa: E402
+from benchmarks.common import Measure, add_common_arguments, pydoc_llama  # noqa: E402
 from examples.common import total_training_steps, warmup_cosine  # noqa: E402
 from examples.nlp.common import decay_groups  # noqa: E402
-from examples.nlp.data import PydocTextDataModule  # noqa: E402
 from examples.nlp.lm import CausalLM  # noqa: E402
 from lit_efficient import GaLore  # noqa: E402
 from lit_efficient.lowrank.optim import state_bytes  # noqa: E402
@@ -104,11 +103,7 @@ def reference_state_bytes(optimizer, params) -> int:
 def run_one(method: str, steps: int, root: str) -> dict:
     pl.seed_everything(0, verbose=False)
     options = METHODS[method]
-    kind = ReferenceGaLoreLM if options == "reference" else CausalLM
-    model = kind(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                 max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3, weight_decay=0.1,
-                 warmup_fraction=0.05)
-    data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=0)
+    model, data = pydoc_llama(0, ReferenceGaLoreLM if options == "reference" else None)
     measure, opt_time = Measure(), OptimizerTime()
     galore = [GaLore(rank=RANK, update_proj_gap=GAP, scale=SCALE, **options)] if isinstance(options, dict) else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -137,9 +132,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.steps = 4

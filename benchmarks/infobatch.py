@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import mean_std  # noqa: E402
+from benchmarks.common import add_common_arguments, mean_std  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import InfoBatch  # noqa: E402
@@ -63,9 +63,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 3

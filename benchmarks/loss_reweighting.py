@@ -26,9 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Measure, mean_std  # noqa: E402
-from examples.nlp.data import PydocTextDataModule  # noqa: E402
-from examples.nlp.lm import CausalLM  # noqa: E402
+from benchmarks.common import Measure, add_common_arguments, mean_std, pydoc_llama  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import LossReweighting  # noqa: E402
@@ -40,10 +38,7 @@ def run_one(task: str, method: str, seed: int, length: int, root: str, temperatu
             max_steps: int = -1) -> dict:
     pl.seed_everything(seed, verbose=False)
     if task == "lm":
-        model = CausalLM(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4,
-                         num_heads=4, max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3,
-                         weight_decay=0.1, warmup_fraction=0.05)
-        data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=seed)
+        model, data = pydoc_llama(seed)
         limits = {"max_steps": length, "max_epochs": -1, "val_check_interval": 25, "check_val_every_n_epoch": None}
     else:
         model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4,
@@ -116,12 +111,10 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=None, help="epochs (vit, default 40) or steps (lm, default 600)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--plot", default=None, help="PNG path (default docs/methods/loss_reweighting_<task>.png)")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
                         help="only measure the step-time overhead, in this many interleaved chunks")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     length = args.length or (40 if args.task == "vit" else 600)
     if args.quick:

@@ -33,9 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Measure, mean_std  # noqa: E402
-from examples.nlp.data import PydocTextDataModule  # noqa: E402
-from examples.nlp.lm import CausalLM  # noqa: E402
+from benchmarks.common import Measure, add_common_arguments, mean_std, pydoc_llama  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import ProgressiveFreezing  # noqa: E402
@@ -83,10 +81,7 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
     """``epochs`` counts optimizer steps for the LM (validation every 50)."""
     pl.seed_everything(seed, verbose=False)
     if task == "lm":  # the BASELINES pydoc Llama
-        model = CausalLM(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4,
-                         num_heads=4, max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3,
-                         weight_decay=0.1, warmup_fraction=0.05)
-        data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=seed)
+        model, data = pydoc_llama(seed)
         limits = {"max_steps": epochs, "max_epochs": -1, "val_check_interval": min(50, epochs),
                   "check_val_every_n_epoch": None}
     else:
@@ -117,9 +112,7 @@ def main(argv=None) -> None:
                              "lm: the pydoc LM, --epochs counts steps (reports the best val loss as 'val acc')")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 2

@@ -42,9 +42,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Measure, mean_std  # noqa: E402
-from examples.nlp.data import PydocTextDataModule  # noqa: E402
-from examples.nlp.lm import CausalLM  # noqa: E402
+from benchmarks.common import Measure, add_common_arguments, mean_std, pydoc_llama  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import SET, GraNet, NMSparsity, RigL  # noqa: E402
@@ -62,11 +60,8 @@ def vit_task(epochs: int):
 
 
 def lm_task(steps: int):
-    model = CausalLM(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                     max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3, weight_decay=0.1,
-                     warmup_fraction=0.05)
+    model, data = pydoc_llama(0)
     targets = [m for m in model.model.model.layers.modules() if isinstance(m, nn.Linear)]
-    data = PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=0)
     return model, data, targets, {"max_steps": steps, "max_epochs": -1, "val_check_interval": min(50, steps),
                                   "check_val_every_n_epoch": None}
 
@@ -182,11 +177,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="ViT epochs (default 40)")
     parser.add_argument("--steps", type=int, default=None, help="LM steps (default 600)")
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--update-every", default="50st", help="mask-update interval of GraNet/RigL/SET")
-    parser.add_argument("--quick", action="store_true", help="a few steps, one seed: checks that it runs")
     parser.add_argument("--json", default=None, help="also write every run's numbers here")
-    parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
