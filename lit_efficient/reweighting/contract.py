@@ -4,7 +4,10 @@ A module opts in by returning one loss per sample from ``training_step``::
 
     return {"loss": losses.mean(), "sample_losses": losses}
 
-Lightning accepts this dict unchanged, so the module trains without our callbacks too. When a
+Lightning accepts this dict unchanged, so the module trains without our callbacks too. A loss with
+terms that belong to no sample of the batch (a regulariser, DER++'s replay of stored samples)
+declares them: ``{"loss": losses.mean() + extra, "sample_losses": losses, "extra_loss": extra}``;
+the callbacks weight ``sample_losses`` and add ``extra_loss`` back unchanged. When a
 :class:`SampleLossCallback` (LossReweighting, InfoBatch, SparCL's data removal) is attached, the
 module's ``training_step`` is wrapped at ``setup`` (and unwrapped at ``teardown``) so that
 ``"loss"`` is replaced by
@@ -144,6 +147,9 @@ def reduce_sample_losses(trainer: "pl.Trainer", pl_module: "pl.LightningModule",
         loss = (multipliers.to(losses.dtype) * kept).sum() / losses.numel()
     for callback in callbacks:
         callback.reduced(trainer, clean, finite, multipliers)
+    extra = output.get("extra_loss")
+    if extra is not None:  # terms that are not per-sample (e.g. DER++ replay) pass through unweighted
+        loss = loss + extra
     return {**output, "loss": loss}
 
 

@@ -109,6 +109,24 @@ def test_weighted_loss_is_the_reweighted_sum_and_module_is_restored(tmp_path):
     assert "training_step" not in model.__dict__  # unwrapped at teardown: the module trains alone again
 
 
+class WithRegulariser(MLP):
+    """A loss term that belongs to no sample (like DER++'s replay), declared as ``extra_loss``."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        extra = 0.1 * sum(p.pow(2).sum() for p in self.parameters())
+        return {**out, "loss": out["loss"] + extra, "extra_loss": extra}
+
+
+def test_extra_loss_is_added_back_unweighted(tmp_path):
+    recorder = Recorder()
+    trainer(tmp_path, [LossReweighting(warmup=0), recorder], 3).fit(WithRegulariser(), loader(64, 16))
+    for out in recorder.outputs:
+        weighted = (reweight(out["sample_losses"]) * out["sample_losses"]).sum()
+        torch.testing.assert_close(out["loss"], weighted + out["extra_loss"])
+        assert out["extra_loss"] > 0
+
+
 class Linear(pl.LightningModule):
     def __init__(self):
         super().__init__()
