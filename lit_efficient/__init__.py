@@ -8,7 +8,8 @@ from lit_efficient.reweighting.loss_reweighting import LossReweighting
 from lit_efficient.sparsity.dst import SET, RigL
 from lit_efficient.sparsity.granet import GraNet
 from lit_efficient.sparsity.nm import NMSparsity
+from lit_efficient.sparsity.sparcl import SparCL
 
 __version__ = "0.1.0"
 
-__all__ = ["GaLore", "GaLoreAdamW", "GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET"]
+__all__ = ["GaLore", "GaLoreAdamW", "GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET", "SparCL"]

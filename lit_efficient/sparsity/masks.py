@@ -107,21 +107,25 @@ def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], k
     return out
 
 
-def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor) -> Tensor:
-    """Drop the ``count`` smallest-magnitude active weights of one layer and grow ``count``
-    inactive positions with the largest ``grow_scores`` (|gradient|, |momentum| or random).
+def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor, drop_scores: Optional[Tensor] = None,
+                  regrow_dropped: bool = True) -> Tensor:
+    """Drop the ``count`` active weights of one layer with the smallest ``drop_scores`` (default:
+    magnitude) and grow ``count`` inactive positions with the largest ``grow_scores`` (|gradient|,
+    |momentum| or random).
 
-    Just-dropped positions are candidates for growth (as in RigL); the number of active weights
-    is unchanged.
+    Just-dropped positions are candidates for growth (as in RigL) unless ``regrow_dropped`` is
+    False (SparCL explores positions that were inactive). The number of active weights is unchanged.
     """
     active = int(mask.sum())
     count = max(0, min(count, active, mask.numel() - active))
     if count == 0:
         return mask.clone()
-    magnitude = torch.where(mask, weight.detach().abs().float(), torch.full_like(weight, float("inf"), dtype=torch.float32))
+    drop_by = weight.detach().abs() if drop_scores is None else drop_scores.detach()
+    magnitude = torch.where(mask, drop_by.float(), torch.full_like(weight, float("inf"), dtype=torch.float32))
     dropped = topk_mask(-magnitude, count)
     kept = mask & ~dropped
-    candidates = torch.where(kept, torch.full_like(weight, -float("inf"), dtype=torch.float32), grow_scores.detach().float())
+    closed = kept if regrow_dropped else mask
+    candidates = torch.where(closed, torch.full_like(weight, -float("inf"), dtype=torch.float32), grow_scores.detach().float())
     return kept | topk_mask(candidates, count)
 
 

@@ -174,3 +174,20 @@ def test_galore_overlay_trains_the_vit(tmp_path):
     (galore,) = [c for c in cli.trainer.callbacks if isinstance(c, GaLore)]
     assert isinstance(cli.trainer.optimizers[0], GaLoreAdamW)
     assert len(galore.targets) == 16 and all(".blocks." in f".{t.name}." for t in galore.targets)
+
+
+def test_continual_config_round_trips_and_the_sparcl_overlay_trains(tmp_path, capsys):
+    from lit_efficient import SparCL
+    from lit_efficient.continual import AccuracyMatrix
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(VISION / "continual_digits.yaml"), "--config",
+              str(VISION / "sparcl" / "sparcl.yaml"), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cli = main(["fit", "--config", str(printed), f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    assert cli.trainer.global_step == 2
+    (sparcl,) = [c for c in cli.trainer.callbacks if isinstance(c, SparCL)]
+    assert any(isinstance(c, AccuracyMatrix) for c in cli.trainer.callbacks)
+    assert sparcl.masks.names() == ["model.conv1", "model.conv2", "model.fc"]  # stem and head stay dense
+    assert sparcl.masks.sparsity() == pytest.approx(0.9, abs=1e-3) and sparcl.num_samples == 295

@@ -1,0 +1,443 @@
+"""SparCL: sparse continual learning — task-aware masks, gradient masks and data removal.
+
+Paper: Wang et al., "SparCL: Sparse Continual Learning on the Edge", NeurIPS 2022,
+https://arxiv.org/abs/2209.09476 (reference code: github.com/neu-spiral/SparCL).
+
+SparCL wraps any rehearsal method (ER, DER++) and cuts the cost of training it in three ways,
+each switchable on its own:
+
+* **TDM** (task-aware dynamic masking). Masks start at the target sparsity by weight magnitude
+  (uniform over layers). Within each task, every ``mask_update_every`` of the task's epochs, each
+  layer drops its active weights with the lowest ``|w| + λ·|g|`` (``g`` the latest dense
+  gradient) down to ``explore_fraction`` below the target density, then regrows as many positions
+  at random among those that were inactive, at weight 0 with zero optimizer state. From
+  ``mask_fixed_from`` of each task on, the mask stays fixed; the next task explores again.
+* **DGM** (dynamic gradient masking). After backward, gradients of the sparse layers are masked
+  by the weight mask and, of the active entries, only the ``1 − gradient_sparsity`` largest by
+  ``|grad|`` are kept; the gradient mask is recomputed every ``gradient_mask_every`` steps.
+* **DDR** (dynamic data removal). Every training sample of the task counts its forgetting events
+  (correct → incorrect between two visits; samples never classified correctly count as
+  unforgettable's opposite: they are never removed first). At ``removal_points`` of each task
+  the samples with the fewest events are removed, ``removal_fraction`` of the task's data in
+  total; removed samples are never loaded again in that task (the loader follows a planned
+  order, :mod:`lit_efficient.reweighting.planned_order`).
+
+Tasks come from the datamodule (:mod:`lit_efficient.continual`): SparCL refuses to run without
+``num_tasks``/``epochs_per_task``. For data removal ``training_step`` returns, besides its loss,
+``"sample_correct"``: one bool per sample of the batch (prediction == label).
+
+Masks come from the shared engine (:mod:`lit_efficient.sparsity.masks`); every random choice is
+seeded and every score is computed from DDP-averaged gradients or all-reduced records, so all
+ranks hold the same masks and the same removed samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from typing_extensions import override
+
+from lit_efficient.continual import TaskProgress, require_task_progress
+from lit_efficient.monitor import SavingsRow
+from lit_efficient.reweighting.planned_order import PlannedOrder
+from lit_efficient.schedules import check_fraction
+from lit_efficient.sparsity.callback import SparseTrainingCallback
+from lit_efficient.sparsity.masks import drop_and_grow, keep_counts, topk_mask, uniform_densities
+
+CORRECT_CONTRACT = ('`training_step` must return "sample_correct": a 1-D bool tensor, one entry per sample of the '
+                    'batch (prediction == label), e.g. {"loss": loss, "sample_correct": logits.argmax(1) == y}')
+
+
+# -- pure functions ---------------------------------------------------------------------------------
+
+def tdm_scores(weight: Tensor, grad: Optional[Tensor], score_lambda: float) -> Tensor:
+    """SparCL's importance of each weight: ``|w| + λ·|g|``."""
+    score = weight.detach().abs().float()
+    if grad is not None:
+        score = score + score_lambda * grad.detach().abs().float()
+    return score
+
+
+def tdm_update(weight: Tensor, mask: Tensor, grad: Optional[Tensor], explore: int, generator: torch.Generator,
+               score_lambda: float = 0.5) -> Tensor:
+    """One expand-and-explore step of a layer: drop the ``explore`` active weights of lowest
+    ``|w| + λ|g|``, regrow ``explore`` positions drawn at random among the inactive ones."""
+    random_scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    return drop_and_grow(weight, mask, explore, random_scores, drop_scores=tdm_scores(weight, grad, score_lambda),
+                         regrow_dropped=False)
+
+
+def gradient_mask(grad: Tensor, weight_mask: Tensor, gradient_sparsity: float) -> Tensor:
+    """Keep the ``1 − gradient_sparsity`` largest ``|grad|`` entries among the active weights."""
+    keep = int(round((1.0 - gradient_sparsity) * int(weight_mask.sum())))
+    scores = torch.where(weight_mask, grad.detach().abs().float(), torch.full_like(grad, -1.0, dtype=torch.float32))
+    return topk_mask(scores, keep) & weight_mask
+
+
+def update_forgetting(prev_correct: Tensor, events: Tensor, learned: Tensor, visit: Tensor) -> None:
+    """Fold one epoch of visits into the forgetting records, in place.
+
+    ``visit`` holds 1 (correct), 0 (incorrect) or -1 (not visited) per sample; a forgetting event
+    is a visit that is incorrect after the previous visit was correct.
+    """
+    seen = visit >= 0
+    events += (seen & (prev_correct == 1) & (visit == 0)).long()
+    learned |= visit == 1
+    prev_correct[seen] = visit[seen].to(prev_correct.dtype)
+
+
+def removal_choice(events: Tensor, learned: Tensor, removed: Tensor, count: int, generator: torch.Generator) -> Tensor:
+    """The ``count`` samples still present with the fewest forgetting events (ties at random;
+    never-learned samples last): a bool mask of the newly removed."""
+    present = ~removed
+    count = max(0, min(count, int(present.sum())))
+    key = events.double() + 0.5 * torch.rand(events.shape, generator=generator, dtype=torch.float64)
+    key = torch.where(learned, key, torch.full_like(key, float(events.max()) + 1.0 if events.numel() else 1.0))
+    key = torch.where(present, key, torch.full_like(key, float("inf")))
+    return topk_mask(-key, count) & present
+
+
+def task_epochs(fraction: float, epochs_per_task: int) -> int:
+    """A fraction of a task in whole epochs (at least 1)."""
+    return max(1, int(round(fraction * epochs_per_task)))
+
+
+class SparCL(PlannedOrder, SparseTrainingCallback):
+    """Sparse continual learning (SparCL, NeurIPS 2022): TDM + DGM + DDR on any rehearsal method.
+
+    Args:
+        sparsity: fraction of the targeted weights that are zero, in [0, 1) (default 0.9).
+        tdm: task-aware dynamic masks (default True); False keeps the initial magnitude masks.
+        dgm: dynamic gradient masks (default True).
+        ddr: dynamic data removal (default True); needs ``"sample_correct"`` from ``training_step``.
+        gradient_sparsity: fraction of the active weights' gradient entries zeroed by DGM, in
+            [0, 1) (default 0.8).
+        removal_fraction: fraction of each task's training samples removed by DDR, in [0, 1)
+            (default 0.3).
+        mask_update_every: TDM period as a fraction of a task, in (0, 1] (default 0.1: 5 of 50 epochs).
+        mask_fixed_from: fraction of each task after which masks stay fixed, in (0, 1]
+            (default 0.9: epoch 45 of 50).
+        score_lambda: λ of the TDM score ``|w| + λ|g|``, ≥ 0 (default 0.5).
+        explore_fraction: how far below the target density each TDM update prunes before
+            regrowing, as a fraction of the layer, in [0, 1) (default 0.01).
+        gradient_mask_every: optimizer steps between DGM mask refreshes, ≥ 1 (default 30).
+        removal_points: fractions of each task at whose end DDR removes samples, each in (0, 1)
+            (default ``[0.1, 0.2, 0.3, 0.4]``: epochs 5, 10, 15, 20 of 50); each removes an equal
+            share of ``removal_fraction``.
+        include, exclude: module-name patterns of the layers to sparsify (see :mod:`lit_efficient.targets`).
+        seed: seed of every random choice (identical on all ranks).
+
+    Logged under ``efficient/sparcl/``: ``sparsity``, per-layer densities and a density image at
+    each TDM update, ``gradient_sparsity`` at each DGM refresh, ``task``, ``removed_fraction``
+    and ``forgetting_events_mean`` each epoch; rows in the savings table for weight sparsity,
+    gradient sparsity, samples removed and training FLOPs relative to dense training on all data.
+    """
+
+    technique = "sparcl"
+    growth = "random"
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        tdm: bool = True,
+        dgm: bool = True,
+        ddr: bool = True,
+        gradient_sparsity: float = 0.8,
+        removal_fraction: float = 0.3,
+        mask_update_every: float = 0.1,
+        mask_fixed_from: float = 0.9,
+        score_lambda: float = 0.5,
+        explore_fraction: float = 0.01,
+        gradient_mask_every: int = 30,
+        removal_points: Sequence[float] = (0.1, 0.2, 0.3, 0.4),
+        include: Optional[list[str]] = None,
+        exclude: Optional[list[str]] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(sparsity, "1st", "uniform", include, exclude, seed)
+        for name, flag in (("tdm", tdm), ("dgm", dgm), ("ddr", ddr)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"`{name}` must be True or False; got {flag!r}")
+        self.tdm, self.dgm, self.ddr = tdm, dgm, ddr
+        self.gradient_sparsity = check_fraction(gradient_sparsity, "gradient_sparsity")
+        self.removal_fraction = check_fraction(removal_fraction, "removal_fraction")
+        self.mask_update_every = check_fraction(mask_update_every, "mask_update_every", high_open=False, low_open=True)
+        self.mask_fixed_from = check_fraction(mask_fixed_from, "mask_fixed_from", high_open=False, low_open=True)
+        if isinstance(score_lambda, bool) or not isinstance(score_lambda, (int, float)) or not score_lambda >= 0:
+            raise ValueError(f"`score_lambda` must be a number >= 0; got {score_lambda!r}")
+        self.score_lambda = float(score_lambda)
+        self.explore_fraction = check_fraction(explore_fraction, "explore_fraction")
+        if isinstance(gradient_mask_every, bool) or not isinstance(gradient_mask_every, int) or gradient_mask_every < 1:
+            raise ValueError(f"`gradient_mask_every` must be an int >= 1; got {gradient_mask_every!r}")
+        self.gradient_mask_every = gradient_mask_every
+        if isinstance(removal_points, (str, bytes)) or not removal_points:
+            raise ValueError(f"`removal_points` must be a non-empty list of fractions of a task; got {removal_points!r}")
+        self.removal_points = sorted(check_fraction(p, "removal_points", low_open=True) for p in removal_points)
+        self.shuffle: Optional[bool] = None
+        self.init_planned_order()
+        # task and data-removal records (of the current task's training set)
+        self.task = -1
+        self.num_samples = 0
+        self.events = torch.zeros(0, dtype=torch.long)
+        self.learned = torch.zeros(0, dtype=torch.bool)
+        self.prev_correct = torch.zeros(0, dtype=torch.int8)
+        self.visit = torch.zeros(0, dtype=torch.int8)
+        self.removed = torch.zeros(0, dtype=torch.bool)
+        self.plan_epoch = -1
+        self.removed_total = 0  # over all tasks
+        self.samples_total = 0
+        # gradient masks and the step accounting of FLOPs
+        self.grad_masks: list[Tensor] = []
+        self.grad_mask_step = -1
+        self.full_steps = 0
+        self.grad_density_steps = 0.0
+        self._update_due = False
+        self._progress: Optional[TaskProgress] = None
+        self._batch_indices: Optional[Tensor] = None
+
+    # -- set-up -------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        require_task_progress(trainer, "SparCL")
+        super().setup(trainer, pl_module, stage)
+        if self.ddr:
+            self.follow_planned_order(trainer)
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage == "fit":
+            self.stop_following()
+
+    @override
+    def initial_masks(self) -> list[Tensor]:
+        """Uniform density, the largest-magnitude weights of each layer (SparCL's start)."""
+        assert self.masks is not None
+        shapes = self.masks.shapes
+        counts = keep_counts(shapes, uniform_densities(shapes, 1.0 - self.sparsity))
+        return [topk_mask(p.detach().abs(), k) for p, k in zip(self.masks.params, counts)]
+
+    # -- the task schedule ----------------------------------------------------------------------
+    def is_tdm_epoch(self, progress: TaskProgress) -> bool:
+        """Whether the masks change at the end of this epoch (an exploration epoch of the task)."""
+        done = progress.epoch_in_task + 1
+        every = task_epochs(self.mask_update_every, progress.epochs_per_task)
+        return (self.tdm and self.sparsity > 0 and done % every == 0
+                and done < task_epochs(self.mask_fixed_from, progress.epochs_per_task))
+
+    def removal_count(self, progress: TaskProgress) -> int:
+        """Samples DDR removes at the end of this epoch of the task (0 if not a removal point)."""
+        done = progress.epoch_in_task + 1
+        points = [task_epochs(p, progress.epochs_per_task) for p in self.removal_points]
+        total = int(round(self.removal_fraction * self.num_samples))
+        count = 0
+        for i, point in enumerate(points):
+            if point == done:
+                count += round(total * (i + 1) / len(points)) - round(total * i / len(points))
+        return count
+
+    @override
+    def is_update_step(self, step: int) -> bool:
+        return self._update_due
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._progress = require_task_progress(trainer, "SparCL")
+        # optimizer steps of this epoch on all of the task's data: what dense training would take
+        if self.ddr:
+            self.full_steps += self.optimizer_steps(self.num_samples, trainer)
+        else:
+            self.full_steps += math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        self.log_metrics(pl_module, {"task": float(self._progress.task)}, on_step=False, on_epoch=True)
+
+    @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        progress = self._progress or require_task_progress(trainer, "SparCL")
+        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        self._update_due = bool(last) and self.is_tdm_epoch(progress)
+        if self.ddr:
+            self._batch_indices = self.batch_indices(batch_idx)
+
+    # -- gradients ------------------------------------------------------------------------------
+    @override
+    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)  # keeps |g| for TDM on update steps
+        if not self.dgm or self.masks is None:
+            return
+        step = trainer.global_step
+        if not self.grad_masks or step - self.grad_mask_step >= self.gradient_mask_every:
+            self.grad_masks = [
+                gradient_mask(p.grad, m, self.gradient_sparsity) if p.grad is not None else m.clone()
+                for p, m in zip(self.masks.params, self.masks.masks)
+            ]
+            self.grad_mask_step = step
+            active = sum(int(m.sum()) for m in self.masks.masks)
+            kept = sum(int(g.sum()) for g in self.grad_masks)
+            self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - kept / max(1, active)})
+        with torch.no_grad():
+            for i, (p, m) in enumerate(zip(self.masks.params, self.masks.masks)):
+                if p.grad is None:
+                    continue
+                if self.grad_masks[i].device != p.grad.device:  # restored from a checkpoint on the CPU
+                    self.grad_masks[i] = self.grad_masks[i].to(p.grad.device)
+                p.grad.mul_(self.grad_masks[i] & m)  # a mask update since the refresh may have closed positions
+
+    @override
+    def account_step(self, dense_gradient: bool = False) -> None:
+        """This step's training FLOPs of the targeted layers relative to dense: forward and input
+        gradient at the weight density, weight gradient at the gradient-mask density."""
+        assert self.masks is not None
+        densities = self.masks.layer_densities()
+        forward = self.flops.ratio(densities) if self.flops is not None else self.masks.density()
+        if self.dgm and self.grad_masks:
+            grad_densities = [int(g.sum()) / g.numel() for g in self.grad_masks]
+            weight_grad = self.flops.ratio(grad_densities) if self.flops is not None else sum(grad_densities) / len(grad_densities)
+        else:
+            weight_grad = forward
+        self.grad_density_steps += weight_grad
+        self.density_steps += (2 * forward + weight_grad) / 3
+        self.counted_steps += 1
+
+    # -- TDM ------------------------------------------------------------------------------------
+    @override
+    def update(self, step: int, optimizer, grad_scores: Optional[list[Tensor]]) -> dict[str, float]:
+        assert self.masks is not None
+        masks = self.masks
+        grads = grad_scores if grad_scores is not None else [None] * len(masks.params)
+        new_masks = [
+            tdm_update(p, m, g, int(round(self.explore_fraction * m.numel())), self.generator, self.score_lambda)
+            for p, m, g in zip(masks.params, masks.masks, grads)
+        ]
+        regrown = sum(masks.set_masks(new_masks, optimizer))
+        return {"regrown": float(regrown), "density": masks.density()}
+
+    # -- DDR ------------------------------------------------------------------------------------
+    @override
+    def dataset_ready(self, size: int, trainer: "pl.Trainer") -> None:
+        progress = require_task_progress(trainer, "SparCL")
+        if progress.task < self.task:
+            # Lightning looks at the data (estimated_stepping_batches) before it restores a checkpoint's
+            # epoch; the loader is rebuilt for the right task right after, so leave the records alone
+            return
+        if progress.task > self.task:
+            self.start_task(progress.task, size)
+        elif size != self.num_samples:
+            raise ValueError(f"SparCL's records hold {self.num_samples} samples of task {self.task} but its "
+                             f"training dataset has {size}")
+        if self.plan_epoch != trainer.current_epoch:
+            self.plan(trainer.current_epoch)
+
+    def start_task(self, task: int, size: int) -> None:
+        """Fresh forgetting records for a new task's ``size`` samples; nothing removed yet."""
+        self.task, self.num_samples = task, size
+        self.events = torch.zeros(size, dtype=torch.long)
+        self.learned = torch.zeros(size, dtype=torch.bool)
+        self.prev_correct = torch.full((size,), -1, dtype=torch.int8)
+        self.visit = torch.full((size,), -1, dtype=torch.int8)
+        self.removed = torch.zeros(size, dtype=torch.bool)
+        self.samples_total += size
+
+    def plan(self, epoch: int) -> None:
+        """This epoch's order: the task's samples not removed, shuffled by (seed, epoch)."""
+        order = (~self.removed).nonzero().flatten()
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = order[torch.randperm(order.numel(), generator=generator)]
+        self.order, self.plan_epoch = order, epoch
+
+    @override
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
+        if self.ddr:
+            self.record_visits(outputs)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def record_visits(self, outputs: Any) -> None:
+        correct = outputs.get("sample_correct") if isinstance(outputs, Mapping) else None
+        indices = self._batch_indices
+        if not isinstance(correct, Tensor) or correct.dim() != 1:
+            raise ValueError(f"SparCL's data removal counts forgetting events: {CORRECT_CONTRACT}. Got "
+                             f"{type(correct).__name__ if correct is None or not isinstance(correct, Tensor) else tuple(correct.shape)}"
+                             " (or pass ddr=False)")
+        if indices is None or indices.numel() != correct.numel():
+            raise ValueError(f"SparCL expected this batch to hold {0 if indices is None else indices.numel()} samples of its "
+                             f"planned order but `sample_correct` has {correct.numel()}: the training DataLoader must "
+                             "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
+        values = correct.detach().to(device="cpu", dtype=torch.int8)
+        self.visit[indices] = torch.maximum(self.visit[indices], values)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self.ddr or self._progress is None:
+            return
+        visit = self.visit.to(torch.int32)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            buffer = visit.to(device)
+            dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
+            visit = buffer.cpu()
+        update_forgetting(self.prev_correct, self.events, self.learned, visit)
+        self.visit.fill_(-1)
+        count = self.removal_count(self._progress)
+        if count:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.current_epoch + 7)
+            newly = removal_choice(self.events, self.learned, self.removed, count, generator)
+            self.removed |= newly
+            self.removed_total += int(newly.sum())
+        self.log_metrics(pl_module, {
+            "removed_fraction": float(self.removed.float().mean()) if self.num_samples else 0.0,
+            "forgetting_events_mean": float(self.events.float().mean()) if self.num_samples else 0.0,
+        }, on_step=False, on_epoch=True)
+
+    # -- reporting ------------------------------------------------------------------------------
+    @override
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        rows = [r for r in super().savings(trainer, pl_module) if not r.quantity.startswith("training FLOPs")]
+        if self.dgm and self.counted_steps:
+            rows.append(SavingsRow(self.technique, "weight-gradient FLOPs (targeted layers)",
+                                   f"{self.grad_density_steps / self.counted_steps:.3f} of dense",
+                                   self.grad_density_steps / self.counted_steps))
+        if self.ddr and self.samples_total:
+            rows.append(SavingsRow(self.technique, "training samples removed", f"{self.removed_total} of "
+                                   f"{self.samples_total} ({self.removed_total / self.samples_total:.1%})"))
+        if self.full_steps:
+            ratio = self.density_steps / self.full_steps
+            rows.append(SavingsRow(self.technique, "training FLOPs (targeted layers, fwd+bwd, all steps)",
+                                   f"{ratio:.3f} of dense on all data", ratio, "dense, all data"))
+        return rows
+
+    # -- state ----------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "task": self.task, "events": self.events.clone(), "learned": self.learned.clone(),
+            "prev_correct": self.prev_correct.clone(), "visit": self.visit.clone(), "removed": self.removed.clone(),
+            "plan_epoch": self.plan_epoch, "order": self.order.clone(), "shuffle": self.shuffle,
+            "removed_total": self.removed_total, "samples_total": self.samples_total,
+            "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
+            "full_steps": self.full_steps, "grad_density_steps": self.grad_density_steps,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.task = int(state_dict["task"])
+        for key in ("events", "learned", "prev_correct", "visit", "removed", "order"):
+            setattr(self, key, state_dict[key].clone())
+        self.num_samples = self.events.numel()
+        self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
+        self.removed_total, self.samples_total = int(state_dict["removed_total"]), int(state_dict["samples_total"])
+        self.grad_masks = [g.clone() for g in state_dict["grad_masks"]]
+        self.grad_mask_step = int(state_dict["grad_mask_step"])
+        self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
+
+
+__all__ = ["SparCL", "gradient_mask", "removal_choice", "tdm_scores", "tdm_update", "update_forgetting"]
