@@ -13,8 +13,10 @@ each switchable on its own:
   at random among those that were inactive, at weight 0 with zero optimizer state. From
   ``mask_fixed_from`` of each task on, the mask stays fixed; the next task explores again.
 * **DGM** (dynamic gradient masking). After backward, gradients of the sparse layers are masked
-  by the weight mask and, of the active entries, only the ``1 − gradient_sparsity`` largest by
-  ``|grad|`` are kept; the gradient mask is recomputed every ``gradient_mask_every`` steps.
+  by the weight mask and every entry below the ``gradient_sparsity`` quantile of ``|grad|`` over
+  the tensor is zeroed (as the reference code does: a tensor already sparser than
+  ``gradient_sparsity`` keeps all its active entries); the gradient mask is recomputed every
+  ``gradient_mask_every`` steps.
 * **DDR** (dynamic data removal). Every training sample of the task counts its forgetting events
   (correct → incorrect between two visits; samples never classified correctly count as
   unforgettable's opposite: they are never removed first). At ``removal_points`` of each task
@@ -74,8 +76,10 @@ def tdm_update(weight: Tensor, mask: Tensor, grad: Optional[Tensor], explore: in
 
 
 def gradient_mask(grad: Tensor, weight_mask: Tensor, gradient_sparsity: float) -> Tensor:
-    """Keep the ``1 − gradient_sparsity`` largest ``|grad|`` entries among the active weights."""
-    keep = int(round((1.0 - gradient_sparsity) * int(weight_mask.sum())))
+    """Keep the entries of the weight-masked gradient at or above its ``gradient_sparsity`` quantile
+    of ``|grad|`` over the whole tensor: the ``(1 − gradient_sparsity)·numel`` largest, never more
+    than the active ones. At weight sparsity ≥ ``gradient_sparsity`` this is the weight mask."""
+    keep = min(int(round((1.0 - gradient_sparsity) * grad.numel())), int(weight_mask.sum()))
     scores = torch.where(weight_mask, grad.detach().abs().float(), torch.full_like(grad, -1.0, dtype=torch.float32))
     return topk_mask(scores, keep) & weight_mask
 
@@ -116,8 +120,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         tdm: task-aware dynamic masks (default True); False keeps the initial magnitude masks.
         dgm: dynamic gradient masks (default True).
         ddr: dynamic data removal (default True); needs ``"sample_correct"`` from ``training_step``.
-        gradient_sparsity: fraction of the active weights' gradient entries zeroed by DGM, in
-            [0, 1) (default 0.8).
+        gradient_sparsity: fraction of each sparse layer's gradient entries that are zero after
+            DGM (the weight mask's zeros count), in [0, 1) (default 0.8).
         removal_fraction: fraction of each task's training samples removed by DDR, in [0, 1)
             (default 0.3).
         mask_update_every: TDM period as a fraction of a task, in (0, 1] (default 0.1: 5 of 50 epochs).
@@ -279,9 +283,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
                 for p, m in zip(self.masks.params, self.masks.masks)
             ]
             self.grad_mask_step = step
-            active = sum(int(m.sum()) for m in self.masks.masks)
             kept = sum(int(g.sum()) for g in self.grad_masks)
-            self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - kept / max(1, active)})
+            self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - kept / sum(self.masks.sizes())})
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.masks.params, self.masks.masks)):
                 if p.grad is None:
