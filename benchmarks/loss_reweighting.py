@@ -135,22 +135,26 @@ def main(argv=None) -> None:
     base = {r["seed"]: r for r in results if r["method"] == "uniform"}
     unit = f"{length} epochs" if args.task == "vit" else f"{length} steps"
     print(f"\n{args.task}, {unit}, r = {args.temperature}, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
-    print("| method | best val loss | step reaching the baseline's best (fraction of the baseline's) "
-          "| val acc % | step time vs baseline |")
-    print("|---|---|---|---|---|")
-    for method in args.methods:
-        runs = [r for r in results if r["method"] == method]
+    print("| method | best val loss | final val loss | step reaching the baseline's final (fraction of the baseline's) "
+          "| step reaching the baseline's best (fraction) | val acc % | step time vs baseline |")
+    print("|---|---|---|---|---|---|---|")
+
+    def reaching(runs: list[dict], pick) -> str:
         fractions, reached = [], []
         for r in runs:
-            target = min(base[r["seed"]]["curve"])
+            target = pick(base[r["seed"]]["curve"])
             step, own = first_reaching(r, target), first_reaching(base[r["seed"]], target)
             reached.append(step)
             fractions.append(None if step is None else step / own)
         missing = sum(s is None for s in reached)
         note = f" ({missing} of {len(runs)} never)" if missing else ""
+        return f"{mean_std(reached, digits=0)} ({mean_std(fractions, digits=2)}){note}"
+
+    for method in args.methods:
+        runs = [r for r in results if r["method"] == method]
         print(f"| {method} | {mean_std([min(r['curve']) for r in runs], digits=4)} | "
-              f"{mean_std(reached, digits=0)} ({mean_std(fractions, digits=2)}){note} | "
-              f"{mean_std([r['acc'] for r in runs])} | "
+              f"{mean_std([r['curve'][-1] for r in runs], digits=4)} | {reaching(runs, lambda c: c[-1])} | "
+              f"{reaching(runs, min)} | {mean_std([r['acc'] for r in runs])} | "
               f"{mean_std([r['step_time'] / base[r['seed']]['step_time'] for r in runs], digits=3)} |")
     if args.methods == list(METHODS) and not args.quick:
         path = args.plot or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "methods",

@@ -15,8 +15,8 @@ each switchable on its own:
 * **DGM** (dynamic gradient masking). After backward, gradients of the sparse layers are masked
   by the weight mask and every entry below the ``gradient_sparsity`` quantile of ``|grad|`` over
   the tensor is zeroed (as the reference code does: a tensor already sparser than
-  ``gradient_sparsity`` keeps all its active entries); the gradient mask is recomputed every
-  ``gradient_mask_every`` steps.
+  ``gradient_sparsity`` keeps all its active entries); the gradient mask is recomputed at each
+  epoch's first step and every ``gradient_mask_every`` steps within the epoch.
 * **DDR** (dynamic data removal). Every training sample of the task counts its forgetting events
   (correct → incorrect between two visits; samples never classified correctly count as
   unforgettable's opposite: they are never removed first). At ``removal_points`` of each task
@@ -130,7 +130,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         score_lambda: λ of the TDM score ``|w| + λ|g|``, ≥ 0 (default 0.5).
         explore_fraction: how far below the target density each TDM update prunes before
             regrowing, as a fraction of the layer, in [0, 1) (default 0.01).
-        gradient_mask_every: optimizer steps between DGM mask refreshes, ≥ 1 (default 30).
+        gradient_mask_every: optimizer steps between DGM mask refreshes within an epoch, ≥ 1
+            (default 30; each epoch starts with a fresh one).
         removal_points: fractions of each task at whose end DDR removes samples, each in (0, 1)
             (default ``[0.1, 0.2, 0.3, 0.4]``: epochs 5, 10, 15, 20 of 50); each removes an equal
             share of ``removal_fraction``.
@@ -199,6 +200,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         # gradient masks and the step accounting of FLOPs
         self.grad_masks: list[Tensor] = []
         self.grad_mask_step = -1
+        self.grad_mask_epoch = -1
         self.full_steps = 0
         self.grad_density_steps = 0.0
         self._update_due = False
@@ -276,13 +278,15 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)  # keeps |g| for TDM on update steps
         if not self.dgm or self.masks is None:
             return
-        step = trainer.global_step
-        if not self.grad_masks or step - self.grad_mask_step >= self.gradient_mask_every:
+        step, epoch = trainer.global_step, trainer.current_epoch
+        # refreshed at each epoch's first step (so a new task never trains through the last task's
+        # gradient mask) and every `gradient_mask_every` steps within the epoch, as the reference does
+        if not self.grad_masks or epoch != self.grad_mask_epoch or step - self.grad_mask_step >= self.gradient_mask_every:
             self.grad_masks = [
                 gradient_mask(p.grad, m, self.gradient_sparsity) if p.grad is not None else m.clone()
                 for p, m in zip(self.masks.params, self.masks.masks)
             ]
-            self.grad_mask_step = step
+            self.grad_mask_step, self.grad_mask_epoch = step, epoch
             kept = sum(int(g.sum()) for g in self.grad_masks)
             self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - kept / sum(self.masks.sizes())})
         with torch.no_grad():
@@ -426,6 +430,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             "plan_epoch": self.plan_epoch, "order": self.order.clone(), "shuffle": self.shuffle,
             "removed_total": self.removed_total, "samples_total": self.samples_total,
             "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
+            "grad_mask_epoch": self.grad_mask_epoch,
             "full_steps": self.full_steps, "grad_density_steps": self.grad_density_steps,
         }
 
@@ -440,6 +445,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.removed_total, self.samples_total = int(state_dict["removed_total"]), int(state_dict["samples_total"])
         self.grad_masks = [g.clone() for g in state_dict["grad_masks"]]
         self.grad_mask_step = int(state_dict["grad_mask_step"])
+        self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
         self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
 
 

@@ -248,3 +248,28 @@ def test_data_removal_without_sample_correct_says_what_to_return():
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     with pytest.raises(ValueError, match="sample_correct"):
         trainer.fit(NoCorrect(width=8), datamodule=SplitDigits(num_tasks=2, epochs_per_task=1))
+
+
+def test_tensorboard_shows_the_accuracy_matrix_sparsity_gradients_and_removed_data(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lit_efficient.continual import AccuracyMatrix
+
+    pl.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(max_epochs=4, callbacks=[AccuracyMatrix(), SparCL(sparsity=0.75)], logger=logger,
+                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(ContinualClassifier(width=8, buffer_size=50), datamodule=SplitDigits(num_tasks=2, epochs_per_task=2))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    images, scalars = events.Tags()["images"], events.Tags()["scalars"]
+    assert {"efficient/continual/val/acc_cil/matrix", "efficient/continual/val/acc_til/matrix",
+            "efficient/sparcl/layer_density"} <= set(images)
+    for name in ("sparsity", "gradient_sparsity", "removed_fraction", "task", "forgetting_events_mean"):
+        assert f"efficient/sparcl/{name}" in scalars, name
+    averages = events.Scalars("efficient/continual/val/acc_cil/average")
+    assert len(averages) == 2 and all(0 <= e.value <= 100 for e in averages)  # one per task
+    removed = [e.value for e in events.Scalars("efficient/sparcl/removed_fraction")]
+    assert max(removed) == pytest.approx(0.3, abs=0.01)
