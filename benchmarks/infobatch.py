@@ -8,7 +8,8 @@ Side by side in one process, same seeds: the baseline (all data every epoch) vs 
 ViT (patch 2, width 64, 4 blocks; AdamW 3e-3, wd 0.05, batch 64, warm-up + cosine over
 ``estimated_stepping_batches``, which InfoBatch keeps ending at the end). Reported: final and best
 validation accuracy, samples forwarded and optimizer steps relative to the baseline, fit wall time
-relative to the baseline.
+relative to the baseline. ``--same-budget`` adds the control that says whether InfoBatch's choice
+of samples matters: plain training shortened to the steps InfoBatch took.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class Accuracy(pl.Callback):
             self.accs.append(float(trainer.callback_metrics["val/acc"]) * 100)
 
 
-def run_one(ratio: float, seed: int, epochs: int, root: str) -> dict:
+def run_one(ratio: float, seed: int, epochs: int, root: str, name: str = "") -> dict:
     pl.seed_everything(seed, verbose=False)
     model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
                           mlp_ratio=2.0, lr=3e-3, weight_decay=0.05)
@@ -53,7 +54,8 @@ def run_one(ratio: float, seed: int, epochs: int, root: str) -> dict:
                          callbacks=callbacks, default_root_dir=root)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
-    return {"ratio": ratio, "seed": seed, "fit": time.perf_counter() - start, "acc": accuracy.accs[-1],
+    return {"name": name or ("baseline" if ratio == 0.0 else f"InfoBatch {ratio}"), "ratio": ratio, "seed": seed,
+            "epochs": epochs, "fit": time.perf_counter() - start, "acc": accuracy.accs[-1],
             "best": max(accuracy.accs), "samples": accuracy.samples, "steps": trainer.global_step,
             "lr_end": trainer.optimizers[0].param_groups[0]["lr"]}
 
@@ -63,6 +65,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--same-budget", action="store_true",
+                        help="also train the baseline for as many optimizer steps as InfoBatch took (fewer epochs)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -73,23 +77,25 @@ def main(argv=None) -> None:
     results = []
     for seed in args.seeds:
         for ratio in methods:
-            r = run_one(ratio, seed, args.epochs, args.root)
-            results.append(r)
-            print(f"[seed {seed}] prune_ratio {ratio}: acc {r['acc']:.2f} (best {r['best']:.2f}), {r['samples']} samples, "
-                  f"{r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
-    base = {r["seed"]: r for r in results if r["ratio"] == 0.0}
+            results.append(run_one(ratio, seed, args.epochs, args.root))
+        if args.same_budget and args.ratios:
+            # the control: plain training shortened to the optimizer steps InfoBatch took (same cosine, shorter)
+            steps = results[-1]["steps"] / results[-1 - len(args.ratios)]["steps"]
+            results.append(run_one(0.0, seed, max(1, round(args.epochs * steps)), args.root, "baseline, same steps"))
+        for r in results[-(len(methods) + bool(args.same_budget and args.ratios)):]:
+            print(f"[seed {seed}] {r['name']} ({r['epochs']} epochs): acc {r['acc']:.2f} (best {r['best']:.2f}), "
+                  f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
+    base = {r["seed"]: r for r in results if r["name"] == "baseline"}
     print(f"\n8x8 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | final val acc % | best val acc % | samples forwarded vs baseline | optimizer steps vs baseline "
           "| fit time vs baseline |")
     print("|---|---|---|---|---|---|")
-    for ratio in methods:
-        runs = [r for r in results if r["ratio"] == ratio]
-        name = "baseline" if ratio == 0.0 else f"InfoBatch {ratio}"
+    for name in dict.fromkeys(r["name"] for r in results):
+        runs = [r for r in results if r["name"] == name]
         print(f"| {name} | {mean_std([r['acc'] for r in runs], digits=2)} | {mean_std([r['best'] for r in runs], digits=2)} | "
               f"{mean_std([r['samples'] / base[r['seed']]['samples'] for r in runs], digits=3)} | "
               f"{mean_std([r['steps'] / base[r['seed']]['steps'] for r in runs], digits=3)} | "
               f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} |")
-
 
 if __name__ == "__main__":
     main()

@@ -34,13 +34,15 @@ from lit_efficient.continual import AccuracyMatrix, average_accuracy, forgetting
 from lit_efficient.sparsity.masks import ForwardFlops  # noqa: E402
 from lit_efficient.targets import select_targets  # noqa: E402
 
-METHODS = {
+METHODS = {  # name -> (rehearsal, SparCL options or None)
     "fine-tuning": ("none", None),
     "ER": ("er", None),
     "DER++": ("derpp", None),
-    "SparCL-DER++ 75%": ("derpp", 0.75),
-    "SparCL-DER++ 90%": ("derpp", 0.90),
+    "SparCL-DER++ 75%": ("derpp", dict(sparsity=0.75)),
+    "SparCL-DER++ 90%": ("derpp", dict(sparsity=0.90)),
+    "SparCL-DER++ 90%, no DDR": ("derpp", dict(sparsity=0.90, ddr=False)),
 }
+DEFAULT_METHODS = [m for m in METHODS if "no DDR" not in m]
 
 
 def layer_flops(model: torch.nn.Module) -> tuple[float, float]:
@@ -55,12 +57,12 @@ def layer_flops(model: torch.nn.Module) -> tuple[float, float]:
 
 
 def run_one(name: str, seed: int, epochs_per_task: int, root: str) -> dict:
-    method, sparsity = METHODS[name]
+    method, options = METHODS[name]
     pl.seed_everything(seed, verbose=False)
     model = ContinualClassifier(method=method, buffer_size=200, alpha=0.1, beta=0.5, lr=0.03, seed=seed)
     data = SplitDigits(num_tasks=5, epochs_per_task=epochs_per_task, batch_size=32, seed=seed)
     matrix = AccuracyMatrix()
-    sparcl = SparCL(sparsity=sparsity, seed=seed) if sparsity is not None else None
+    sparcl = SparCL(seed=seed, **options) if options is not None else None
     callbacks = [matrix] + ([sparcl] if sparcl is not None else [])
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=5 * epochs_per_task, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -72,7 +74,7 @@ def run_one(name: str, seed: int, epochs_per_task: int, root: str) -> dict:
     if sparcl is not None:  # targeted layers at SparCL's cost, the rest dense on each step taken
         steps = trainer.global_step / sparcl.full_steps
         flops = (targeted * sparcl.density_steps / sparcl.full_steps + (total - targeted) * steps) / total
-        removed = sparcl.removed_total / sparcl.samples_total
+        removed = sparcl.removed_total / sparcl.samples_total if sparcl.samples_total else 0.0
     else:  # per step: the current batch plus the replayed batches (ER: 1, DER++: 2), all dense
         flops, removed = {"none": 1, "er": 2, "derpp": 3}[method] / 3, 0.0
     cil, til = matrix.matrices["val/acc_cil"], matrix.matrices["val/acc_til"]
@@ -85,7 +87,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs-per-task", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
+                        help="default: all but the ablation 'SparCL-DER++ 90%%, no DDR'")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
