@@ -119,7 +119,8 @@ class LossReweighting(SampleLossCallback):
 
     Logged under ``efficient/loss_reweighting/``: ``effective_sample_size`` ((1/Σw²)/N, 1 for
     the plain mean), ``max_min_weight_ratio``, ``loss_unweighted`` and ``loss_weighted``,
-    ``nonfinite_samples``; a histogram of ``N·w`` in TensorBoard every ``log_every_n_steps``.
+    ``nonfinite_samples``, and a histogram of ``N·w`` in TensorBoard, on the steps Lightning writes
+    logs (every ``log_every_n_steps``); a warning counts the non-finite sample losses left out.
     """
 
     technique = "loss_reweighting"
@@ -146,8 +147,9 @@ class LossReweighting(SampleLossCallback):
             raise ValueError(f"`timestep_buckets` ({timestep_buckets}) must not exceed `num_timesteps` ({num_timesteps})")
         self.timestep_buckets, self.timestep_key, self.num_timesteps = timestep_buckets, timestep_key, num_timesteps
         self.warmup_steps = 0
-        self._stats: dict[str, Tensor] = {}
         self._last_weights: Optional[Tensor] = None
+        self._batch: Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]] = None
+        self._nonfinite: Optional[Tensor] = None
         self.weighted_steps = 0
 
     @override
@@ -179,34 +181,52 @@ class LossReweighting(SampleLossCallback):
 
     @override
     def reduced(self, trainer: "pl.Trainer", losses: Tensor, finite: Tensor, multipliers: Tensor) -> None:
-        count = finite.sum()
-        self._stats = {
-            "loss_unweighted": losses.sum() / count.clamp(min=1),
+        # no host sync per step: non-finite counts accumulate on the device and are read when logging
+        nonfinite = (~finite).sum()
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        self._batch = (losses, finite, multipliers, self._last_weights)
+
+    def statistics(self) -> dict[str, Tensor]:
+        """The logged statistics of the last micro-batch."""
+        assert self._batch is not None
+        losses, finite, multipliers, weights = self._batch
+        stats = {
+            "loss_unweighted": losses.sum() / finite.sum().clamp(min=1),
             "loss_weighted": (multipliers * losses).sum() / losses.numel(),
             "nonfinite_samples": (~finite).sum(),
+            "effective_sample_size": torch.tensor(1.0),
+            "max_min_weight_ratio": torch.tensor(1.0),
         }
-        weights = self._last_weights
         if weights is not None:
             kept = weights[weights > 0]
-            self._stats["effective_sample_size"] = 1.0 / (weights.double() ** 2).sum() / max(1, kept.numel())
-            self._stats["max_min_weight_ratio"] = kept.max() / kept.min()
-        else:
-            self._stats["effective_sample_size"] = torch.tensor(1.0)
-            self._stats["max_min_weight_ratio"] = torch.tensor(1.0)
+            stats["effective_sample_size"] = 1.0 / (weights.double() ** 2).sum() / max(1, kept.numel())
+            stats["max_min_weight_ratio"] = kept.max() / kept.min()
+        return stats
+
+    def flush_nonfinite(self) -> None:
+        if self._nonfinite is not None:
+            warn_nonfinite(int(self._nonfinite), "LossReweighting")
+            self._nonfinite = None
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not self._stats:
+        if self._batch is None:
             return
-        warn_nonfinite(int(self._stats["nonfinite_samples"]), "LossReweighting")
-        self.log_metrics(pl_module, self._stats)
         weights = self._last_weights
         if weights is not None:
             self.weighted_steps += 1
-            if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        # statistics only on the steps Lightning writes: logging every step costs more than the weighting
+        if trainer._logger_connector.should_update_logs:
+            self.flush_nonfinite()
+            self.log_metrics(pl_module, self.statistics())
+            if weights is not None:
                 log_histogram(trainer, self.technique, "weights", weights[weights > 0] * (weights > 0).sum())
-        self._stats, self._last_weights = {}, None
+        self._batch, self._last_weights = None, None
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.flush_nonfinite()
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
