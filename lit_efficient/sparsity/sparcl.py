@@ -18,8 +18,8 @@ each switchable on its own:
   ``gradient_sparsity`` keeps all its active entries); the gradient mask is recomputed at each
   epoch's first step and every ``gradient_mask_every`` steps within the epoch.
 * **DDR** (dynamic data removal). Every training sample of the task counts its forgetting events
-  (correct → incorrect between two visits; samples never classified correctly count as
-  unforgettable's opposite: they are never removed first). At ``removal_points`` of each task
+  (correct → incorrect between two visits; samples never classified correctly count as the
+  most forgotten, so they are removed last). At ``removal_points`` of each task
   the samples with the fewest events are removed, ``removal_fraction`` of the task's data in
   total; removed samples are never loaded again in that task (the loader follows a planned
   order, :mod:`lit_efficient.reweighting.planned_order`).
