@@ -106,6 +106,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.extra_scheduler_steps = 0
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
+        self._nonfinite: Optional[Tensor] = None
 
     # -- the dataloader ---------------------------------------------------------------------------
 
@@ -177,17 +178,21 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             raise ValueError(f"InfoBatch expected this batch to hold samples [b*B, (b+1)*B) of its sampler's order "
                              f"({got} samples) but `sample_losses` has {losses.numel()}: the training DataLoader must "
                              "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
-        cpu_losses, cpu_finite = losses.detach().double().cpu(), finite.cpu()
-        self.epoch_sum.index_add_(0, indices, torch.where(cpu_finite, cpu_losses, 0.0))
-        self.epoch_count.index_add_(0, indices, cpu_finite.long())
-        self._nonfinite = int((~cpu_finite).sum())
-        return self.multipliers[indices].to(losses.device)
+        # the epoch's sums live on the losses' device: no host copy (and no sync) per step
+        device = losses.device
+        if self.epoch_sum.device != device:
+            dtype = torch.float32 if device.type == "mps" else torch.float64
+            self.epoch_sum, self.epoch_count = self.epoch_sum.to(device, dtype), self.epoch_count.to(device)
+        index = indices.to(device, non_blocking=True)
+        self.epoch_sum.index_add_(0, index, torch.where(finite, losses.detach().to(self.epoch_sum.dtype), 0.0))
+        self.epoch_count.index_add_(0, index, finite.long())
+        nonfinite = (~finite).sum()
+        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        return self.multipliers[indices].to(device, non_blocking=True)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        warn_nonfinite(getattr(self, "_nonfinite", 0), "InfoBatch")
-        self._nonfinite = 0
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # no optimizer step on this micro-batch
         self.steps_in_epoch += 1
@@ -209,14 +214,18 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._nonfinite is not None:  # read once an epoch, not every step
+            warn_nonfinite(int(self._nonfinite), "InfoBatch")
+            self._nonfinite = None
+        epoch_sum, epoch_count = self.epoch_sum, self.epoch_count
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            for tensor in (self.epoch_sum, self.epoch_count):
-                buffer = tensor.to(device)
-                dist.all_reduce(buffer)
-                tensor.copy_(buffer.cpu())
-        updated = self.epoch_count > 0
-        self.scores[updated] = (self.epoch_sum[updated] / self.epoch_count[updated]).float()
+            epoch_sum, epoch_count = epoch_sum.to(device), epoch_count.to(device)
+            for tensor in (epoch_sum, epoch_count):
+                dist.all_reduce(tensor)
+        epoch_sum, epoch_count = epoch_sum.cpu().double(), epoch_count.cpu()
+        updated = epoch_count > 0
+        self.scores[updated] = (epoch_sum[updated] / epoch_count[updated]).float()
         self.seen |= updated
         self.epoch_sum.zero_()
         self.epoch_count.zero_()
@@ -245,8 +254,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
-            "scores": self.scores.clone(), "seen": self.seen.clone(), "epoch_sum": self.epoch_sum.clone(),
-            "epoch_count": self.epoch_count.clone(), "order": self.order.clone(),
+            "scores": self.scores.clone(), "seen": self.seen.clone(),
+            "epoch_sum": self.epoch_sum.cpu().double().clone(), "epoch_count": self.epoch_count.cpu().clone(), "order": self.order.clone(),
             "multipliers": self.multipliers.clone(), "plan_epoch": self.plan_epoch, "shuffle": self.shuffle,
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
             "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,

@@ -167,3 +167,27 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="InfoBatch need per-sample losses"):
         pl.Trainer(max_epochs=1, callbacks=[InfoBatch()], logger=False, enable_checkpointing=False,
                    default_root_dir=tmp_path).fit(ScalarLoss(), loader(32, 8))
+
+
+class NaNForSampleZero(Scheduled):
+    """Sample 0's loss is NaN on every visit (the dataset index is the first feature's rank here)."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        x = batch[0]
+        poisoned = (x == self.first).all(dim=1)
+        losses = torch.where(poisoned, torch.full_like(out["sample_losses"], float("nan")), out["sample_losses"])
+        return {**out, "loss": losses.nanmean(), "sample_losses": losses}
+
+
+def test_non_finite_losses_warn_once_an_epoch_and_leave_scores_finite(tmp_path):
+    dataset = CountingDataset()
+    model, callback = NaNForSampleZero(), InfoBatch(prune_ratio=0.5)
+    model.first = dataset.x[0]
+    trainer = pl.Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match="1 sample loss"):
+        trainer.fit(model, DataLoader(dataset, batch_size=8, shuffle=True), loader(16, 16))
+    assert torch.isfinite(callback.scores).all() and not callback.seen[0] and callback.seen[1:].all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
