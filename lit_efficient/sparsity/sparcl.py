@@ -48,7 +48,7 @@ from typing_extensions import override
 from lit_efficient.continual import TaskProgress, require_task_progress
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.planned_order import PlannedOrder
-from lit_efficient.schedules import check_fraction
+from lit_efficient.schedules import check_fraction, epoch_generator
 from lit_efficient.sparsity.callback import SparseTrainingCallback
 from lit_efficient.sparsity.masks import drop_and_grow, keep_counts, topk_mask, uniform_densities
 
@@ -199,6 +199,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.samples_total = 0
         # gradient masks and the step accounting of FLOPs
         self.grad_masks: list[Tensor] = []
+        self._grad_nonzeros: list[int] = []  # per gradient mask, counted once per refresh
         self.grad_mask_step = -1
         self.grad_mask_epoch = -1
         self.full_steps = 0
@@ -287,8 +288,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
                 for p, m in zip(self.masks.params, self.masks.masks)
             ]
             self.grad_mask_step, self.grad_mask_epoch = step, epoch
-            kept = sum(int(g.sum()) for g in self.grad_masks)
-            self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - kept / sum(self.masks.sizes())})
+            self._grad_nonzeros = [int(g.sum()) for g in self.grad_masks]
+            self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - sum(self._grad_nonzeros) / sum(self.masks.sizes())})
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.masks.params, self.masks.masks)):
                 if p.grad is None:
@@ -305,7 +306,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         densities = self.masks.layer_densities()
         forward = self.flops.ratio(densities) if self.flops is not None else self.masks.density()
         if self.dgm and self.grad_masks:
-            grad_densities = [int(g.sum()) / g.numel() for g in self.grad_masks]
+            grad_densities = [n / g.numel() for n, g in zip(self._grad_nonzeros, self.grad_masks)]
             weight_grad = self.flops.ratio(grad_densities) if self.flops is not None else sum(grad_densities) / len(grad_densities)
         else:
             weight_grad = forward
@@ -356,7 +357,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         """This epoch's order: the task's samples not removed, shuffled by (seed, epoch)."""
         order = (~self.removed).nonzero().flatten()
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = epoch_generator(self.seed, epoch)
             order = order[torch.randperm(order.numel(), generator=generator)]
         self.order, self.plan_epoch = order, epoch
 
@@ -377,8 +378,12 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             raise ValueError(f"SparCL expected this batch to hold {0 if indices is None else indices.numel()} samples of its "
                              f"planned order but `sample_correct` has {correct.numel()}: the training DataLoader must "
                              "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
-        values = correct.detach().to(device="cpu", dtype=torch.int8)
-        self.visit[indices] = torch.maximum(self.visit[indices], values)
+        # the epoch's visits live on the predictions' device: no host copy (and no sync) per step
+        device = correct.device
+        if self.visit.device != device:
+            self.visit = self.visit.to(device)
+        index = indices.to(device, non_blocking=True)
+        self.visit[index] = torch.maximum(self.visit[index], correct.detach().to(torch.int8))
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -387,14 +392,14 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         visit = self.visit.to(torch.int32)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            buffer = visit.to(device)
-            dist.all_reduce(buffer, op=dist.ReduceOp.MAX)
-            visit = buffer.cpu()
+            visit = visit.to(device)
+            dist.all_reduce(visit, op=dist.ReduceOp.MAX)
+        visit = visit.cpu()
         update_forgetting(self.prev_correct, self.events, self.learned, visit)
         self.visit.fill_(-1)
         count = self.removal_count(self._progress)
         if count:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + trainer.current_epoch + 7)
+            generator = epoch_generator(self.seed, trainer.current_epoch, offset=7)
             newly = removal_choice(self.events, self.learned, self.removed, count, generator)
             self.removed |= newly
             self.removed_total += int(newly.sum())
@@ -426,7 +431,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         return {
             **super().state_dict(),
             "task": self.task, "events": self.events.clone(), "learned": self.learned.clone(),
-            "prev_correct": self.prev_correct.clone(), "visit": self.visit.clone(), "removed": self.removed.clone(),
+            "prev_correct": self.prev_correct.clone(), "visit": self.visit.cpu().clone(), "removed": self.removed.clone(),
             "plan_epoch": self.plan_epoch, "order": self.order.clone(), "shuffle": self.shuffle,
             "removed_total": self.removed_total, "samples_total": self.samples_total,
             "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
@@ -444,6 +449,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
         self.removed_total, self.samples_total = int(state_dict["removed_total"]), int(state_dict["samples_total"])
         self.grad_masks = [g.clone() for g in state_dict["grad_masks"]]
+        self._grad_nonzeros = [int(g.sum()) for g in self.grad_masks]
         self.grad_mask_step = int(state_dict["grad_mask_step"])
         self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
         self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
