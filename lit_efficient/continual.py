@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, log_image
+from lit_efficient.schedules import epoch_generator
 
 Rehearsal = Literal["none", "er", "derpp"]
 
@@ -140,7 +141,7 @@ class ContinualDataModule(pl.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         return DataLoader(self.train_dataset(self.current_task), batch_size=self.batch_size, shuffle=True,
                           generator=generator)
 

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
+import torch
+
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
@@ -120,6 +122,12 @@ class TrainingLength:
     def steps(self, spec: TimeSpec, argument: str = "time") -> int:
         """Parse and resolve ``spec`` to optimizer steps."""
         return Time.parse(spec, argument).to_steps(self, argument)
+
+
+def epoch_generator(seed: int, epoch: int, offset: int = 0) -> torch.Generator:
+    """A generator seeded by ``seed`` and ``epoch`` alone: the same draws for that epoch on every
+    rank and after any resume (``offset`` separates independent draws of one epoch)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch + offset)
 
 
 def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,

@@ -32,7 +32,7 @@ from typing_extensions import override
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.contract import SampleLossCallback, warn_nonfinite
 from lit_efficient.reweighting.planned_order import PlannedOrder
-from lit_efficient.schedules import check_fraction
+from lit_efficient.schedules import check_fraction, epoch_generator
 
 
 def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -149,7 +149,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     def prepare_epoch(self, epoch: int, max_epochs: int) -> None:
         """Plan ``epoch``: prune (before the annealing epochs) and order the samples."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        generator = epoch_generator(self.seed, epoch)
         if epoch < self.pruning_epochs(max_epochs):
             keep, self.multipliers = infobatch_plan(self.scores, self.seen, self.prune_ratio, generator)
         else:
