@@ -153,11 +153,26 @@ def reduce_sample_losses(trainer: "pl.Trainer", pl_module: "pl.LightningModule",
     return {**output, "loss": loss}
 
 
-def warn_nonfinite(count: int, technique: str) -> None:
-    """Say (once per distinct situation) that non-finite sample losses were left out."""
-    if count:
-        rank_zero_warn(f"{technique}: {count} sample loss(es) were NaN/inf and were left out of the weighted loss "
-                       "(multiplier 0). Check the model's numerics (fp16 overflow, log of 0) if this persists.")
+class NonfiniteCount:
+    """Non-finite sample losses counted on their device, read and reported only on :meth:`flush`
+    (reading them every step would be a host sync per step)."""
+
+    def __init__(self, technique: str) -> None:
+        self.technique = technique
+        self.count: Optional[Tensor] = None
+
+    def add(self, finite: Tensor) -> None:
+        nonfinite = (~finite).sum()
+        self.count = nonfinite if self.count is None else self.count + nonfinite
+
+    def flush(self) -> None:
+        """Warn about what was counted since the last flush (nothing if all was finite)."""
+        if self.count is not None:
+            count, self.count = int(self.count), None
+            if count:
+                rank_zero_warn(f"{self.technique}: {count} sample loss(es) were NaN/inf and were left out of the "
+                               "weighted loss (multiplier 0). Check the model's numerics (fp16 overflow, log of 0) "
+                               "if this persists.")
 
 
 def gather_samples(trainer: "pl.Trainer", values: Tensor) -> tuple[Tensor, int]:
@@ -172,5 +187,5 @@ def gather_samples(trainer: "pl.Trainer", values: Tensor) -> tuple[Tensor, int]:
     return torch.cat(parts), offset
 
 
-__all__ = ["CONTRACT", "SampleLossCallback", "attach", "check_contract", "detach", "gather_samples",
-           "reduce_sample_losses", "warn_nonfinite"]
+__all__ = ["CONTRACT", "NonfiniteCount", "SampleLossCallback", "attach", "check_contract", "detach", "gather_samples",
+           "reduce_sample_losses"]

@@ -30,7 +30,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lit_efficient.monitor import SavingsRow
-from lit_efficient.reweighting.contract import SampleLossCallback, warn_nonfinite
+from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback
 from lit_efficient.reweighting.planned_order import PlannedOrder
 from lit_efficient.schedules import check_fraction, epoch_generator
 
@@ -106,7 +106,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.extra_scheduler_steps = 0
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
-        self._nonfinite: Optional[Tensor] = None
+        self._nonfinite = NonfiniteCount("InfoBatch")
 
     # -- the dataloader ---------------------------------------------------------------------------
 
@@ -186,8 +186,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         index = indices.to(device, non_blocking=True)
         self.epoch_sum.index_add_(0, index, torch.where(finite, losses.detach().to(self.epoch_sum.dtype), 0.0))
         self.epoch_count.index_add_(0, index, finite.long())
-        nonfinite = (~finite).sum()
-        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        self._nonfinite.add(finite)
         return self.multipliers[indices].to(device, non_blocking=True)
 
     @override
@@ -214,9 +213,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._nonfinite is not None:  # read once an epoch, not every step
-            warn_nonfinite(int(self._nonfinite), "InfoBatch")
-            self._nonfinite = None
+        self._nonfinite.flush()  # read once an epoch, not every step
         epoch_sum, epoch_count = self.epoch_sum, self.epoch_count
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")

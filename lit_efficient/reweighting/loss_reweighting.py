@@ -31,7 +31,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_efficient.monitor import SavingsRow, log_histogram
-from lit_efficient.reweighting.contract import SampleLossCallback, gather_samples, warn_nonfinite
+from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback, gather_samples
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength
 
 Strategy = Literal["linupper", "quadratic", "extremes", "uniform"]
@@ -149,7 +149,7 @@ class LossReweighting(SampleLossCallback):
         self.warmup_steps = 0
         self._last_weights: Optional[Tensor] = None
         self._batch: Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]] = None
-        self._nonfinite: Optional[Tensor] = None
+        self._nonfinite = NonfiniteCount("LossReweighting")
         self.weighted_steps = 0
 
     @override
@@ -181,9 +181,7 @@ class LossReweighting(SampleLossCallback):
 
     @override
     def reduced(self, trainer: "pl.Trainer", losses: Tensor, finite: Tensor, multipliers: Tensor) -> None:
-        # no host sync per step: non-finite counts accumulate on the device and are read when logging
-        nonfinite = (~finite).sum()
-        self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite + nonfinite
+        self._nonfinite.add(finite)  # read when logging: no host sync per step
         self._batch = (losses, finite, multipliers, self._last_weights)
 
     def statistics(self) -> dict[str, Tensor]:
@@ -203,11 +201,6 @@ class LossReweighting(SampleLossCallback):
             stats["max_min_weight_ratio"] = kept.max() / kept.min()
         return stats
 
-    def flush_nonfinite(self) -> None:
-        if self._nonfinite is not None:
-            warn_nonfinite(int(self._nonfinite), "LossReweighting")
-            self._nonfinite = None
-
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -218,7 +211,7 @@ class LossReweighting(SampleLossCallback):
             self.weighted_steps += 1
         # statistics only on the steps Lightning writes: logging every step costs more than the weighting
         if trainer._logger_connector.should_update_logs:
-            self.flush_nonfinite()
+            self._nonfinite.flush()
             self.log_metrics(pl_module, self.statistics())
             if weights is not None:
                 log_histogram(trainer, self.technique, "weights", weights[weights > 0] * (weights > 0).sum())
@@ -226,7 +219,7 @@ class LossReweighting(SampleLossCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.flush_nonfinite()
+        self._nonfinite.flush()
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
