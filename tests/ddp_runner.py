@@ -11,7 +11,9 @@ import subprocess
 import sys
 
 _INFRA_ERRORS = ("Address already in use", "EADDRINUSE", "Connection reset by peer", "Connection refused",
-                 "Socket Timeout", "DistNetworkError", "Connection closed by peer")
+                 "Socket Timeout", "DistNetworkError", "Connection closed by peer",
+                 # gloo's threads aborting the interpreter's exit after the run finished (seen once in CI)
+                 "terminate called without an active exception")
 
 
 def _free_port() -> int:
