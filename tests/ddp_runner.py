@@ -2,8 +2,7 @@
 
 A rendezvous that fails for reasons of the machine (a port taken between being found free and
 being bound, a peer reset under load, gloo aborting the interpreter's exit) is retried once on a
-fresh port; any other failure, and
-every result the script reports, is left to the test to judge."""
+fresh port; any other failure, and every result the script reports, is left to the test to judge."""
 
 import json
 import os
