@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, log_image
-from lit_efficient.schedules import epoch_generator
+from lit_efficient.schedules import check_int, epoch_generator
 
 Rehearsal = Literal["none", "er", "derpp"]
 
@@ -103,8 +103,7 @@ class ContinualDataModule(pl.LightningDataModule):
     def __init__(self, num_tasks: int, epochs_per_task: int, batch_size: int = 32, seed: int = 0) -> None:
         super().__init__()
         for name, value in (("num_tasks", num_tasks), ("epochs_per_task", epochs_per_task), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an int >= 1; got {value!r}")
+            check_int(value, name, 1)
         self.num_tasks, self.epochs_per_task, self.batch_size, self.seed = num_tasks, epochs_per_task, batch_size, seed
 
     def train_dataset(self, task: int) -> Dataset:
@@ -166,8 +165,7 @@ class ReservoirBuffer:
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"`capacity` must be an int >= 1; got {capacity!r}")
+        check_int(capacity, "capacity", 1)
         self.capacity = capacity
         self.seen = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -315,6 +313,7 @@ class AccuracyMatrix(EfficientCallback):
         for key in self.keys:
             if key not in self.matrices or self.matrices[key].shape != (n, n):
                 self.matrices[key] = torch.full((n, n), float("nan"))
+        super().setup(trainer, pl_module, stage)
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

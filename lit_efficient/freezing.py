@@ -38,7 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, SavingsRow
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, is_due, progress
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_bool, check_fraction, is_due, progress
 from lit_efficient.targets import fqn_matches, no_match_message, require_whole_weights, validate_patterns
 
 Schedule = Literal["freezeout", "linear", "adaptive"]
@@ -212,9 +212,12 @@ def remove_from_optimizer(optimizer: torch.optim.Optimizer, params: list[nn.Para
     ids = {id(p) for p in params}
     removed = 0
     for group in optimizer.param_groups:
-        kept = [p for p in group["params"] if id(p) not in ids]
-        removed += len(group["params"]) - len(kept)
-        group["params"] = kept
+        keep = [id(p) not in ids for p in group["params"]]
+        removed += keep.count(False)
+        # per-parameter lists in the group (GaLoreAdamW's `projected` flags) shrink alongside
+        for key, value in list(group.items()):
+            if isinstance(value, list) and len(value) == len(keep):
+                group[key] = [v for v, k in zip(value, keep) if k]
     for p in params:
         optimizer.state.pop(p, None)
     return removed
@@ -279,11 +282,11 @@ class ProgressiveFreezing(EfficientCallback):
             raise ValueError("`check_every` must be positive")
         self.percentile = check_fraction(percentile, "percentile", 0.0, 100.0, high_open=False, low_open=True)
         self.block_patterns = validate_patterns(blocks, "blocks") or None
-        self.frozen_eval = bool(frozen_eval)
+        self.frozen_eval = check_bool(frozen_eval, "frozen_eval")
         self.tied_embeddings = tied_embeddings
         if lr_annealing and schedule != "freezeout":
             raise ValueError("`lr_annealing` anneals each block to its FreezeOut freeze time: use schedule='freezeout'")
-        self.lr_annealing = bool(lr_annealing)
+        self.lr_annealing = check_bool(lr_annealing, "lr_annealing")
         self._annealing: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
         self.blocks: list[Block] = []
@@ -320,6 +323,7 @@ class ProgressiveFreezing(EfficientCallback):
         self._fraction_for = -1
         self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
         self._start_probe(pl_module)
+        super().setup(trainer, pl_module, stage)
 
     def _tied_params(self, pl_module: "pl.LightningModule") -> set[int]:
         """Block parameters also reachable under a name outside every block (GPT-2's tied head)."""
@@ -378,6 +382,11 @@ class ProgressiveFreezing(EfficientCallback):
         # a restored frozen set is applied here: after the optimizer exists, before its state is loaded
         restored, self.frozen = self.frozen, 0
         self.freeze_to(restored, trainer, pl_module)
+        if self.lr_annealing:
+            # right after each optimizer step, before any callback's on_train_batch_end (a sparse
+            # callback's pruning must not be blended back in): the result is independent of their order
+            for optimizer in trainer.optimizers:
+                self._hooks.append(optimizer.register_step_post_hook(lambda *_: self._anneal_last_step()))
 
     # -- the schedule -------------------------------------------------------------------------
     def scheduled_count(self, step: int) -> int:
@@ -439,7 +448,6 @@ class ProgressiveFreezing(EfficientCallback):
         if trainer.global_step == self._last_step:
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_step = step = trainer.global_step
-        self._anneal_last_step()
         self.frozen_param_steps += self.frozen_fraction()
         self.counted_steps += 1
         self.freeze_to(self.scheduled_count(step), trainer, pl_module)

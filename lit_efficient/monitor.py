@@ -13,6 +13,7 @@ end-of-fit savings table.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 
@@ -22,6 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
+
+from lit_efficient.composition import Claim, check_composition
 
 NAMESPACE = "efficient"
 Number = Union[int, float, torch.Tensor]
@@ -132,20 +135,62 @@ def format_savings_table(rows: Sequence[SavingsRow]) -> str:
     return "\n".join(lines)
 
 
+def savings_metrics(rows: Sequence[SavingsRow]) -> dict[str, float]:
+    """The rows that are ratios, as metrics: ``efficient/report/<technique>/<quantity>``."""
+    def slug(text: str) -> str:
+        return "_".join("".join(c if c.isalnum() else " " for c in text).split())
+
+    return {metric_key("report", f"{r.technique}/{slug(r.quantity)}"): float(r.ratio) for r in rows if r.ratio is not None}
+
+
+def callback_settings(callbacks: Sequence[Callback]) -> dict[str, Any]:
+    """Each callback's constructor arguments as plain values, ``<technique>/<argument>``."""
+    settings: dict[str, Any] = {}
+    for callback in callbacks:
+        technique = getattr(callback, "technique", type(callback).__name__)
+        for name in inspect.signature(type(callback).__init__).parameters:
+            value = getattr(callback, name, None)
+            if isinstance(value, (bool, int, float, str)):
+                settings[f"{technique}/{name}"] = value
+            elif isinstance(value, (list, tuple)) and all(isinstance(v, (bool, int, float, str)) for v in value):
+                settings[f"{technique}/{name}"] = ", ".join(map(str, value))
+    return settings
+
+
 def collect_savings(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
     """Rows from every :class:`EfficientCallback` of ``trainer``, in callback order."""
     rows: list[SavingsRow] = []
-    for callback in trainer.callbacks:
-        if isinstance(callback, EfficientCallback):
-            rows.extend(callback.savings(trainer, pl_module))
+    for callback in efficient_callbacks(trainer):
+        rows.extend(callback.savings(trainer, pl_module))
     return rows
 
 
+def efficient_callbacks(trainer: "pl.Trainer") -> list["EfficientCallback"]:
+    """Our callbacks of ``trainer``, in its order."""
+    return [c for c in trainer.callbacks if isinstance(c, EfficientCallback)]
+
+
 class EfficientCallback(Callback):
-    """Base of every lit_efficient callback: its technique name, logging helpers and its rows of
-    the savings table. The last such callback in ``trainer.callbacks`` reports the table."""
+    """Base of every lit_efficient callback: its technique name, logging helpers, what it owns
+    alone and its rows of the savings table.
+
+    Subclasses that override ``setup`` call ``super().setup(...)`` once their targets are chosen:
+    the last of our callbacks then checks that the combination can work
+    (:func:`lit_efficient.composition.check_composition`). The last one also reports the savings
+    table at the end of ``fit``.
+    """
 
     technique: ClassVar[str] = "efficient"
+
+    def claims(self) -> list[Claim]:
+        """What this callback must own alone in a Trainer (override; known after ``setup``)."""
+        return []
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        callbacks = efficient_callbacks(trainer)
+        if stage == "fit" and callbacks and callbacks[-1] is self:
+            check_composition(callbacks)
 
     def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
         log_metrics(pl_module, self.technique, metrics, **kwargs)
@@ -156,8 +201,8 @@ class EfficientCallback(Callback):
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        ours = [c for c in trainer.callbacks if isinstance(c, EfficientCallback)]
-        if not ours or ours[-1] is not self:
+        callbacks = efficient_callbacks(trainer)
+        if not callbacks or callbacks[-1] is not self:
             return
         rows = collect_savings(trainer, pl_module)
         if not rows:
@@ -165,18 +210,27 @@ class EfficientCallback(Callback):
         table = format_savings_table(rows)
         rank_zero_info(f"lit_efficient savings:\n{table}")
         log_text(trainer, "report", "savings", table)
+        metrics = savings_metrics(rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: each run's settings beside its savings
+                logger.log_hyperparams(callback_settings(callbacks), metrics=metrics)
+            elif metrics:
+                logger.log_metrics(metrics, step=trainer.global_step)
 
 
 __all__ = [
     "EfficientCallback",
     "SavingsRow",
     "bar_image",
+    "callback_settings",
     "collect_savings",
+    "efficient_callbacks",
     "format_savings_table",
     "log_histogram",
     "log_image",
     "log_metrics",
     "log_text",
     "metric_key",
+    "savings_metrics",
     "tensorboard_writer",
 ]

@@ -141,6 +141,21 @@ def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 
     return float(value)
 
 
+def check_int(value: int, argument: str, minimum: Optional[int] = None) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``; else a ValueError naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"`{argument}` must be an int{bound}; got {value!r}")
+    return value
+
+
+def check_bool(value: bool, argument: str) -> bool:
+    """``value`` if it is True or False (not 1, "yes" ...); else a ValueError naming ``argument``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"`{argument}` must be True or False; got {value!r}")
+    return value
+
+
 def check_ramp_kind(kind: str, argument: str = "schedule") -> str:
     if kind not in RAMP_KINDS:
         raise ValueError(f"`{argument}` must be one of {list(RAMP_KINDS)}; got {kind!r}")

@@ -33,7 +33,7 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import nn
 
 Patterns = Union[str, Sequence[str], None]
@@ -297,7 +297,9 @@ def target_summary(targets: Sequence[Target]) -> str:
 def require_whole_weights(trainer, technique: str, reason: str) -> None:
     """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed): ``technique`` needs each
     weight whole on every rank, because ``reason``. Call from ``setup``."""
-    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+    strategy = trainer.strategy
+    # DeepSpeedStrategy subclasses DDPStrategy but partitions parameters and optimizer state
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
         raise RuntimeError(
             f"{technique} supports single-device and DDP training; {type(trainer.strategy).__name__}"
             f" shards or wraps parameters, so {reason}"

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 
 class TinyRegressor(pl.LightningModule):
-    def __init__(self, hidden: int = 8, lr: float = 0.05):
+    def __init__(self, hidden: int = 8, lr: float = 0.05, optimizer: str = "sgd"):
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1))
@@ -21,6 +21,8 @@ class TinyRegressor(pl.LightningModule):
         self.log("val/loss", (self.net(x) - y).pow(2).mean())
 
     def configure_optimizers(self):
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 

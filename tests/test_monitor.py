@@ -81,6 +81,10 @@ def test_scalars_histograms_images_reach_tensorboard(tmp_path):
     # the savings table goes to the Text tab too
     text = events.Tensors("efficient/report/savings/text_summary")[-1]
     assert b"training FLOPs" in text.tensor_proto.string_val[0]
+    # and its ratios as metrics beside the callbacks' settings in the HPARAMS tab
+    assert [e.value for e in events.Scalars("efficient/report/probe/training_FLOPs")] == [0.5]
+    assert logger.hparams["probe/ratio"] == 0.5
+    assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
 
 
 def test_without_tensorboard_logger_nothing_breaks(tmp_path):

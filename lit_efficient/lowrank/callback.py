@@ -31,7 +31,8 @@ from typing_extensions import override
 from lit_efficient.lowrank.optim import GaLoreAdamW, check_galore_group, state_bytes
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, ProjType, Projection
 from lit_efficient.monitor import EfficientCallback, SavingsRow
-from lit_efficient.targets import require_whole_weights, select_targets
+from lit_efficient.schedules import check_bool, check_int
+from lit_efficient.targets import require_whole_weights, select_targets, validate_patterns
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
 
@@ -78,16 +79,17 @@ class GaLore(EfficientCallback):
         seed: int = 0,
     ) -> None:
         self.group_options = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
-                              "projection": projection, "fira": bool(fira), "eight_bit": bool(eight_bit), "seed": seed}
+                              "projection": projection, "fira": check_bool(fira, "fira"),
+                              "eight_bit": check_bool(eight_bit, "eight_bit"), "seed": check_int(seed, "seed")}
         check_galore_group({**self.group_options, "params": []})  # ValueErrors naming the argument
         if eight_bit:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as err:
                 raise ValueError("`eight_bit=True` needs bitsandbytes (`pip install bitsandbytes`)") from err
-        self.target_modules = [target_modules] if isinstance(target_modules, str) else target_modules
-        self.exclude = exclude
-        self.layerwise = bool(layerwise)
+        self.target_modules = validate_patterns(target_modules, "target_modules") or None
+        self.exclude = validate_patterns(exclude, "exclude") or None
+        self.layerwise = check_bool(layerwise, "layerwise")
         self.targets: list = []
         self.optimizers: list[GaLoreAdamW] = []
         self._hooks: list = []
@@ -129,6 +131,7 @@ class GaLore(EfficientCallback):
             return self.convert(original())
 
         pl_module.configure_optimizers = configure_optimizers
+        super().setup(trainer, pl_module, stage)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

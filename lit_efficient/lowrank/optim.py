@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lit_efficient.schedules import check_int
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -55,12 +56,8 @@ _CODES: dict[tuple[bool, str], Tensor] = {}
 
 def check_galore_group(group: dict[str, Any]) -> None:
     """Raise a ValueError naming the bad key of a projected parameter group."""
-    rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"`rank` must be a positive int; got {rank!r}")
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap <= 0:
-        raise ValueError(f"`update_proj_gap` must be a positive int (optimizer steps); got {gap!r}")
+    rank = check_int(group["rank"], "rank", 1)
+    check_int(group["update_proj_gap"], "update_proj_gap", 1)  # optimizer steps
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {group['proj_type']!r}")
     if group["projection"] not in PROJECTIONS:
@@ -150,6 +147,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for key, value in values.items():
                 if isinstance(value, Tensor) and key in state and state[key].dtype != value.dtype:
                     state[key] = state[key].to(value.dtype)
+
+    def restart_state(self, p: Tensor) -> None:
+        """Forget the projected moments and basis of ``p``: its next step starts them afresh, as at step 0.
+
+        Sparse training calls this when weights of ``p`` regrow: they must start with zero state,
+        and low-rank moments cannot be zeroed entry by entry. Unprojected state is left alone
+        (its entries can be zeroed directly)."""
+        state = self.state.get(p)
+        if not state or "step" not in state or isinstance(state.get("exp_avg"), Tensor) and state["exp_avg"].shape == p.shape:
+            return
+        self.state[p] = {"index": state["index"]} if "index" in state else {}
 
     @staticmethod
     def is_projected(p: Tensor, group: dict[str, Any], flag: bool = True) -> bool:
@@ -261,7 +269,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         low_shape = projected_shape(tuple(p.shape), group["rank"], side)
         if "step" not in state:
             state["step"] = 0
-            state["index"] = sum(1 for _ in self.state)  # distinct seeds per matrix, the same on every rank
+            if "index" not in state:  # distinct seeds per matrix, the same on every rank
+                state["index"] = sum(1 for _ in self.state)
             if group["eight_bit"]:
                 zeros = torch.zeros(low_shape, device=p.device)
                 state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(zeros, signed=True)

@@ -70,6 +70,7 @@ class SampleLossCallback(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             attach(trainer, pl_module, self)
+        super().setup(trainer, pl_module, stage)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

@@ -32,7 +32,7 @@ from typing_extensions import override
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback
 from lit_efficient.reweighting.planned_order import PlannedOrder
-from lit_efficient.schedules import check_fraction, epoch_generator
+from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
 
 
 def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -87,11 +87,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
                  seed: int = 0) -> None:
         self.prune_ratio = check_fraction(prune_ratio, "prune_ratio")
         self.delta = check_fraction(delta, "delta", high_open=False, low_open=True)
-        if shuffle is not None and not isinstance(shuffle, bool):
-            raise ValueError(f"`shuffle` must be a bool or None; got {shuffle!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an int; got {seed!r}")
-        self.shuffle, self.seed = shuffle, seed
+        self.shuffle = None if shuffle is None else check_bool(shuffle, "shuffle")
+        self.seed = check_int(seed, "seed")
         self.init_planned_order()
         self.num_samples = 0
         self.scores = torch.zeros(0)

@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from lit_efficient.monitor import SavingsRow, log_histogram
 from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback, gather_samples
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_int
 
 Strategy = Literal["linupper", "quadratic", "extremes", "uniform"]
 STRATEGIES: tuple[str, ...] = ("linupper", "quadratic", "extremes", "uniform")
@@ -139,10 +139,10 @@ class LossReweighting(SampleLossCallback):
         self.strategy = strategy
         self.temperature = check_temperature(temperature)
         self.warmup = Time.parse(warmup, "warmup")
-        if isinstance(timestep_buckets, bool) or not isinstance(timestep_buckets, int) or timestep_buckets < 0:
-            raise ValueError(f"`timestep_buckets` must be an int >= 0; got {timestep_buckets!r}")
-        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
-            raise ValueError(f"`num_timesteps` must be an int >= 1; got {num_timesteps!r}")
+        check_int(timestep_buckets, "timestep_buckets", 0)
+        check_int(num_timesteps, "num_timesteps", 1)
+        if not isinstance(timestep_key, str) or not timestep_key:
+            raise ValueError(f"`timestep_key` must be a non-empty key of training_step's output; got {timestep_key!r}")
         if timestep_buckets > num_timesteps:
             raise ValueError(f"`timestep_buckets` ({timestep_buckets}) must not exceed `num_timesteps` ({num_timesteps})")
         self.timestep_buckets, self.timestep_key, self.num_timesteps = timestep_buckets, timestep_key, num_timesteps

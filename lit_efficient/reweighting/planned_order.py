@@ -21,6 +21,8 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from lit_efficient.composition import SAMPLE_ORDER, Claim
+
 
 class PlannedOrderSampler(DistributedSampler):
     """Yields this rank's share of ``owner.order`` (the epoch's planned dataset indices).
@@ -61,6 +63,14 @@ class PlannedOrder:
     order: Tensor
     local_order: Tensor
     shuffle: Optional[bool]
+
+    def plans_sample_order(self) -> bool:
+        """Whether this callback rebuilds the training loader in this run (override to make it optional)."""
+        return True
+
+    def claims(self) -> list[Claim]:
+        own = [SAMPLE_ORDER] if self.plans_sample_order() else []
+        return [*super().claims(), *own]  # type: ignore[misc]  # a mixin of EfficientCallbacks
 
     def init_planned_order(self) -> None:
         self.order = torch.zeros(0, dtype=torch.long)

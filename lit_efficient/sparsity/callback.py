@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lit_efficient.composition import Claim, weight_claim
 from lit_efficient.monitor import EfficientCallback, SavingsRow, bar_image, log_image
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, is_due
+from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, check_int, is_due
 from lit_efficient.sparsity.masks import (
     ForwardFlops,
     SparseMasks,
@@ -63,7 +64,7 @@ class SparseTrainingCallback(EfficientCallback):
         self.distribution = distribution
         self.include = validate_patterns(include, "include") or None
         self.exclude = validate_patterns(exclude, "exclude") or None
-        self.seed = int(seed)
+        self.seed = check_int(seed, "seed")
         self.masks: Optional[SparseMasks] = None
         self.generator = torch.Generator().manual_seed(self.seed)
         self.initialized = False
@@ -73,6 +74,7 @@ class SparseTrainingCallback(EfficientCallback):
         self.density_steps = 0.0  # sum over optimizer steps of the FLOPs ratio: training FLOPs
         self.counted_steps = 0
         self._grad_scores: Optional[list[torch.Tensor]] = None
+        self._frozen_layers: Optional[list[bool]] = None
         self._every = 1
 
     # -- set-up -------------------------------------------------------------------------------
@@ -84,6 +86,11 @@ class SparseTrainingCallback(EfficientCallback):
         targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
         self.masks = SparseMasks(targets)
         self.flops = ForwardFlops(targets)
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def claims(self) -> list[Claim]:
+        return [weight_claim(t.name, t.param) for t in self.masks.targets] if self.masks is not None else []
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -127,6 +134,9 @@ class SparseTrainingCallback(EfficientCallback):
         if self.masks is None or not self.is_update_step(trainer.global_step + 1):
             self._grad_scores = None
             return
+        # layers frozen for this step (ProgressiveFreezing) keep their masks; read here, before any
+        # callback's on_train_batch_end could change the frozen set, so callback order does not matter
+        self._frozen_layers = [not p.requires_grad for p in self.masks.params]
         # dense gradients, already unscaled (AMP) and averaged (DDP) here
         self._grad_scores = [
             torch.zeros_like(p) if p.grad is None else p.grad.detach().abs().clone() for p in self.masks.params
@@ -160,8 +170,16 @@ class SparseTrainingCallback(EfficientCallback):
         self.counted_steps += 1
 
     def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
-        """Change the masks after optimizer step ``step``; return statistics to log (override)."""
+        """Change the masks after optimizer step ``step``; return statistics to log (override).
+
+        Layers in :meth:`frozen_layers` must keep their masks."""
         raise NotImplementedError
+
+    def frozen_layers(self) -> list[bool]:
+        """Per target, whether it was frozen (no gradient, not in the optimizer) in this update's step."""
+        assert self.masks is not None
+        frozen = self._frozen_layers
+        return list(frozen) if frozen is not None else [not p.requires_grad for p in self.masks.params]
 
     def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str, optimizer) -> list[torch.Tensor]:
         """Scores for regrowth: |dense gradient|, |momentum| (first moment) or uniform random."""

@@ -94,8 +94,8 @@ class DynamicSparseTraining(SparseTrainingCallback):
             fraction = rigl_drop_fraction(step, self._stop, self.drop_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
-            drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
-            for p, m, s in zip(masks.params, masks.masks, scores)
+            m if frozen else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
+            for p, m, s, frozen in zip(masks.params, masks.masks, scores, self.frozen_layers())
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {"drop_fraction": fraction, "regrown": float(regrown), "density": masks.density()}

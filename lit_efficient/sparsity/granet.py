@@ -128,14 +128,17 @@ class GraNet(SparseTrainingCallback):
         before = sum(masks.nonzeros())
         keep = int(round(density * sum(masks.sizes())))
         pruned = 0
+        frozen = self.frozen_layers()
+        # frozen layers keep all their weights: the others are pruned harder to reach the target
+        keep = max(keep, sum(n for n, f in zip(masks.nonzeros(), frozen) if f))
         if keep < before:
-            masks.set_masks(global_magnitude_masks(masks.params, masks.masks, keep), optimizer)
+            masks.set_masks(global_magnitude_masks(masks.params, masks.masks, keep, fixed=frozen), optimizer)
             pruned = before - keep
         fraction = regrow_fraction_at(step, self._total, self.regrow_fraction, self.final_regrow_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
-            drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
-            for p, m, s in zip(masks.params, masks.masks, scores)
+            m if f else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
+            for p, m, s, f in zip(masks.params, masks.masks, scores, frozen)
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {

@@ -93,10 +93,14 @@ def random_mask(shape: Sequence[int], k: int, generator: torch.Generator, device
     return mask.view(*shape).to(device)
 
 
-def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], keep: int) -> list[Tensor]:
+def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], keep: int,
+                           fixed: Optional[Sequence[bool]] = None) -> list[Tensor]:
     """Keep the ``keep`` largest-magnitude active weights across all layers together (GraNet's
-    global pruning); inactive positions stay inactive. Layer densities drift, as intended."""
-    scores = [torch.where(m, w.detach().abs().float(), torch.full_like(w, -1.0, dtype=torch.float32)) for w, m in zip(weights, masks)]
+    global pruning); inactive positions stay inactive. Layer densities drift, as intended.
+    Layers flagged in ``fixed`` (frozen ones) keep every active weight, counted within ``keep``."""
+    fixed = fixed or [False] * len(masks)
+    scores = [torch.where(m, torch.full_like(w, float("inf"), dtype=torch.float32) if f else w.detach().abs().float(),
+                          torch.full_like(w, -1.0, dtype=torch.float32)) for w, m, f in zip(weights, masks, fixed)]
     flat = torch.cat([s.flatten() for s in scores])
     keep = max(0, min(keep, int(sum(int(m.sum()) for m in masks))))
     chosen = topk_mask(flat, keep)
@@ -272,6 +276,9 @@ class SparseMasks:
             target.param.masked_fill_(grown, 0)
             zero_optimizer_state(optimizer, target.param, grown)
             grown_counts.append(int(grown.sum()))
+            restart = getattr(optimizer, "restart_state", None)
+            if grown_counts[-1] and restart is not None:  # projected state (GaLore): no entry-wise zeroing
+                restart(target.param)
             mask.copy_(new)
         self.apply(optimizer)
         return grown_counts

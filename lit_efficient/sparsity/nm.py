@@ -25,7 +25,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from lit_efficient.composition import Claim, weight_claim
 from lit_efficient.monitor import EfficientCallback, SavingsRow
+from lit_efficient.schedules import check_bool, check_int
 from lit_efficient.targets import Target, require_whole_weights, select_targets, validate_patterns
 
 NM_KINDS = ("linear", "conv")
@@ -75,9 +77,8 @@ class NMSparsity(EfficientCallback):
         exclude: Optional[list[str]] = None,
         export_semi_structured: bool = False,
     ) -> None:
-        for value, argument in ((n, "n"), (m, "m")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{argument}` must be a positive integer; got {value!r}")
+        check_int(n, "n", 1)
+        check_int(m, "m", 1)
         if n > m:
             raise ValueError(f"`n` must not exceed `m` (keep n of every m weights); got n={n}, m={m}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or decay < 0:
@@ -85,7 +86,7 @@ class NMSparsity(EfficientCallback):
         self.n, self.m, self.decay = n, m, float(decay)
         self.include = validate_patterns(include, "include") or None
         self.exclude = validate_patterns(exclude, "exclude") or None
-        self.export_semi_structured = bool(export_semi_structured)
+        self.export_semi_structured = check_bool(export_semi_structured, "export_semi_structured")
         self.targets: list[Target] = []
         self._handles: list = []
         self._dense: dict[int, nn.Parameter] = {}  # target index -> its dense weight, during a forward
@@ -124,6 +125,11 @@ class NMSparsity(EfficientCallback):
             )
         self.targets = targets
         self._attach()
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def claims(self) -> list[Claim]:
+        return [weight_claim(t.name, t.param) for t in self.targets]
 
     def _attach(self) -> None:
         self._detach()

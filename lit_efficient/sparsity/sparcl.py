@@ -48,7 +48,7 @@ from typing_extensions import override
 from lit_efficient.continual import TaskProgress, require_task_progress
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.planned_order import PlannedOrder
-from lit_efficient.schedules import check_fraction, epoch_generator
+from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
 from lit_efficient.sparsity.callback import SparseTrainingCallback
 from lit_efficient.sparsity.masks import drop_and_grow, keep_counts, topk_mask, uniform_densities
 
@@ -166,10 +166,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         seed: int = 0,
     ) -> None:
         super().__init__(sparsity, "1st", "uniform", include, exclude, seed)
-        for name, flag in (("tdm", tdm), ("dgm", dgm), ("ddr", ddr)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"`{name}` must be True or False; got {flag!r}")
-        self.tdm, self.dgm, self.ddr = tdm, dgm, ddr
+        self.tdm, self.dgm, self.ddr = check_bool(tdm, "tdm"), check_bool(dgm, "dgm"), check_bool(ddr, "ddr")
         self.gradient_sparsity = check_fraction(gradient_sparsity, "gradient_sparsity")
         self.removal_fraction = check_fraction(removal_fraction, "removal_fraction")
         self.mask_update_every = check_fraction(mask_update_every, "mask_update_every", high_open=False, low_open=True)
@@ -178,9 +175,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             raise ValueError(f"`score_lambda` must be a number >= 0; got {score_lambda!r}")
         self.score_lambda = float(score_lambda)
         self.explore_fraction = check_fraction(explore_fraction, "explore_fraction")
-        if isinstance(gradient_mask_every, bool) or not isinstance(gradient_mask_every, int) or gradient_mask_every < 1:
-            raise ValueError(f"`gradient_mask_every` must be an int >= 1; got {gradient_mask_every!r}")
-        self.gradient_mask_every = gradient_mask_every
+        self.gradient_mask_every = check_int(gradient_mask_every, "gradient_mask_every", 1)
         if isinstance(removal_points, (str, bytes)) or not removal_points:
             raise ValueError(f"`removal_points` must be a non-empty list of fractions of a task; got {removal_points!r}")
         self.removal_points = sorted(check_fraction(p, "removal_points", low_open=True) for p in removal_points)
@@ -213,8 +208,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        super().setup(trainer, pl_module, stage)  # strategy check, targets, composition check
         require_task_progress(trainer, "SparCL")
-        super().setup(trainer, pl_module, stage)
         if self.ddr:
             self.follow_planned_order(trainer)
 
@@ -222,6 +217,10 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
             self.stop_following()
+
+    @override
+    def plans_sample_order(self) -> bool:
+        return self.ddr
 
     @override
     def initial_masks(self) -> list[Tensor]:
@@ -321,8 +320,9 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         masks = self.masks
         grads = grad_scores if grad_scores is not None else [None] * len(masks.params)
         new_masks = [
-            tdm_update(p, m, g, int(round(self.explore_fraction * m.numel())), self.generator, self.score_lambda)
-            for p, m, g in zip(masks.params, masks.masks, grads)
+            m if frozen else tdm_update(p, m, g, int(round(self.explore_fraction * m.numel())), self.generator,
+                                        self.score_lambda)
+            for p, m, g, frozen in zip(masks.params, masks.masks, grads, self.frozen_layers())
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {"regrown": float(regrown), "density": masks.density()}

@@ -459,3 +459,16 @@ def test_galore_overlays(base, overlay, tmp_path, monkeypatch):
     (galore,) = [c for c in cli.trainer.callbacks if isinstance(c, GaLore)]
     assert isinstance(cli.trainer.optimizers[0], GaLoreAdamW) and cli.trainer.global_step == 2
     assert galore.targets and not any("embed" in t.name or "head" in t.name for t in galore.targets)
+
+
+def test_combined_main_job_trains_the_lm(tmp_path, monkeypatch):
+    from lit_efficient import GaLore, InfoBatch, ProgressiveFreezing
+    from lit_efficient.cli import main
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lit-efficient"])
+    cli = main(["fit", f"--config={NLP / 'lm_pydoc.yaml'}", f"--config={NLP / 'combined' / 'lm_pydoc.yaml'}", *SMOKE,
+                f"--trainer.default_root_dir={tmp_path}", *TINY_LM_ARGS, "--model.init_args.hidden_size=128"])
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {GaLore, InfoBatch, ProgressiveFreezing} <= kinds
+    assert cli.trainer.global_step == 2 and math.isfinite(cli.trainer.callback_metrics["val/loss"].item())

@@ -191,3 +191,18 @@ def test_continual_config_round_trips_and_the_sparcl_overlay_trains(tmp_path, ca
     assert any(isinstance(c, AccuracyMatrix) for c in cli.trainer.callbacks)
     assert sparcl.masks.names() == ["model.conv1", "model.conv2", "model.fc"]  # stem and head stay dense
     assert sparcl.masks.sparsity() == pytest.approx(0.9, abs=1e-3) and sparcl.num_samples == 295
+
+
+@pytest.mark.parametrize("base", ["vit_digits.yaml", "ddpm_digits.yaml"])
+def test_combined_main_jobs_round_trip_and_train(tmp_path, capsys, base):
+    from lit_efficient.monitor import EfficientCallback
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(VISION / base), "--config", str(VISION / "combined" / base), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    cli = main(["fit", "--config", str(printed), f"--trainer.default_root_dir={tmp_path}", *QUICK])
+    ours = [type(c).__name__ for c in cli.trainer.callbacks if isinstance(c, EfficientCallback)]
+    written = yaml.safe_load((VISION / "combined" / base).read_text())["trainer"]["callbacks"]
+    assert ours == [c["class_path"].split(".")[-1] for c in written] and len(ours) == 3
+    assert cli.trainer.global_step == 2 and math.isfinite(cli.trainer.callback_metrics["train/loss"].item())

@@ -1,0 +1,35 @@
+"""The registry behind the generic tests (timm's pattern): every callback, and the examples' main-job
+combinations of them, as factories for the test-sized MLP of ``tests/sparsity/sparse_helpers.py``
+(one-batch epochs of 16 samples, 20 epochs). Times are in optimizer steps so that a checkpoint at
+step 7 falls mid-schedule."""
+
+from lit_efficient import SET, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
+
+
+def freezeout():
+    return ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")
+
+
+TECHNIQUES = {
+    "granet": lambda: [GraNet(sparsity=0.8, prune_end="14st", update_every="3st")],
+    "rigl": lambda: [RigL(sparsity=0.8, update_every="3st", stop=0.9)],
+    "set": lambda: [SET(sparsity=0.8, update_every="3st", stop=0.9)],
+    "nm": lambda: [NMSparsity(n=2, m=4)],
+    "freezeout": lambda: [freezeout()],
+    "freezeout_lr_annealing": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear", lr_annealing=True)],
+    "adaptive": lambda: [ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=90)],
+    "galore": lambda: [GaLore(rank=8, update_proj_gap=3)],  # checkpoint at step 7: mid-gap, bases from step 6
+    "galore_random_8bit": lambda: [GaLore(rank=8, update_proj_gap=3, projection="random", eight_bit=True)],
+    "infobatch": lambda: [InfoBatch(prune_ratio=0.5)],  # one-batch epochs that shrink when pruned
+    "loss_reweighting": lambda: [LossReweighting(warmup="3st", temperature=0.5)],
+}
+
+# what examples/*/combined/*.yaml put together, scaled to the MLP
+COMBINATIONS = {
+    "vit_main_job": lambda: [RigL(sparsity=0.8, update_every="3st", stop=0.9), InfoBatch(prune_ratio=0.5), freezeout()],
+    "lm_main_job": lambda: [GaLore(rank=8, update_proj_gap=3), InfoBatch(prune_ratio=0.5), freezeout()],
+    "ddpm_main_job": lambda: [GraNet(sparsity=0.8, prune_end="14st", update_every="3st"), LossReweighting(warmup="3st"),
+                              freezeout()],
+}
+
+ENTRIES = {**TECHNIQUES, **COMBINATIONS}

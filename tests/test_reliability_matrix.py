@@ -1,0 +1,271 @@
+"""The reliability matrix (Composer's pattern): every callback, and the examples' main-job
+combinations of them (``tests/techniques.py``), through the same checks —
+
+* resume: 20 steps straight vs 7 steps, checkpoint, resume to 20: weights, optimizer state and
+  every callback's state bit for bit; every checkpoint loads with ``weights_only=True``;
+* a SIGTERM mid-fit (Lightning's fault-tolerant path: ``OnExceptionCheckpoint``), then resume: the
+  same as the uninterrupted run;
+* bf16 autocast on CPU and gradient accumulation 2 train, with each technique's invariant kept;
+* strategies that shard or wrap parameters (FSDP, DeepSpeed) refused in ``setup`` where the
+  technique needs whole weights;
+* LightningCLI: ``--print_config`` of every callback re-runs;
+* bad input: every argument of every callback has an invalid value that raises a ValueError naming it.
+
+DDP: per technique in ``tests/*/test_*_ddp.py``; the combinations in ``test_combinations_ddp.py``.
+"""
+
+import inspect
+import os
+import signal
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+import lit_efficient
+from lit_efficient.cli import main
+from lit_efficient.continual import AccuracyMatrix
+from lit_efficient.monitor import EfficientCallback
+from lit_efficient.sparsity.callback import SparseTrainingCallback
+from lit_efficient.sparsity.nm import NMSparsity, nm_group_dim, nm_mask
+from tests.sparsity.sparse_helpers import MLP, loader
+from tests.techniques import ENTRIES
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def run(tmp_path, name, ckpt=None, extra=(), **kwargs):
+    pl.seed_everything(0)
+    model, callbacks = MLP(), ENTRIES[name]()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=7, save_top_k=-1, save_on_train_epoch_end=True)
+    kwargs.setdefault("max_epochs", 20)
+    trainer = pl.Trainer(callbacks=[*callbacks, saver, *extra], logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, deterministic=True, default_root_dir=tmp_path, **kwargs)
+    trainer.fit(model, loader(n=16, batch=16), ckpt_path=ckpt)  # one-batch epochs: the data order restores exactly
+    return model, callbacks, trainer
+
+
+def assert_same_run(straight, resumed, checkpoint=None):
+    (a_model, a_callbacks, a_trainer), (b_model, b_callbacks, b_trainer) = straight, resumed
+    assert a_trainer.global_step == b_trainer.global_step
+    for (key, a), b in zip(a_model.state_dict().items(), b_model.state_dict().values()):
+        assert torch.equal(a, b), key
+    a_opt, b_opt = a_trainer.optimizers[0].state_dict(), b_trainer.optimizers[0].state_dict()
+    assert [g["params"] for g in a_opt["param_groups"]] == [g["params"] for g in b_opt["param_groups"]]
+    for index, values in a_opt["state"].items():
+        for key, value in values.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b_opt["state"][index][key])), (index, key)
+    for a_callback, b_callback in zip(a_callbacks, b_callbacks):
+        a_state, b_state = a_callback.state_dict(), b_callback.state_dict()
+        if checkpoint is not None:
+            saved = checkpoint["callbacks"].get(a_callback.state_key, {})
+            assert a_state.keys() == saved.keys(), type(a_callback).__name__
+        assert a_state.keys() == b_state.keys()
+        for k in a_state:
+            if isinstance(a_state[k], torch.Tensor):
+                assert torch.equal(a_state[k], b_state[k]), k
+            else:
+                assert a_state[k] == b_state[k], k
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_resume_matches_the_uninterrupted_run(tmp_path, name):
+    straight = run(tmp_path, name)
+    ckpt = tmp_path / "ckpts" / "epoch=6-step=7.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    for other in (tmp_path / "ckpts").glob("*.ckpt"):
+        torch.load(other, weights_only=True)
+    assert_same_run(straight, run(tmp_path, name, ckpt=str(ckpt)), checkpoint)
+
+
+def test_the_infobatch_resume_case_really_prunes(tmp_path):
+    _, (infobatch,), _ = run(tmp_path, "infobatch")
+    assert infobatch.samples_forwarded - infobatch.order.numel() < 20 * 16  # it did prune
+
+
+class SigtermAt(Callback):
+    """Sends this process a SIGTERM at the end of optimizer step ``step``, as a cluster's pre-emption would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("name", ["vit_main_job", "lm_main_job", "ddpm_main_job"])
+def test_sigterm_mid_fit_then_resume_loses_nothing(tmp_path, name):
+    straight = run(tmp_path / "straight", name)
+    on_exception = OnExceptionCheckpoint(dirpath=tmp_path / "preempted")
+    with pytest.raises(SystemExit):  # Lightning finishes the step, saves through on_exception, exits
+        run(tmp_path / "killed", name, extra=[SigtermAt(9), on_exception])
+    ckpt = tmp_path / "preempted" / "on_exception.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 9
+    assert_same_run(straight, run(tmp_path / "resumed", name, ckpt=str(ckpt)))
+
+
+# -- precision and accumulation -------------------------------------------------------------------
+
+
+def assert_invariants(callbacks, model):
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    for callback in callbacks:
+        if isinstance(callback, SparseTrainingCallback):
+            assert callback.masks.is_applied() and callback.masks.sparsity() > 0.5
+        if isinstance(callback, NMSparsity):  # written into the weights at the end of fit
+            for t in callback.targets:
+                assert torch.equal(t.param != 0, (t.param != 0) & nm_mask(t.param, callback.n, callback.m, nm_group_dim(t)))
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_bf16_autocast_on_cpu(tmp_path, name):
+    pl.seed_everything(0)
+    model, callbacks = MLP(), ENTRIES[name]()
+    trainer = pl.Trainer(max_epochs=12, precision="bf16-mixed", callbacks=callbacks, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, loader(n=16, batch=16))
+    assert trainer.global_step == 12
+    assert_invariants(callbacks, model)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in ENTRIES if n != "nm"))  # N:M: tests/sparsity/test_nm.py
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, name):
+    pl.seed_everything(0)
+    model, callbacks = MLP(), ENTRIES[name]()
+    trainer = pl.Trainer(max_epochs=12, accumulate_grad_batches=2, callbacks=callbacks, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(model, loader(n=32, batch=16))  # two micro-batches, one optimizer step per full epoch
+    assert 6 <= trainer.global_step <= 12
+    assert_invariants(callbacks, model)
+    for callback in callbacks:
+        if isinstance(callback, SparseTrainingCallback):  # schedules count optimizer steps, not batches
+            assert callback.last_applied_step == trainer.global_step
+
+
+# -- strategies -----------------------------------------------------------------------------------
+
+WHOLE_WEIGHTS = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "GaLore"]
+
+
+class _StubTrainer:
+    def __init__(self, strategy):
+        self.strategy = strategy
+        self.callbacks = []
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), object.__new__(DeepSpeedStrategy)],
+                         ids=["fsdp", "deepspeed"])
+@pytest.mark.parametrize("name", WHOLE_WEIGHTS)
+def test_sharding_strategies_are_refused_in_setup(name, strategy):
+    callback = getattr(lit_efficient, name)()
+    with pytest.raises(RuntimeError, match=f"{name} supports single-device and DDP training; {type(strategy).__name__}"):
+        callback.setup(_StubTrainer(strategy), MLP(), "fit")
+
+
+# -- LightningCLI ---------------------------------------------------------------------------------
+
+CLI_ARGS = {  # sized for cli_models.TinyRegressor (Linear 4→8→1)
+    "GraNet": {"sparsity": 0.5, "update_every": "2st"},
+    "RigL": {"sparsity": 0.5, "update_every": "2st"},
+    "SET": {"sparsity": 0.5, "update_every": "2st"},
+    "NMSparsity": {"n": 2, "m": 4},
+    "ProgressiveFreezing": {"schedule": "linear", "freeze_start": 0.2, "freeze_level": 0.5, "blocks": ["net.0", "net.2"]},
+    "LossReweighting": {"strategy": "quadratic", "warmup": "1st"},
+    "InfoBatch": {"prune_ratio": 0.3},
+    "GaLore": {"rank": 2, "update_proj_gap": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLI_ARGS))
+def test_print_config_of_every_callback_re_runs(tmp_path, capsys, name):
+    # SparCL needs a continual datamodule: its round trip is in tests/examples/test_vision_examples.py
+    model = {"class_path": "cli_models.TinyRegressor", "init_args": {"optimizer": "adamw" if name == "GaLore" else "sgd"}}
+    config = {"model": model, "data": {"class_path": "cli_models.TinyData"},
+              "trainer": {"max_epochs": 2, "limit_val_batches": 1, "logger": False, "enable_progress_bar": False,
+                          "enable_model_summary": False, "default_root_dir": str(tmp_path),
+                          "callbacks": [{"class_path": f"lit_efficient.{name}", "init_args": CLI_ARGS[name]}]}}
+    written = tmp_path / "written.yaml"
+    written.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(written), "--print_config"])
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(capsys.readouterr().out)
+    (entry,) = yaml.safe_load(printed.read_text())["trainer"]["callbacks"]
+    assert entry["class_path"] == f"lit_efficient.{name}"
+    assert all(entry["init_args"][k] == v for k, v in CLI_ARGS[name].items())
+    cli = main(["fit", "--config", str(printed)])
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, EfficientCallback)]
+    assert type(callback).__name__ == name and cli.trainer.global_step == 16
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+BAD = {  # one invalid value for every constructor argument
+    "GraNet": dict(sparsity=1.0, initial_density=0.0, prune_start="soon", prune_end="1.5dur", update_every="0st",
+                   regrow_fraction=1.5, final_regrow_fraction=-0.1, growth="magic", distribution="normal", include=[""],
+                   exclude=[3], seed="zero"),
+    "RigL": dict(sparsity=-0.1, update_every="x", drop_fraction=1.0, stop="2 weeks", drop_schedule="linear",
+                 distribution="erk2", include=[""], exclude=[""], seed=1.5),
+    "SET": dict(sparsity=1.2, update_every=0, drop_fraction=-0.5, stop=-1, drop_schedule="cos", distribution="",
+                include=[None], exclude=[""], seed=None),
+    "NMSparsity": dict(n=0, m=2.5, decay=-1.0, include=[""], exclude=[1], export_semi_structured="yes"),
+    "SparCL": dict(sparsity=1.0, tdm="yes", dgm=1, ddr=None, gradient_sparsity=1.0, removal_fraction=-0.1,
+                   mask_update_every=0.0, mask_fixed_from=1.5, score_lambda=-1, explore_fraction=1.0,
+                   gradient_mask_every=0, removal_points=[0.0], include=[""], exclude=[2], seed="a"),
+    "ProgressiveFreezing": dict(schedule="sometimes", t0=0.0, warp="quartic", freeze_start="later", freeze_level=0.0,
+                                check_every="0st", percentile=0.0, blocks=[""], frozen_eval="no",
+                                tied_embeddings="share", lr_annealing="on"),
+    "LossReweighting": dict(strategy="top", temperature=0.0, warmup="eventually", timestep_buckets=-1, timestep_key="",
+                            num_timesteps=0),
+    "InfoBatch": dict(prune_ratio=1.0, delta=0.0, shuffle="yes", seed=0.5),
+    "GaLore": dict(rank=0, update_proj_gap=0, scale=0.0, proj_type="diagonal", projection="qr", target_modules=[""],
+                   exclude=[""], fira="yes", eight_bit="no", layerwise=1, seed="s"),
+    "AccuracyMatrix": dict(keys=[]),
+}
+
+
+def callback_class(name):
+    return AccuracyMatrix if name == "AccuracyMatrix" else getattr(lit_efficient, name)
+
+
+def test_every_callback_and_every_argument_has_a_bad_input_case():
+    public = [n for n in lit_efficient.__all__ if n != "GaLoreAdamW"]
+    assert sorted(BAD) == sorted([*public, "AccuracyMatrix"])
+    for name, cases in BAD.items():
+        arguments = list(inspect.signature(callback_class(name).__init__).parameters)[1:]
+        assert sorted(cases) == sorted(arguments), name
+
+
+@pytest.mark.parametrize("name,argument", [(n, a) for n, cases in BAD.items() for a in cases])
+def test_bad_input_raises_a_value_error_naming_the_argument(name, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        callback_class(name)(**{argument: BAD[name][argument]})
+
+
+
+# -- torch.compile --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ENTRIES))
+def test_torch_compile_gives_the_eager_result(tmp_path, name):
+    def train(compiled):
+        pl.seed_everything(0)
+        model, callbacks = MLP(), ENTRIES[name]()
+        if compiled:  # aot_eager: dynamo and autograd tracing without a C++ toolchain
+            model.net = torch.compile(model.net, backend="aot_eager")
+        trainer = pl.Trainer(max_epochs=12, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                             default_root_dir=tmp_path)
+        trainer.fit(model, loader(n=16, batch=16))
+        assert_invariants(callbacks, model)
+        return [p.detach() for p in model.parameters()]
+
+    torch._dynamo.reset()
+    for eager, compiled in zip(train(False), train(True)):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
