@@ -11,6 +11,8 @@ batch 64, 20 epochs). Methods, all within one seed one after the other:
 * ``linear 1.0`` / ``linear 0.5`` — ProgressiveFreezing, linear ramp from half-way to all / half
   of the blocks (Composer's LayerFreezing schedule, ``freeze_start 0.5``), freezing a true prefix;
 * ``freezeout`` — ProgressiveFreezing's default FreezeOut schedule (t0 0.8, cubic);
+* ``freezeout t0 0.5`` / ``linear 0.25`` — earlier schedules (blocks from 12% / 25% of the run),
+  for tasks that over-fit;
 * ``adaptive`` — gradient-norm-change criterion from 30% of the run, at most 5 of 6 blocks;
 * ``leaf rule`` — Composer's rule, emulated: the same linear schedule freezes transformer blocks
   only (requires_grad off, out of the optimizer) while the patch embedding and position/class
@@ -64,6 +66,9 @@ METHODS = {
     "linear 1.0": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=1.0)],
     "linear 0.5": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=0.5)],
     "freezeout": lambda: [ProgressiveFreezing(schedule="freezeout")],
+    # earlier schedules, for runs that over-fit (the 8x8 ViT, the pydoc LM past ~250 steps)
+    "freezeout t0 0.5": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.5)],
+    "linear 0.25": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.25, freeze_level=1.0)],
     "adaptive": lambda: [ProgressiveFreezing(schedule="adaptive", freeze_start=0.3, check_every="23st",
                                              freeze_level=5 / 6)],
     "leaf rule": lambda: [LeafFreezing(freeze_start=0.5, freeze_level=1.0)],

@@ -252,7 +252,13 @@ def test_bad_input_raises_a_value_error_naming_the_argument(name, argument):
 # -- torch.compile --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(ENTRIES))
+# one entry per way of touching the model: masks after the step (rigl), forward hooks that swap
+# weights (nm), no-grad prefixes and post-step annealing (freezing), a converted optimizer (galore),
+# a wrapped training_step and a planned loader (loss_reweighting, infobatch), and a mix of them
+COMPILED = ["rigl", "nm", "freezeout_lr_annealing", "galore", "loss_reweighting", "infobatch", "vit_main_job"]
+
+
+@pytest.mark.parametrize("name", COMPILED)
 def test_torch_compile_gives_the_eager_result(tmp_path, name):
     def train(compiled):
         pl.seed_everything(0)
@@ -269,3 +275,34 @@ def test_torch_compile_gives_the_eager_result(tmp_path, name):
     torch._dynamo.reset()
     for eager, compiled in zip(train(False), train(True)):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+# -- SparCL (it needs a continual datamodule: Split-digits, 2 tasks of 3 epochs) ------------------
+
+
+@pytest.mark.parametrize("mode", ["bf16", "accumulation", "compile"])
+def test_sparcl_under_bf16_accumulation_and_compile(tmp_path, mode):
+    from examples.vision.continual import ContinualClassifier, SplitDigits
+    from lit_efficient import SparCL
+
+    def train(mode):
+        pl.seed_everything(0)
+        model = ContinualClassifier(method="derpp", buffer_size=50, width=8)
+        if mode == "compile":
+            model.model = torch.compile(model.model, backend="aot_eager")
+        sparcl = SparCL(sparsity=0.75, mask_update_every=0.4, removal_points=[0.4], gradient_mask_every=2)
+        options = {"bf16": dict(precision="bf16-mixed"), "accumulation": dict(accumulate_grad_batches=2)}.get(mode, {})
+        trainer = pl.Trainer(max_epochs=6, callbacks=[sparcl], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             limit_val_batches=0, deterministic=True, default_root_dir=tmp_path, **options)
+        trainer.fit(model, datamodule=SplitDigits(num_tasks=2, epochs_per_task=3, batch_size=64))
+        assert sparcl.masks.is_applied() and sparcl.masks.sparsity() == pytest.approx(0.75, abs=1e-3)
+        assert sparcl.removed_total > 0 and sparcl.task == 1
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        return [p.detach() for p in model.parameters()]
+
+    result = train(mode)
+    if mode == "compile":
+        torch._dynamo.reset()
+        for compiled, eager in zip(result, train("eager")):
+            torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)

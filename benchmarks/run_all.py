@@ -1,0 +1,222 @@
+"""Run every technique benchmark, one after the other, and write ``benchmarks/RESULTS.md``.
+
+    python benchmarks/run_all.py                    # every benchmark at its method-card settings (hours, one CPU)
+    python benchmarks/run_all.py --only galore sparcl
+    python benchmarks/run_all.py --quick            # smoke test of every script (minutes); numbers mean nothing
+    python benchmarks/run_all.py --report-only      # rebuild RESULTS.md and the plots from the saved logs
+
+Each benchmark runs alone in its own process (never two at once: they measure wall time) and its
+whole output goes to ``benchmarks/logs/<name>.txt``, headed by the command, the date and the
+machine. The report takes the last table each benchmark printed — its side-by-side table — and
+draws one PNG per benchmark: the cost column and the quality column of that table, side by side.
+A benchmark without a log is listed as not run; a log from ``--quick`` is marked as a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+LOGS = HERE / "logs"
+RESULTS = HERE / "RESULTS.md"
+FIGURES = HERE / "figures"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One entry of the report.
+
+    Attributes:
+        script: the benchmark file in ``benchmarks/``.
+        args: its arguments at the method card's settings.
+        question: what the table answers.
+        card: the method card that discusses the numbers.
+        cost: the column of the table plotted as cost (a ratio to the baseline, lower is better).
+        quality: the column plotted as quality.
+    """
+
+    script: str
+    args: tuple[str, ...]
+    question: str
+    card: str
+    cost: str
+    quality: str
+
+
+BENCHMARKS = {
+    "sparse_vit": Benchmark("sparse_training.py", ("--tasks", "vit", "--seeds", "0", "1", "2"),
+                            "Sparse training on the digits ViT: accuracy and FLOPs of GraNet, RigL, SET, N:M and "
+                            "Lightning's ModelPruning at 80/90%", "docs/methods/sparse_training_results.md",
+                            "training FLOPs (targets)", "val acc %"),
+    "sparse_lm": Benchmark("sparse_training.py", ("--tasks", "lm", "--steps", "600", "--seeds", "0", "--update-every",
+                                                  "20st"),
+                           "Sparse training on the pydoc LM (600 steps)", "docs/methods/sparse_training_results.md",
+                           "training FLOPs (targets)", "best val loss"),
+    "freezing_vit8": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2"),
+                               "Progressive freezing on the 8×8 digits ViT: wall-clock saved and accuracy",
+                               "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %"),
+    "loss_reweighting_vit": Benchmark("loss_reweighting.py", ("--task", "vit", "--seeds", "0", "1", "2", "--threads", "2"),
+                                      "Loss reweighting on the digits ViT: steps to the baseline's validation loss",
+                                      "docs/methods/loss_reweighting.md",
+                                      "step reaching the baseline's final (fraction of the baseline's)", "val acc %"),
+    "infobatch": Benchmark("infobatch.py", ("--seeds", "0", "1", "2", "3", "4", "--same-budget", "--threads", "2"),
+                           "InfoBatch on the digits ViT: samples skipped, time and accuracy, with a same-steps control",
+                           "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
+    "galore": Benchmark("galore.py", ("--steps", "300", "--threads", "2"),
+                        "GaLore on the pydoc LM: optimizer memory, update time and validation loss vs AdamW and "
+                        "galore_torch", "docs/methods/galore.md", "state of projected matrices vs AdamW",
+                        "best val loss (step)"),
+    "sparcl": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "3", "4", "--threads", "2"),
+                        "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs",
+                        "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
+}
+
+
+# -- running ----------------------------------------------------------------------------------------
+
+
+def header(command: list[str], quick: bool) -> str:
+    import torch
+
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}"
+    kind = "QUICK SMOKE TEST (numbers mean nothing)" if quick else "full run"
+    return f"# command: {' '.join(command)}\n# date: {when}\n# machine: {machine}\n# kind: {kind}\n"
+
+
+def run(name: str, quick: bool) -> float:
+    bench = BENCHMARKS[name]
+    command = [sys.executable, str(HERE / bench.script), *(("--quick",) if quick else bench.args)]
+    LOGS.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    with open(LOGS / f"{name}.txt", "w") as log:
+        shown = ["python", f"benchmarks/{bench.script}", *command[2:]]
+        log.write(header(shown, quick))
+        log.flush()
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    elapsed = time.perf_counter() - start
+    with open(LOGS / f"{name}.txt", "a") as log:
+        log.write(f"# exit {code} after {elapsed:.0f} s\n")
+    return elapsed
+
+
+# -- reporting --------------------------------------------------------------------------------------
+
+
+def last_table(text: str) -> list[str]:
+    """The last markdown table in ``text`` (its lines), or [] if there is none."""
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables[-1] if tables else []
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def number(cell: str) -> Optional[float]:
+    """The value a cell reports: the ratio in parentheses if there is one, else its first number."""
+    inside = re.search(r"\(\s*(-?\d+(?:\.\d+)?)", cell)
+    match = inside or re.search(r"-?\d+(?:\.\d+)?", cell)
+    return float(match.group(1) if inside else match.group(0)) if match else None
+
+
+def log_fields(text: str) -> dict[str, str]:
+    return dict(re.findall(r"^# (command|date|machine|kind|note): (.*)$", text, re.M))
+
+
+def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
+    """A PNG with the cost and the quality column of ``table`` as horizontal bars, or None."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    head = cells(table[0])
+    if bench.cost not in head or bench.quality not in head:
+        return None
+    rows = [cells(line) for line in table[2:]]
+    labels = [f"{r[0]} {r[1]}" if head[1] == "sparsity" else r[0] for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(rows) + 1.4), sharey=True)
+    for ax, column, colour in ((axes[0], bench.cost, "tab:orange"), (axes[1], bench.quality, "tab:blue")):
+        values = [number(r[head.index(column)]) for r in rows]
+        ax.barh(range(len(rows)), [v if v is not None else 0.0 for v in values], color=colour)
+        ax.set_title(column, fontsize=9)
+        for i, v in enumerate(values):
+            ax.text(v or 0.0, i, f" {v:g}" if v is not None else " –", va="center", fontsize=8)
+    axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
+    axes[0].invert_yaxis()
+    figure.suptitle(bench.question, fontsize=9)
+    figure.tight_layout()
+    FIGURES.mkdir(exist_ok=True)
+    path = FIGURES / f"{name}.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def report() -> str:
+    parts = ["# Benchmark results", "",
+             "Written by `python benchmarks/run_all.py` from the logs in `benchmarks/logs/` (rebuild with "
+             "`--report-only`). Every figure was measured on the machine named under each table — this project's "
+             "2-core CPU machines unless it says otherwise — with every method of a table run in one process, side "
+             "by side, so ratios compare like with like; absolute times do not transfer to other hardware. The "
+             "method cards discuss each table.", ""]
+    for name, bench in BENCHMARKS.items():
+        parts += [f"## {name}: {bench.question}", ""]
+        log = LOGS / f"{name}.txt"
+        if not log.exists():
+            parts += [f"Not run yet: `python benchmarks/run_all.py --only {name}`. See [{Path(bench.card).name}]"
+                      f"(../{bench.card}) for earlier measurements.", ""]
+            continue
+        text = log.read_text()
+        fields, table = log_fields(text), last_table(text)
+        parts += [f"`{fields.get('command', '?')}` — {fields.get('date', '?')}, {fields.get('machine', '?')}"
+                  f"{' — **' + fields['kind'] + '**' if 'QUICK' in fields.get('kind', '') else ''}"
+                  f"{' (' + fields['note'] + ')' if 'note' in fields else ''}", ""]
+        if not table:
+            parts += ["The log holds no table (the run failed or was cut short).", ""]
+            continue
+        parts += [*table, ""]
+        figure = plot(name, bench, table)
+        if figure is not None:
+            parts += [f"![{name}](figures/{figure.name})", ""]
+        parts += [f"Discussed in [{Path(bench.card).name}](../{bench.card}).", ""]
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if not args.report_only:
+        for name in args.only or list(BENCHMARKS):
+            print(f"{name}: running", flush=True)
+            print(f"{name}: {run(name, args.quick):.0f} s", flush=True)
+    RESULTS.write_text(report())
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
