@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -44,6 +45,8 @@ class Benchmark:
         card: the method card that discusses the numbers.
         cost: the column of the table plotted as cost (a ratio to the baseline, lower is better).
         quality: the column plotted as quality.
+        curves: the script takes ``--json PATH`` and stores each run's ``step_times``, ``val_steps``
+            and ``val_losses`` there: the report also plots validation loss against wall-clock time.
     """
 
     script: str
@@ -52,17 +55,18 @@ class Benchmark:
     card: str
     cost: str
     quality: str
+    curves: bool = False
 
 
 BENCHMARKS = {
     "sparse_vit": Benchmark("sparse_training.py", ("--tasks", "vit", "--seeds", "0", "1", "2"),
                             "Sparse training on the digits ViT: accuracy and FLOPs of GraNet, RigL, SET, N:M and "
                             "Lightning's ModelPruning at 80/90%", "docs/methods/sparse_training_results.md",
-                            "training FLOPs (targets)", "val acc %"),
+                            "training FLOPs", "val acc %", curves=True),
     "sparse_lm": Benchmark("sparse_training.py", ("--tasks", "lm", "--steps", "600", "--seeds", "0", "--update-every",
                                                   "20st"),
                            "Sparse training on the pydoc LM (600 steps)", "docs/methods/sparse_training_results.md",
-                           "training FLOPs (targets)", "best val loss"),
+                           "training FLOPs", "best val loss", curves=True),
     "freezing_vit8": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2"),
                                "Progressive freezing on the 8×8 digits ViT: wall-clock saved and accuracy",
                                "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %"),
@@ -98,6 +102,8 @@ def header(command: list[str], quick: bool) -> str:
 def run(name: str, quick: bool) -> float:
     bench = BENCHMARKS[name]
     command = [sys.executable, str(HERE / bench.script), *(("--quick",) if quick else bench.args)]
+    if bench.curves:
+        command += ["--json", str(LOGS / f"{name}.json")]
     LOGS.mkdir(exist_ok=True)
     start = time.perf_counter()
     with open(LOGS / f"{name}.txt", "w") as log:
@@ -174,6 +180,32 @@ def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
     return path
 
 
+def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
+    """Validation loss against cumulative training wall time, one line per run, or None without curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in runs if r.get("val_steps") and r.get("step_times")]
+    if not runs:
+        return None
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for r in runs:
+        elapsed = [sum(r["step_times"][:step]) for step in r["val_steps"]]
+        label = " ".join(str(r[k]) for k in ("method", "sparsity", "seed") if r.get(k) is not None)
+        ax.plot(elapsed, r["val_losses"], marker=".", label=label)
+    ax.set_xlabel("training wall time (s, steps only)")
+    ax.set_ylabel("validation loss")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    FIGURES.mkdir(exist_ok=True)
+    path = FIGURES / f"{name}_curves.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
 def report() -> str:
     parts = ["# Benchmark results", "",
              "Written by `python benchmarks/run_all.py` from the logs in `benchmarks/logs/` (rebuild with "
@@ -200,6 +232,10 @@ def report() -> str:
         figure = plot(name, bench, table)
         if figure is not None:
             parts += [f"![{name}](figures/{figure.name})", ""]
+        runs = LOGS / f"{name}.json"
+        curves = plot_curves(name, json.loads(runs.read_text())) if runs.exists() else None
+        if curves is not None:
+            parts += [f"![{name}: validation loss against wall time](figures/{curves.name})", ""]
         parts += [f"Discussed in [{Path(bench.card).name}](../{bench.card}).", ""]
     return "\n".join(parts)
 

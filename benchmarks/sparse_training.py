@@ -126,6 +126,7 @@ def run_one(task: str, method: str, sparsity: float, seed: int, args) -> dict:
         "val_loss": measure.val_losses[-1], "best_val_loss": min(measure.val_losses),
         "achieved_sparsity": sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights),
         "val_acc": float(trainer.callback_metrics["val/acc"]) * 100 if "val/acc" in trainer.callback_metrics else None,
+        "val_steps": measure.val_steps, "val_losses": measure.val_losses,  # curves for run_all's plots
     }
     for callback in callbacks:
         if isinstance(callback, EfficientCallback):

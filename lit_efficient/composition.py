@@ -30,6 +30,13 @@ where every callback sees the same value):
    only on layers that were trainable in this step (frozen layers keep their masks and weights
    bit-identical); a layer whose mask grew restarts its GaLore state, since projected moments
    cannot be zeroed entry by entry; ProgressiveFreezing then freezes blocks due for the next step.
+
+Every schedule runs on one clock: full-data optimizer steps
+(:func:`lit_efficient.schedules.run_position`). InfoBatch's pruned epochs are shorter, and it
+advances step-wise LR schedulers to keep them on that clock; the other callbacks read the same
+position, so ``stop=0.75`` or FreezeOut's freeze times still fall at the same fraction of the
+epochs, and the freezing schedule completes although the run takes fewer optimizer steps.
+Intervals (``update_every="50st"``, GaLore's ``update_proj_gap``) stay in real optimizer steps.
 """
 
 from __future__ import annotations

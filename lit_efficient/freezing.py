@@ -394,10 +394,10 @@ class ProgressiveFreezing(EfficientCallback):
         total = self._length.total_steps if self._length else None
         limit = len(self.blocks)
         if self.schedule == "freezeout":
-            fraction = step / total if total else 0.0
+            fraction = self.position(step) / total if total else 0.0
             count = sum(1 for t in freezeout_times(limit, self.t0, self.warp) if fraction >= t)
         elif self.schedule == "linear":
-            fraction = step / total if total else 0.0
+            fraction = self.position(step) / total if total else 0.0
             start = self._start_step / total if total else 1.0
             count = linear_frozen_count(fraction, limit, start, self.freeze_level)
         else:
@@ -424,7 +424,7 @@ class ProgressiveFreezing(EfficientCallback):
         if self.lr_annealing:
             self._snapshot_for_annealing(trainer.global_step)
         step = trainer.global_step + 1
-        if self.schedule != "adaptive" or step < self._start_step or not is_due(step, self._every):
+        if self.schedule != "adaptive" or self.position(step) < self._start_step or not is_due(step, self._every):
             return
         # gradients here are unscaled (AMP) and averaged (DDP): every rank decides alike
         norms = []
@@ -463,7 +463,7 @@ class ProgressiveFreezing(EfficientCallback):
         times = freezeout_times(len(self.blocks), self.t0, self.warp)
         self._annealing = []
         for block, t in list(zip(self.blocks, times))[self.frozen :]:
-            factor = freezeout_lr_factor(step, t * total)
+            factor = freezeout_lr_factor(self.position(step), t * total)
             if factor < 1.0:
                 self._annealing.extend((p, p.detach().clone(), factor) for _, p in block.params
                                        if p.requires_grad and id(p) not in self._tied)

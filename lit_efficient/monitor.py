@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_efficient.composition import Claim, check_composition
+from lit_efficient.schedules import run_position
 
 NAMESPACE = "efficient"
 Number = Union[int, float, torch.Tensor]
@@ -181,6 +182,12 @@ class EfficientCallback(Callback):
     """
 
     technique: ClassVar[str] = "efficient"
+    _trainer: Optional["pl.Trainer"] = None
+
+    def position(self, step: int) -> int:
+        """Optimizer step ``step`` in full-data steps, the clock every schedule reads
+        (:func:`lit_efficient.schedules.run_position`: InfoBatch's shorter epochs do not stretch them)."""
+        return run_position(self._trainer, step) if self._trainer is not None else step
 
     def claims(self) -> list[Claim]:
         """What this callback must own alone in a Trainer (override; known after ``setup``)."""
@@ -188,8 +195,11 @@ class EfficientCallback(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
         callbacks = efficient_callbacks(trainer)
-        if stage == "fit" and callbacks and callbacks[-1] is self:
+        if callbacks and callbacks[-1] is self:
             check_composition(callbacks)
 
     def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:

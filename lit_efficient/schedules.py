@@ -124,6 +124,18 @@ class TrainingLength:
         return Time.parse(spec, argument).to_steps(self, argument)
 
 
+def run_position(trainer: "pl.Trainer", step: int) -> int:
+    """Where optimizer step ``step`` lies in the run, counted in full-data optimizer steps.
+
+    Fractions and epochs of the run resolve to full-data steps (:class:`TrainingLength`). A
+    data-pruning callback (InfoBatch) makes epochs shorter, so ``global_step`` never gets there; it
+    reports the steps its pruning has skipped by ``step`` (``skipped_steps(step)``), and every
+    schedule reads its position here: on the same clock as the LR schedule InfoBatch advances, so
+    ``stop=0.75`` still means three quarters of the epochs. Without such a callback this is ``step``.
+    """
+    return step + sum(c.skipped_steps(step) for c in trainer.callbacks if callable(getattr(c, "skipped_steps", None)))
+
+
 def epoch_generator(seed: int, epoch: int, offset: int = 0) -> torch.Generator:
     """A generator seeded by ``seed`` and ``epoch`` alone: the same draws for that epoch on every
     rank and after any resume (``offset`` separates independent draws of one epoch)."""

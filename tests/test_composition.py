@@ -152,3 +152,24 @@ def test_the_result_does_not_depend_on_the_order_of_the_callbacks(tmp_path):
     for (name, a), b in zip(forward.state_dict().items(), backward.state_dict().values()):
         assert torch.equal(a, b), name
     assert not forward.net[0].weight.requires_grad  # freezing really happened
+
+
+def test_schedules_run_on_the_full_data_clock_when_infobatch_shortens_epochs(tmp_path):
+    infobatch = InfoBatch(prune_ratio=0.5, delta=0.8)
+    freezing = ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")
+    rigl = RigL(sparsity=0.8, update_every="2st", stop=0.5, include=["net.2", "net.4"])
+
+    class Probe(Callback):
+        updates: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            if rigl.updates > len(self.updates):
+                self.updates.append(rigl.position(trainer.global_step))
+
+    model, trainer = fit(tmp_path, [infobatch, freezing, rigl, Probe()], max_steps=-1, max_epochs=20)
+    full = 20 * 4  # full-data optimizer steps: 20 epochs of 64 samples in batches of 16
+    assert trainer.global_step < full - 10  # pruned epochs were shorter ...
+    assert rigl.position(trainer.global_step) == full  # ... and the clock still ends at the full run
+    assert freezing.frozen == len(freezing.blocks) == 3  # the last freeze time (0.77 of the epochs) came
+    assert Probe.updates and max(Probe.updates) < full // 2  # RigL stopped at half of the epochs
+    assert max(Probe.updates) >= full // 2 - 4  # and not long before

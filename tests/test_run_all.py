@@ -2,6 +2,7 @@
 that are missing, failed or smoke tests."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -37,9 +38,16 @@ def test_report_covers_every_benchmark(run_all, tmp_path):
         f"| method | {bench.quality} | {bench.cost} |\n|---|---|---|\n| baseline | 93.3 ± 1.8 | 1.000 |\n"
         f"| InfoBatch 0.5 | 93.3 ± 0.9 | 0.732 ± 0.046 |\n")
     (tmp_path / "logs" / "galore.txt").write_text("# command: x\nTraceback: it failed\n")
+    head = "| method | sparsity | val acc % | training FLOPs |\n|---|---|---|---|\n"
+    (tmp_path / "logs" / "sparse_vit.txt").write_text("# command: y\n" + head + "| dense | – | 95.7 | 1 |\n| RigL | 90% | 96.9 | 0.104 |\n")
+    runs = [{"method": m, "sparsity": s, "seed": 0, "step_times": [0.1] * 10, "val_steps": [5, 10], "val_losses": [1.0, l]}
+            for m, s, l in (("dense", None, 0.5), ("rigl", 0.9, 0.4))]
+    (tmp_path / "logs" / "sparse_vit.json").write_text(json.dumps(runs))
     text = run_all.report()
     for name in run_all.BENCHMARKS:
         assert f"## {name}:" in text
     assert "QUICK SMOKE TEST" in text and "| InfoBatch 0.5 | 93.3 ± 0.9 | 0.732 ± 0.046 |" in text
     assert (tmp_path / "figures" / "infobatch.png").stat().st_size > 1000
+    assert (tmp_path / "figures" / "sparse_vit.png").exists() and (tmp_path / "figures" / "sparse_vit_curves.png").exists()
+    assert "figures/sparse_vit_curves.png" in text
     assert "holds no table" in text and "Not run yet: `python benchmarks/run_all.py --only sparcl`" in text

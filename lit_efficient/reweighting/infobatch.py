@@ -60,6 +60,12 @@ def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: 
     return keep, multipliers
 
 
+def steps_owed(done: int, full: int, planned: int) -> int:
+    """Full-data steps a pruned epoch of ``planned`` optimizer steps (of ``full``) has skipped after ``done`` of
+    them: the epoch's schedule is stretched evenly over its real steps."""
+    return (done * full) // planned - done if planned else 0
+
+
 class InfoBatch(PlannedOrder, SampleLossCallback):
     r"""Loss-based dynamic data pruning with unbiased rescaling (InfoBatch, ICLR 2024).
 
@@ -101,6 +107,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.samples_full = 0
         self.steps_in_epoch = 0
         self.extra_scheduler_steps = 0
+        # the full-data clock other callbacks' schedules read (see skipped_steps)
+        self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned = -1, 0, 0, 0
+        self.skipped_before = 0  # steps skipped in the epochs before clock_epoch
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
         self._nonfinite = NonfiniteCount("InfoBatch")
@@ -194,12 +203,30 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.steps_in_epoch += 1
         self.catch_up_schedulers(trainer)
 
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.current_epoch == self.clock_epoch:
+            return  # resumed inside this epoch: its clock came with the checkpoint
+        if self.clock_epoch >= 0:
+            self.skipped_before += self.clock_full - self.clock_planned
+        self.clock_epoch, self.clock_start = trainer.current_epoch, trainer.global_step
+        self.clock_full = self.optimizer_steps(self.num_samples, trainer)
+        self.clock_planned = self.optimizer_steps(self.order.numel(), trainer)
+
+    def skipped_steps(self, step: int) -> int:
+        """Optimizer steps that pruning has skipped by optimizer step ``step``: full-data time is
+        ``step`` plus this (:func:`lit_efficient.schedules.run_position`). Read from the step and
+        this epoch's plan alone, so it is the same whenever in a step a callback asks."""
+        if self.clock_epoch < 0:
+            return 0
+        done = min(max(0, step - self.clock_start), self.clock_planned)
+        return self.skipped_before + steps_owed(done, self.clock_full, self.clock_planned)
+
     def catch_up_schedulers(self, trainer: "pl.Trainer") -> None:
         """Advance step-interval LR schedulers so this epoch covers a full epoch's worth of schedule."""
         full = self.optimizer_steps(self.num_samples, trainer)
         planned = self.optimizer_steps(self.order.numel(), trainer)
-        done = min(self.steps_in_epoch, planned)
-        owed = (done * full) // planned - done - self.extra_scheduler_steps
+        owed = steps_owed(min(self.steps_in_epoch, planned), full, planned) - self.extra_scheduler_steps
         if owed <= 0:
             return
         for config in trainer.lr_scheduler_configs:
@@ -253,6 +280,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             "multipliers": self.multipliers.clone(), "plan_epoch": self.plan_epoch, "shuffle": self.shuffle,
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
             "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,
+            "clock": [self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before],
         }
 
     @override
@@ -264,7 +292,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.samples_forwarded, self.samples_full = int(state_dict["samples_forwarded"]), int(state_dict["samples_full"])
         self.steps_in_epoch = int(state_dict["steps_in_epoch"])
         self.extra_scheduler_steps = int(state_dict["extra_scheduler_steps"])
+        clock = state_dict.get("clock", [-1, 0, 0, 0, 0])  # absent from checkpoints before the clock existed
+        self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before = map(int, clock)
         self._restored = True
 
 
-__all__ = ["InfoBatch", "infobatch_plan"]
+__all__ = ["InfoBatch", "infobatch_plan", "steps_owed"]

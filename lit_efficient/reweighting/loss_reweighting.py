@@ -162,7 +162,7 @@ class LossReweighting(SampleLossCallback):
     @override
     def sample_multipliers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", losses: Tensor,
                            finite: Tensor, output: Mapping[str, Any]) -> Optional[Tensor]:
-        if not self.active(trainer.global_step):
+        if not self.active(self.position(trainer.global_step)):
             return None
         groups = None
         if self.timestep_buckets:

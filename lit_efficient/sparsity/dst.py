@@ -82,7 +82,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
 
     @override
     def is_update_step(self, step: int) -> bool:
-        return step < self._stop and super().is_update_step(step)
+        return self.position(step) < self._stop and super().is_update_step(step)
 
     @override
     def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
@@ -91,7 +91,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
         if self.drop_schedule == "constant":
             fraction = self.drop_fraction
         else:
-            fraction = rigl_drop_fraction(step, self._stop, self.drop_fraction)
+            fraction = rigl_drop_fraction(self.position(step), self._stop, self.drop_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
             m if frozen else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)

@@ -118,13 +118,13 @@ class GraNet(SparseTrainingCallback):
     @override
     def is_update_step(self, step: int) -> bool:
         # the final sparsity is reached at exactly prune_end, whatever update_every is
-        return super().is_update_step(step) or (step == self._end and step > 0)
+        return super().is_update_step(step) or (step > 0 and self.position(step - 1) < self._end <= self.position(step))
 
     @override
     def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
         assert self.masks is not None
         masks = self.masks
-        density = self.scheduled_density(step)
+        density = self.scheduled_density(self.position(step))
         before = sum(masks.nonzeros())
         keep = int(round(density * sum(masks.sizes())))
         pruned = 0
@@ -134,7 +134,7 @@ class GraNet(SparseTrainingCallback):
         if keep < before:
             masks.set_masks(global_magnitude_masks(masks.params, masks.masks, keep, fixed=frozen), optimizer)
             pruned = before - keep
-        fraction = regrow_fraction_at(step, self._total, self.regrow_fraction, self.final_regrow_fraction)
+        fraction = regrow_fraction_at(self.position(step), self._total, self.regrow_fraction, self.final_regrow_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
             m if f else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
