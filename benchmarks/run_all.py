@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -70,6 +71,10 @@ BENCHMARKS = {
     "freezing_vit8": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2"),
                                "Progressive freezing on the 8×8 digits ViT: wall-clock saved and accuracy",
                                "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %"),
+    "freezing_lm": Benchmark("progressive_freezing.py", ("--task", "lm", "--epochs", "600", "--seeds", "0", "--methods",
+                                                         "baseline", "freezeout", "linear 1.0"),
+                             "Progressive freezing on the pydoc LM (600 steps, past its over-fitting point)",
+                             "docs/methods/progressive_freezing.md", "fit time vs baseline", "best val loss"),
     "loss_reweighting_vit": Benchmark("loss_reweighting.py", ("--task", "vit", "--seeds", "0", "1", "2", "--threads", "2"),
                                       "Loss reweighting on the digits ViT: steps to the baseline's validation loss",
                                       "docs/methods/loss_reweighting.md",
@@ -96,7 +101,7 @@ def header(command: list[str], quick: bool) -> str:
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}, torch {torch.__version__}"
     kind = "QUICK SMOKE TEST (numbers mean nothing)" if quick else "full run"
-    return f"# command: {' '.join(command)}\n# date: {when}\n# machine: {machine}\n# kind: {kind}\n"
+    return f"# command: {shlex.join(command)}\n# date: {when}\n# machine: {machine}\n# kind: {kind}\n"
 
 
 def run(name: str, quick: bool) -> float:

@@ -25,7 +25,9 @@ where every callback sees the same value):
 3. before the optimizer step (gradients unscaled and DDP-averaged): sparse callbacks read dense
    gradients for growth and note which of their layers are frozen; SparCL masks gradients;
    NMSparsity adds its decay; adaptive freezing measures gradient norms.
-4. the optimizer step: GaLore's projected update, when GaLore converted the optimizer.
+4. the optimizer step: GaLore's projected update, when GaLore converted the optimizer; right
+   after it (an optimizer step hook, before any callback's ``on_train_batch_end``) FreezeOut's LR
+   annealing shrinks the step of the blocks nearing their freeze time.
 5. after the step: masks are applied to weights and optimizer state, then mask updates run —
    only on layers that were trainable in this step (frozen layers keep their masks and weights
    bit-identical); a layer whose mask grew restarts its GaLore state, since projected moments
