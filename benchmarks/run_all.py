@@ -155,13 +155,29 @@ def log_fields(text: str) -> dict[str, str]:
     return dict(re.findall(r"^# (command|date|machine|kind|note): (.*)$", text, re.M))
 
 
-def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
-    """A PNG with the cost and the quality column of ``table`` as horizontal bars, or None."""
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (imported here: only reports need it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save(figure, filename: str) -> Path:
+    """Lay out ``figure``, write it to ``FIGURES/filename`` and free it."""
+    figure.tight_layout()
+    FIGURES.mkdir(exist_ok=True)
+    path = FIGURES / filename
+    figure.savefig(path, dpi=110)
+    pyplot().close(figure)
+    return path
+
+
+def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
+    """A PNG with the cost and the quality column of ``table`` as horizontal bars, or None."""
+    plt = pyplot()
     head = cells(table[0])
     if bench.cost not in head or bench.quality not in head:
         return None
@@ -177,21 +193,12 @@ def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
     figure.suptitle(bench.question, fontsize=9)
-    figure.tight_layout()
-    FIGURES.mkdir(exist_ok=True)
-    path = FIGURES / f"{name}.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save(figure, f"{name}.png")
 
 
 def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
     """Validation loss against cumulative training wall time, one line per run, or None without curves."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = [r for r in runs if r.get("val_steps") and r.get("step_times")]
     if not runs:
         return None
@@ -203,12 +210,7 @@ def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
     ax.set_xlabel("training wall time (s, steps only)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)
-    figure.tight_layout()
-    FIGURES.mkdir(exist_ok=True)
-    path = FIGURES / f"{name}_curves.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    return save(figure, f"{name}_curves.png")
 
 
 def report() -> str:

@@ -393,11 +393,10 @@ class ProgressiveFreezing(EfficientCallback):
         """Blocks that should be frozen after optimizer step ``step`` (never fewer than now)."""
         total = self._length.total_steps if self._length else None
         limit = len(self.blocks)
+        fraction = self.position(step) / total if total else 0.0
         if self.schedule == "freezeout":
-            fraction = self.position(step) / total if total else 0.0
             count = sum(1 for t in freezeout_times(limit, self.t0, self.warp) if fraction >= t)
         elif self.schedule == "linear":
-            fraction = self.position(step) / total if total else 0.0
             start = self._start_step / total if total else 1.0
             count = linear_frozen_count(fraction, limit, start, self.freeze_level)
         else:

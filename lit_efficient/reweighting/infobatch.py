@@ -224,8 +224,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     def catch_up_schedulers(self, trainer: "pl.Trainer") -> None:
         """Advance step-interval LR schedulers so this epoch covers a full epoch's worth of schedule."""
-        full = self.optimizer_steps(self.num_samples, trainer)
-        planned = self.optimizer_steps(self.order.numel(), trainer)
+        full, planned = self.clock_full, self.clock_planned  # this epoch's, counted at its start
         owed = steps_owed(min(self.steps_in_epoch, planned), full, planned) - self.extra_scheduler_steps
         if owed <= 0:
             return
