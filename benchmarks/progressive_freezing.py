@@ -66,6 +66,8 @@ METHODS = {
     "linear 1.0": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=1.0)],
     "linear 0.5": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.5, freeze_level=0.5)],
     "freezeout": lambda: [ProgressiveFreezing(schedule="freezeout")],
+    # the same schedule serving the frozen blocks' outputs from memory (the data repeat exactly)
+    "freezeout cached": lambda: [ProgressiveFreezing(schedule="freezeout", cache_frozen_mb=1024)],
     # earlier schedules, for runs that over-fit (the 8x8 ViT, the pydoc LM past ~250 steps)
     "freezeout t0 0.5": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.5)],
     "linear 0.25": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.25, freeze_level=1.0)],

@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
+from lit_efficient.freezing_cache import FrozenOutputCache
 from lit_efficient.monitor import EfficientCallback, SavingsRow
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_bool, check_fraction, is_due, progress
 from lit_efficient.targets import fqn_matches, no_match_message, require_whole_weights, validate_patterns
@@ -54,6 +55,7 @@ class Block:
     name: str
     modules: list[tuple[str, nn.Module]] = field(default_factory=list)
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    stem: int = 0  # leading modules that feed the block's stack (embeddings): always run, never cached
 
     def num_params(self) -> int:
         return sum(p.numel() for _, p in self.params)
@@ -116,6 +118,7 @@ def discover_blocks(model: nn.Module) -> list[Block]:
         first = blocks[0]
         stem = [(_join(prefix, n), getattr(module, n)) for n in stem_modules if isinstance(getattr(module, n, None), nn.Module)]
         first.modules = stem + first.modules
+        first.stem = len(stem)
         first.params = [(_join(prefix, n), getattr(module, n)) for n in stem_params]
         return _with_params(blocks)
     generic = _generic_layout(model)
@@ -245,6 +248,12 @@ class ProgressiveFreezing(EfficientCallback):
         tied_embeddings: a frozen embedding tied to a trainable output head (GPT-2): ``"train"``
             (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
             it, head included.
+        cache_frozen_mb: keep the frozen blocks' output for every training input in up to this many
+            MiB and serve it instead of running them again when a whole batch was seen before
+            (default 0: off). Pays when the same inputs return every epoch (no random augmentation);
+            otherwise nothing hits and the cache only fills. Needs ``frozen_eval``; not under
+            ``torch.compile``; a model returning intermediate hidden states gets the skipped blocks'
+            inputs there. See :mod:`lit_efficient.freezing_cache`.
         lr_annealing: FreezeOut: scale each block's updates by ``½(1 + cos(π t / t_i))``, reaching
             zero at its freeze time ``t_i``, on top of the module's own LR schedule (default False).
             Works with any optimizer whose update is proportional to the learning rate (SGD, Adam,
@@ -266,6 +275,7 @@ class ProgressiveFreezing(EfficientCallback):
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
         lr_annealing: bool = False,
+        cache_frozen_mb: float = 0.0,
     ) -> None:
         if schedule not in ("freezeout", "linear", "adaptive"):
             raise ValueError(f"`schedule` must be 'freezeout', 'linear' or 'adaptive'; got {schedule!r}")
@@ -287,6 +297,12 @@ class ProgressiveFreezing(EfficientCallback):
         if lr_annealing and schedule != "freezeout":
             raise ValueError("`lr_annealing` anneals each block to its FreezeOut freeze time: use schedule='freezeout'")
         self.lr_annealing = check_bool(lr_annealing, "lr_annealing")
+        self.cache_frozen_mb = check_fraction(cache_frozen_mb, "cache_frozen_mb", 0.0, math.inf)
+        if self.cache_frozen_mb and not self.frozen_eval:
+            raise ValueError("`cache_frozen_mb` needs frozen_eval=True: frozen blocks in train mode (dropout) "
+                             "do not return the same output twice")
+        self._cache: Optional[FrozenOutputCache] = None
+        self._served_before = 0
         self._annealing: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
         self.blocks: list[Block] = []
@@ -323,6 +339,10 @@ class ProgressiveFreezing(EfficientCallback):
         self._fraction_for = -1
         self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
         self._start_probe(pl_module)
+        if self.cache_frozen_mb:
+            if getattr(pl_module, "_compiler_ctx", None):
+                raise ValueError("`cache_frozen_mb`: frozen outputs cannot be cached in a torch.compile'd module")
+            self._cache = FrozenOutputCache(int(self.cache_frozen_mb * 2**20))
         super().setup(trainer, pl_module, stage)
 
     def _tied_params(self, pl_module: "pl.LightningModule") -> set[int]:
@@ -411,6 +431,8 @@ class ProgressiveFreezing(EfficientCallback):
                 for _, module in block.modules:
                     if module.training:
                         module.eval()  # Lightning puts the whole model back in train mode each epoch
+        if self._cache is not None:
+            self._cache.active = True
         self._step_start = time.perf_counter()
 
     @override
@@ -444,6 +466,8 @@ class ProgressiveFreezing(EfficientCallback):
         elapsed = time.perf_counter() - self._step_start
         if samples and elapsed > 0:
             self.throughput.append(samples / elapsed)
+        if self._cache is not None:
+            self._cache.active = False
         if trainer.global_step == self._last_step:
             return  # no optimizer step since the last call (gradient accumulation)
         self._last_step = step = trainer.global_step
@@ -453,6 +477,10 @@ class ProgressiveFreezing(EfficientCallback):
         metrics: dict[str, Any] = {"frozen_fraction": self.frozen_fraction(), "frozen_blocks": float(self.frozen)}
         if self.throughput:
             metrics["samples_per_second"] = self.throughput[-1]
+        if self._cache is not None:
+            metrics["cache_served"] = float(self._cache.served > self._served_before)  # whole prefix, this step
+            metrics["cache_megabytes"] = self._cache.nbytes / 2**20
+            self._served_before = self._cache.served
         self.log_metrics(pl_module, metrics)
 
     def _snapshot_for_annealing(self, step: int) -> None:
@@ -492,6 +520,8 @@ class ProgressiveFreezing(EfficientCallback):
                 self._hooks.append(module.register_forward_hook(_exit_no_grad, always_call=True))
                 if self.frozen_eval:
                     module.eval()
+        if self._cache is not None:
+            self._cache.extend([module for block in newly for _, module in block.modules[block.stem :]])
         self.frozen = count
         rank_zero_info(f"ProgressiveFreezing: {count}/{len(self.blocks)} blocks frozen (up to {newly[-1].name}) "
                        f"at step {trainer.global_step}")
@@ -509,6 +539,9 @@ class ProgressiveFreezing(EfficientCallback):
         for handle in self._hooks + (self._probe or []):
             handle.remove()
         self._hooks, self._probe = [], None
+        if self._cache is not None:
+            self._cache.remove()
+            self._cache = None
 
     # -- reporting ----------------------------------------------------------------------------
     @override
@@ -527,6 +560,11 @@ class ProgressiveFreezing(EfficientCallback):
             first, last = np.median(self.throughput[1 : tenth + 1]), np.median(self.throughput[-tenth:])
             rows.append(SavingsRow(self.technique, "throughput, last vs first tenth of the run",
                                    f"{last:.0f} vs {first:.0f} samples/s", float(first / last), "first tenth's step time"))
+        if self._cache is not None:
+            cache = self._cache
+            rows.append(SavingsRow(self.technique, "training forwards through frozen blocks served from the cache",
+                                   f"{cache.served} whole, {cache.served_in_part} in part, of {cache.forwards} "
+                                   f"({cache.nbytes / 2**20:.1f} MiB cached)"))
         return rows
 
     # -- state --------------------------------------------------------------------------------

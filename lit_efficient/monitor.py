@@ -44,10 +44,24 @@ def log_metrics(pl_module: "pl.LightningModule", technique: str, metrics: Mappin
     """
     options = dict(on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
     options.update(kwargs)
+    if not _step_log_is_written(pl_module, options):
+        return
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):
             value = value.detach().float()
         pl_module.log(metric_key(technique, name), value, **options)
+
+
+def _step_log_is_written(pl_module: "pl.LightningModule", options: Mapping[str, Any]) -> bool:
+    """Whether Lightning will write a step-level metric logged now. It writes them every
+    ``log_every_n_steps`` only, and every ``self.log`` call costs ~1 ms on a CPU (it moves the result
+    collection): logging the other steps cost a 30 ms step ~10%."""
+    trainer = getattr(pl_module, "_trainer", None)
+    if trainer is None or not options.get("on_step") or options.get("on_epoch") or options.get("prog_bar"):
+        return True
+    if not trainer.training or trainer.fast_dev_run:
+        return True
+    return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
 
 def tensorboard_writer(trainer: "pl.Trainer") -> Optional[Any]:

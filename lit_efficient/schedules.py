@@ -145,9 +145,10 @@ def epoch_generator(seed: int, epoch: int, offset: int = 0) -> torch.Generator:
 def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,
                    low_open: bool = False) -> float:
     """``value`` as a float if it lies in the interval (closed unless ``*_open``); else a ValueError naming ``argument``."""
-    above = low < value if low_open else low <= value
-    below = value < high if high_open else value <= high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (above and below):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    above = number and (low < value if low_open else low <= value)
+    below = number and (value < high if high_open else value <= high)
+    if not (above and below):
         raise ValueError(f"`{argument}` must lie in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}; "
                          f"got {value!r}")
     return float(value)

@@ -17,6 +17,7 @@ TECHNIQUES = {
     "nm": lambda: [NMSparsity(n=2, m=4)],
     "freezeout": lambda: [freezeout()],
     "freezeout_lr_annealing": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear", lr_annealing=True)],
+    "freezeout_cached": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear", cache_frozen_mb=8)],
     "adaptive": lambda: [ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=90)],
     "galore": lambda: [GaLore(rank=8, update_proj_gap=3)],  # checkpoint at step 7: mid-gap, bases from step 6
     "galore_random_8bit": lambda: [GaLore(rank=8, update_proj_gap=3, projection="random", eight_bit=True)],

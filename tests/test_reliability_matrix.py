@@ -220,7 +220,7 @@ BAD = {  # one invalid value for every constructor argument
                    gradient_mask_every=0, removal_points=[0.0], include=[""], exclude=[2], seed="a"),
     "ProgressiveFreezing": dict(schedule="sometimes", t0=0.0, warp="quartic", freeze_start="later", freeze_level=0.0,
                                 check_every="0st", percentile=0.0, blocks=[""], frozen_eval="no",
-                                tied_embeddings="share", lr_annealing="on"),
+                                tied_embeddings="share", lr_annealing="on", cache_frozen_mb=-1.0),
     "LossReweighting": dict(strategy="top", temperature=0.0, warmup="eventually", timestep_buckets=-1, timestep_key="",
                             num_timesteps=0),
     "InfoBatch": dict(prune_ratio=1.0, delta=0.0, shuffle="yes", seed=0.5),
@@ -255,7 +255,7 @@ def test_bad_input_raises_a_value_error_naming_the_argument(name, argument):
 # one entry per way of touching the model: masks after the step (rigl), forward hooks that swap
 # weights (nm), no-grad prefixes and post-step annealing (freezing), a converted optimizer (galore),
 # a wrapped training_step and a planned loader (loss_reweighting, infobatch), and a mix of them
-COMPILED = ["rigl", "nm", "freezeout_lr_annealing", "galore", "loss_reweighting", "infobatch", "vit_main_job"]
+COMPILED = ["rigl", "nm", "freezeout_lr_annealing", "freezeout_cached", "galore", "loss_reweighting", "infobatch", "vit_main_job"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

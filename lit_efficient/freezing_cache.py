@@ -1,0 +1,282 @@
+"""Serve a frozen prefix's output from memory instead of running it again.
+
+Once blocks 0..k are frozen (and in eval mode), their output for a given input never changes. With
+data that repeat exactly from epoch to epoch (no random augmentation: token blocks, fixed images),
+:class:`FrozenOutputCache` keeps the output of the last frozen block for every input row it has
+seen and serves it: the blocks before the last return their input unchanged and the last returns
+the stored rows; only unseen rows run through the frozen blocks (and rows stored for a shorter
+prefix through the newly frozen blocks only). This is
+the activation caching of Egeria (Wang et al., "Egeria: Efficient DNN Training with
+Knowledge-Guided Layer Freezing", EuroSys 2023, https://arxiv.org/abs/2201.06227) on top of
+prefix freezing.
+
+The cache is content-addressed: a row's key is a hash of the exact bytes of the first served
+block's input row (plus every other tensor the block receives, and its scalar arguments). Anything
+that changes that input — augmentation, dropout upstream, a different timestep — simply misses;
+a hit can only serve what the blocks would have computed. The structure is learnt on the first
+forward after every freezing change: the frozen blocks must be called once each, in order, each
+feeding the next its output; blocks whose output shape differs from their input (a ResNet stage
+transition) or that return more than one tensor (a UNet's skip connections) are run, and serving
+starts after them. Rows are run apart from their batch only when the blocks take no other per-row
+input (a padding mask); otherwise a batch is served when all its rows are known. The cache is not
+saved in checkpoints: after a resume it refills in one epoch.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+
+def _tensor_part(output: Any) -> Optional[torch.Tensor]:
+    """The tensor a block passes on: the output itself, or the first element of a tuple whose other
+    elements are None (Hugging Face layers); None if the output carries anything else."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        if all(o is None for o in output[1:]):
+            return output[0]
+    return None
+
+
+def _like(tail: Optional[tuple], tensor: torch.Tensor) -> Any:
+    """``tensor`` in the structure a block returned: alone (``tail`` None) or followed by ``tail``."""
+    return tensor if tail is None else (tensor, *tail)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    return [item for item in _flatten(value, []) if isinstance(item, torch.Tensor)]
+
+
+def _row_bytes(row: torch.Tensor) -> int:
+    return row.numel() * row.element_size()
+
+
+def _flatten(value: Any, out: list) -> list:
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _flatten(item, out)
+    elif isinstance(value, dict):
+        for key in sorted(value, key=str):
+            out.append(str(key))
+            _flatten(value[key], out)
+    else:
+        out.append(value)
+    return out
+
+
+def _as_bytes(tensor: torch.Tensor) -> Any:
+    """The tensor's exact bytes as a (rows, bytes) numpy array on the CPU (any dtype, bf16 included)."""
+    flat = tensor.detach().reshape(tensor.shape[0], -1) if tensor.dim() else tensor.detach().reshape(1, 1)
+    return flat.contiguous().cpu().view(torch.uint8).numpy()
+
+
+def row_keys(args: tuple, kwargs: dict) -> list[bytes]:
+    """One 16-byte key per row of ``args[0]``: a hash of that row of every tensor argument with the
+    batch as first dimension, of every other tensor whole, and of the scalar arguments."""
+    batch = args[0].shape[0]
+    shared = hashlib.blake2b(digest_size=16)
+    per_row = []
+    for item in _flatten((args, kwargs), []):
+        if isinstance(item, torch.Tensor):
+            if item.dim() and item.shape[0] == batch:  # the row's shape, not the batch's
+                shared.update(f"row{tuple(item.shape[1:])}{item.dtype}".encode())
+                per_row.append(_as_bytes(item))
+            else:
+                shared.update(f"{tuple(item.shape)}{item.dtype}".encode())
+                shared.update(_as_bytes(item).tobytes())
+        elif item is None or isinstance(item, (bool, int, float, str)):
+            shared.update(repr(item).encode())
+    prefix = shared.digest()
+    keys = []
+    for i in range(batch):
+        digest = hashlib.blake2b(prefix, digest_size=16)
+        for rows in per_row:
+            digest.update(rows[i].data)
+        keys.append(digest.digest())
+    return keys
+
+
+class FrozenOutputCache:
+    """Per-row outputs of the frozen blocks, keyed by content, within a memory budget.
+
+    ``extend(modules)`` is called with the frozen blocks' modules in forward order each time the
+    frozen prefix grows. The rows of the shorter prefix are then kept as ``previous``: a batch whose
+    rows are all there runs only the newly frozen blocks, on them, and its rows move up. The cache
+    is consulted only while ``active`` (training batches), never in validation.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.rows: dict[bytes, torch.Tensor] = {}  # output of the last frozen module
+        self.previous: dict[bytes, torch.Tensor] = {}  # output of the last module frozen before
+        self.nbytes = 0  # of both
+        self.modules: list[nn.Module] = []
+        self.active = False
+        self.start: Optional[int] = None  # first module served from the cache; learnt on a forward
+        self.disabled: Optional[str] = None  # why this prefix cannot be served (warned once)
+        self.forwards = self.served = self.served_in_part = 0  # training forwards through the prefix
+        self._originals: list[tuple[nn.Module, Any]] = []
+        self._tails: list[Optional[tuple]] = []  # what each module returns after its tensor (structure)
+        self._previous_last = self._previous_start = -1
+        self._plan: Optional[str] = None
+        self._served: Optional[torch.Tensor] = None
+        self._keys: list[bytes] = []
+        self._computing = False  # running the modules ourselves: their wrappers step aside
+        self._trace: list[tuple[int, tuple, dict, Any]] = []
+
+    # -- the frozen modules -----------------------------------------------------------------------
+    def extend(self, modules: list[nn.Module]) -> None:
+        """The frozen prefix now ends with ``modules`` (appended in forward order)."""
+        reusable = self.rows and self.start is not None and self.disabled is None
+        self.previous = self.rows if reusable else {}
+        self._previous_last, self._previous_start = len(self.modules) - 1, self.start if reusable else -1
+        self.rows = {}
+        self.nbytes = sum(_row_bytes(row) for row in self.previous.values())
+        for module in modules:
+            index = len(self.modules)
+            self._originals.append((module, module.__dict__.get("forward")))
+            module.forward = functools.partial(self._forward, index, module.forward)
+            self.modules.append(module)
+        self.start, self.disabled, self._plan = None, None, None
+
+    def clear(self) -> None:
+        self.rows, self.previous, self.nbytes = {}, {}, 0
+
+    def remove(self) -> None:
+        """Give every module its own forward back."""
+        for module, own in self._originals:
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+        self._originals, self.modules = [], []
+        self.clear()
+
+    # -- one forward ------------------------------------------------------------------------------
+    def _forward(self, index: int, original: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.active or self._computing or self.disabled is not None:
+            return original(*args, **kwargs)
+        if torch.compiler.is_compiling():  # a compiled graph would bake one plan in
+            self._disable("the frozen blocks run inside torch.compile")
+            return original(*args, **kwargs)
+        if not (args and isinstance(args[0], torch.Tensor)):
+            self._disable("a frozen block takes its input by keyword, not as its first argument")
+            return original(*args, **kwargs)
+        last = len(self.modules) - 1
+        if index == 0:
+            self._plan, self._trace = ("learn" if self.start is None else "run"), []
+        if self._plan == "run" and index == self.start:
+            self._served = self._assemble(args, kwargs)
+            self._plan = "serve" if self._served is not None else "store"
+        if self._plan == "serve":
+            if index < last:
+                return _like(self._tails[index], args[0])  # skipped: nothing reads it but the next block
+            self._plan = None
+            self.forwards += 1
+            return _like(self._tails[last], self._served)
+        output = original(*args, **kwargs)
+        if self._plan == "learn":
+            self._trace.append((index, args, kwargs, output))
+        if index == last and self._plan in ("learn", "store"):
+            if self._plan == "learn":
+                self._learn()
+            elif (part := _tensor_part(output)) is not None and part.shape[0] == len(self._keys):
+                for key, row in zip(self._keys, part.detach().clone().unbind(0)):
+                    self._store(key, row)
+            self._plan = None
+            self.forwards += 1
+        return output
+
+    def _assemble(self, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        """The last frozen block's output for this batch: rows from the cache, rows of the shorter
+        prefix run through the newly frozen blocks only, unseen rows through all of them. None (run
+        the blocks as usual) if some rows are unseen and the blocks take other per-row inputs."""
+        self._keys = keys = row_keys(args, kwargs)
+        rows = [self.rows.get(k) for k in keys]
+        if all(row is not None for row in rows):
+            self.served += 1
+            return torch.stack(rows)
+        batch = len(keys)
+        if any(t.dim() and t.shape[0] == batch for t in _tensors((args[1:], kwargs))):
+            return None  # e.g. a padding mask: rows cannot be run apart (would need slicing it); store them
+        moving = [i for i, row in enumerate(rows) if row is None and keys[i] in self.previous]
+        unseen = [i for i, row in enumerate(rows) if row is None and keys[i] not in self.previous]
+        self.served_in_part += len(unseen) < batch
+        with torch.no_grad():
+            for indices, first in ((moving, self._previous_last + 1), (unseen, self.start)):
+                if not indices:
+                    continue
+                if first == self.start:
+                    x = args[0][torch.tensor(indices, device=args[0].device)]
+                else:
+                    x = torch.stack([self.previous[keys[i]] for i in indices])
+                for row_index, row in zip(indices, self._run(first, x, args[1:], kwargs).clone().unbind(0)):
+                    rows[row_index] = row
+                    self._store(keys[row_index], row)
+        return torch.stack(rows)
+
+    def _run(self, first: int, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
+        """Modules ``first``..last on ``x`` (their other arguments are shared by all rows)."""
+        self._computing = True
+        try:
+            for module in self.modules[first:]:
+                x = _tensor_part(module(x, *rest, **kwargs))
+        finally:
+            self._computing = False
+        return x
+
+    def _learn(self) -> None:
+        """From one traced forward: where serving can start, the structure to imitate, and its rows."""
+        trace, self._trace = self._trace, []
+        last = len(self.modules) - 1
+        if [index for index, *_ in trace] != list(range(last + 1)):
+            return self._disable("the frozen blocks are not called once each, in order, in one forward")
+        outputs = [output for *_, output in trace]
+        self._tails = [tuple(output[1:]) if isinstance(output, tuple) else None for output in outputs]
+        tensors = [_tensor_part(output) for output in outputs]
+        inputs = [args[0] for _, args, _, _ in trace]
+        extras = [_flatten((args[1:], kwargs), []) for _, args, kwargs, _ in trace]
+        if tensors[last] is None or tensors[last].shape[:1] != inputs[last].shape[:1]:
+            return self._disable("the last frozen block returns more than one tensor per row")
+        start = last
+        while start > 0:  # walk back while each module feeds the next, same shape, same other arguments
+            before, out_before = inputs[start - 1], tensors[start - 1]
+            passes_through = out_before is not None and out_before.shape == before.shape and out_before.dtype == before.dtype
+            same_extras = len(extras[start]) == len(extras[start - 1]) and all(
+                a is b or (not isinstance(a, torch.Tensor) and a == b) for a, b in zip(extras[start], extras[start - 1]))
+            if not (passes_through and inputs[start] is out_before and same_extras):
+                break
+            start -= 1
+        self.start = start
+        if start != self._previous_start or self._previous_last < start:  # the shorter prefix's keys do not apply
+            self.previous = {}
+            self.nbytes = sum(_row_bytes(row) for row in self.rows.values())
+        _, args, kwargs, _ = trace[start]
+        if inputs[start].shape[:1] == tensors[last].shape[:1]:
+            for key, row in zip(row_keys(args, kwargs), tensors[last].detach().clone().unbind(0)):
+                self._store(key, row)
+
+    def _store(self, key: bytes, row: torch.Tensor) -> None:
+        """Keep ``row`` (a copy: code after the blocks may work in place) if the budget allows."""
+        if key in self.rows:
+            return
+        moved = self.previous.pop(key, None)  # a row moving up frees its old self
+        if moved is not None:
+            self.nbytes -= _row_bytes(moved)
+        if self.nbytes + _row_bytes(row) <= self.budget_bytes:
+            self.rows[key] = row
+            self.nbytes += _row_bytes(row)
+
+    def _disable(self, why: str) -> None:
+        self.disabled = why
+        rank_zero_warn(f"ProgressiveFreezing: frozen outputs are not cached: {why}")
+
+    # -- reporting --------------------------------------------------------------------------------
+    def served_fraction(self) -> float:
+        return self.served / self.forwards if self.forwards else 0.0
