@@ -25,6 +25,7 @@ time over the last quarter of training relative to the baseline, and the paramet
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -68,6 +69,7 @@ METHODS = {
     "freezeout": lambda: [ProgressiveFreezing(schedule="freezeout")],
     # the same schedule serving the frozen blocks' outputs from memory (the data repeat exactly)
     "freezeout cached": lambda: [ProgressiveFreezing(schedule="freezeout", cache_frozen_mb=1024)],
+    "freezeout t0 0.7 cached": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.7, cache_frozen_mb=1024)],
     # earlier schedules, for runs that over-fit (the 8x8 ViT, the pydoc LM past ~250 steps)
     "freezeout t0 0.5": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.5)],
     "linear 0.25": lambda: [ProgressiveFreezing(schedule="linear", freeze_start=0.25, freeze_level=1.0)],
@@ -108,6 +110,8 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
     quarter = steps.step_times[-max(1, len(steps.step_times) // 4):]
     return {"method": method, "seed": seed, "fit": fit, "late_step": statistics.median(quarter),
             "acc": float(trainer.callback_metrics["val/acc"]) * 100 if task != "lm" else min(steps.val_losses),
+            "final_loss": steps.val_losses[-1] if steps.val_losses else None,
+            "step_times": steps.step_times, "val_steps": steps.val_steps, "val_losses": steps.val_losses,
             "frozen_steps": freezing.frozen_param_steps / max(1, freezing.counted_steps) if freezing else None}
 
 
@@ -119,6 +123,7 @@ def main(argv=None) -> None:
                              "lm: the pydoc LM, --epochs counts steps (reports the best val loss as 'val acc')")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--json", default=None, help="also write every run's numbers and validation curves here")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -132,16 +137,21 @@ def main(argv=None) -> None:
         for method in args.methods:
             r = run_one(method, seed, args.epochs, args.root, args.task)
             results.append(r)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(results, f)
             print(f"[seed {seed}] {method}: acc {r['acc']:.3f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
                   flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
     print(f"\n{args.task} digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     quality = "best val loss" if args.task == "lm" else "val acc %"
-    print(f"| method | {quality} | fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
-    print("|---|---|---|---|---|")
+    final = " final val loss |" if args.task == "lm" else ""
+    print(f"| method | {quality} |{final} fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
+    print("|---|---|" + ("---|" if final else "") + "---|---|---|")
     for method in args.methods:
         runs = [r for r in results if r["method"] == method]
-        print(f"| {method} | {mean_std([r['acc'] for r in runs], digits=3 if args.task == 'lm' else 1)} | "
+        finals = f" {mean_std([r['final_loss'] for r in runs], digits=3)} |" if final else ""
+        print(f"| {method} | {mean_std([r['acc'] for r in runs], digits=3 if args.task == 'lm' else 1)} |{finals} "
               f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} | "
               f"{mean_std([r['late_step'] / base[r['seed']]['late_step'] for r in runs], digits=3)} | "
               f"{mean_std([r['frozen_steps'] for r in runs], scale=100, digits=1)} |")

@@ -117,3 +117,18 @@ def test_format_savings_table():
 def test_bar_image():
     image = bar_image([0.0, 0.5, 1.0], height=4, width=1, gap=0)
     assert image.tolist() == [[0, 0, 1], [0, 0, 1], [0, 1, 1], [0, 1, 1]]
+
+
+def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, monkeypatch):
+    calls = []
+    original = pl.LightningModule.log
+    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, *a, **k: (calls.append(name), original(self, name, *a, **k)))
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(max_steps=8, callbacks=[Probe()], logger=logger, log_every_n_steps=4, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Regression())
+    # two metrics on steps 4 and 8 only, each self.log call being ~1 ms of a CPU step
+    assert calls.count("efficient/probe/step_seen") == 2 and len(calls) == 4
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    assert [e.value for e in events.Scalars("efficient/probe/step_seen")] == [4.0, 8.0]

@@ -30,7 +30,7 @@ from typing_extensions import override
 
 from lit_efficient.lowrank.optim import GaLoreAdamW, check_galore_group, state_bytes
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, ProjType, Projection
-from lit_efficient.monitor import EfficientCallback, SavingsRow
+from lit_efficient.monitor import EfficientCallback, SavingsRow, step_logs_due
 from lit_efficient.schedules import check_bool, check_int
 from lit_efficient.targets import require_whole_weights, select_targets, validate_patterns
 
@@ -246,7 +246,7 @@ class GaLore(EfficientCallback):
         if overlaps and refreshes != self._seen_refreshes:
             self.log_metrics(pl_module, {"subspace_overlap": sum(overlaps) / len(overlaps)})
         self._seen_refreshes = refreshes
-        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if step_logs_due(trainer):
             ours = sum(state_bytes(o) for o in self.optimizers)
             adamw = self.adamw_state_bytes()
             self.log_metrics(pl_module, {

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.monitor import SavingsRow, log_histogram
+from lit_efficient.monitor import SavingsRow, log_histogram, step_logs_due
 from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback, gather_samples
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_int
 
@@ -210,7 +210,7 @@ class LossReweighting(SampleLossCallback):
         if weights is not None:
             self.weighted_steps += 1
         # statistics only on the steps Lightning writes: logging every step costs more than the weighting
-        if trainer._logger_connector.should_update_logs:
+        if step_logs_due(trainer):
             self._nonfinite.flush()
             self.log_metrics(pl_module, self.statistics())
             if weights is not None:

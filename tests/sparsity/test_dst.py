@@ -66,7 +66,7 @@ def test_set_with_a_constant_drop_fraction_replaces_the_same_share_every_update(
             if trainer.global_step % 4 == 0:
                 fractions.append(float(metrics["efficient/set/drop_fraction"]))
 
-    trainer(tmp_path, [sparse, Spy()], 14).fit(MLP(), loader())
+    trainer(tmp_path, [sparse, Spy()], 14, log_every_n_steps=1).fit(MLP(), loader())
     assert fractions == [0.25] * 3 and sparse.updates == 3
 
 
