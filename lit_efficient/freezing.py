@@ -436,6 +436,18 @@ class ProgressiveFreezing(EfficientCallback):
         self._step_start = time.perf_counter()
 
     @override
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch, batch_idx,
+                                  dataloader_idx: int = 0) -> None:
+        if self._cache is not None and self.frozen:  # validation inputs repeat too (frozen blocks: eval either way)
+            self._cache.active = True
+
+    @override
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx,
+                                dataloader_idx: int = 0) -> None:
+        if self._cache is not None:
+            self._cache.active = False
+
+    @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:
         if self._probe is not None:
             self._check_prefix()
@@ -562,7 +574,7 @@ class ProgressiveFreezing(EfficientCallback):
                                    f"{last:.0f} vs {first:.0f} samples/s", float(first / last), "first tenth's step time"))
         if self._cache is not None:
             cache = self._cache
-            rows.append(SavingsRow(self.technique, "training forwards through frozen blocks served from the cache",
+            rows.append(SavingsRow(self.technique, "forwards through frozen blocks served from the cache",
                                    f"{cache.served} whole, {cache.served_in_part} in part, of {cache.forwards} "
                                    f"({cache.nbytes / 2**20:.1f} MiB cached)"))
         return rows

@@ -76,11 +76,11 @@ def _as_bytes(tensor: torch.Tensor) -> Any:
     return flat.contiguous().cpu().view(torch.uint8).numpy()
 
 
-def row_keys(args: tuple, kwargs: dict) -> list[bytes]:
-    """One 16-byte key per row of ``args[0]``: a hash of that row of every tensor argument with the
-    batch as first dimension, of every other tensor whole, and of the scalar arguments."""
+def row_keys(args: tuple, kwargs: dict, salt: bytes = b"") -> list[bytes]:
+    """One 16-byte key per row of ``args[0]``: a hash of ``salt``, that row of every tensor argument
+    with the batch as first dimension, every other tensor whole, and the scalar arguments."""
     batch = args[0].shape[0]
-    shared = hashlib.blake2b(digest_size=16)
+    shared = hashlib.blake2b(salt, digest_size=16)
     per_row = []
     for item in _flatten((args, kwargs), []):
         if isinstance(item, torch.Tensor):
@@ -106,9 +106,9 @@ class FrozenOutputCache:
     """Per-row outputs of the frozen blocks, keyed by content, within a memory budget.
 
     ``extend(modules)`` is called with the frozen blocks' modules in forward order each time the
-    frozen prefix grows. The rows of the shorter prefix are then kept as ``previous``: a batch whose
-    rows are all there runs only the newly frozen blocks, on them, and its rows move up. The cache
-    is consulted only while ``active`` (training batches), never in validation.
+    frozen prefix grows. The rows of the shorter prefix are then kept as ``previous``: their rows
+    run only the newly frozen blocks, and move up. The cache is consulted only while ``active``
+    (training and validation batches).
     """
 
     def __init__(self, budget_bytes: int) -> None:
@@ -197,7 +197,7 @@ class FrozenOutputCache:
         """The last frozen block's output for this batch: rows from the cache, rows of the shorter
         prefix run through the newly frozen blocks only, unseen rows through all of them. None (run
         the blocks as usual) if some rows are unseen and the blocks take other per-row inputs."""
-        self._keys = keys = row_keys(args, kwargs)
+        self._keys = keys = self._row_keys(args, kwargs)
         rows = [self.rows.get(k) for k in keys]
         if all(row is not None for row in rows):
             self.served += 1
@@ -220,6 +220,11 @@ class FrozenOutputCache:
                     rows[row_index] = row
                     self._store(keys[row_index], row)
         return torch.stack(rows)
+
+    @staticmethod
+    def _row_keys(args: tuple, kwargs: dict) -> list[bytes]:
+        # rows made under inference mode (Lightning's validation) cannot enter autograd: their own keys
+        return row_keys(args, kwargs, b"inference" if torch.is_inference_mode_enabled() else b"")
 
     def _run(self, first: int, x: torch.Tensor, rest: tuple, kwargs: dict) -> torch.Tensor:
         """Modules ``first``..last on ``x`` (their other arguments are shared by all rows)."""
@@ -259,7 +264,7 @@ class FrozenOutputCache:
             self.nbytes = sum(_row_bytes(row) for row in self.rows.values())
         _, args, kwargs, _ = trace[start]
         if inputs[start].shape[:1] == tensors[last].shape[:1]:
-            for key, row in zip(row_keys(args, kwargs), tensors[last].detach().clone().unbind(0)):
+            for key, row in zip(self._row_keys(args, kwargs), tensors[last].detach().clone().unbind(0)):
                 self._store(key, row)
 
     def _store(self, key: bytes, row: torch.Tensor) -> None:

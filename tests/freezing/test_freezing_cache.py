@@ -125,23 +125,31 @@ def test_the_memory_budget_is_kept(tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
 
 
-def test_validation_is_never_served(tmp_path):
-    pl.seed_everything(0)
-    module = ViTModule(drop_rate=0.0)
-    module.validation_step = lambda batch, batch_idx: module.log("val", module.model(batch[0]).sum())
-    freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.5, cache_frozen_mb=64)
-    counts = []
+def test_validation_is_served_too_and_scores_the_same(tmp_path):
+    def run(cache_mb):
+        pl.seed_everything(0)
+        module = ViTModule(drop_rate=0.0)
+        scores = []
+        module.validation_step = lambda batch, batch_idx: scores.append(module.model(batch[0]).sum())
+        freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.5, cache_frozen_mb=cache_mb)
+        served = []  # batches served whole during each validation run
 
-    class Count(pl.Callback):
-        def on_validation_start(self, trainer, pl_module):
-            counts.append(freezing._cache.forwards)
+        class Count(pl.Callback):
+            def on_validation_start(self, trainer, pl_module):
+                self.before = freezing._cache.served if freezing._cache else 0
 
-        def on_validation_end(self, trainer, pl_module):
-            assert freezing._cache.forwards == counts[-1]
+            def on_validation_end(self, trainer, pl_module):
+                served.append((freezing._cache.served if freezing._cache else 0) - self.before)
 
-    trainer = make_trainer(tmp_path, [freezing, Count()], 24, val_check_interval=4, num_sanity_val_steps=0)
-    trainer.fit(module, shuffled(images()), shuffled(images()))
-    assert len(counts) == 6 and counts[-1] > 0
+        trainer = make_trainer(tmp_path, [freezing, Count()], 32, val_check_interval=4, num_sanity_val_steps=0)
+        trainer.fit(module, shuffled(images()), DataLoader(TensorDataset(images(8).tensors[0]), batch_size=4))
+        return torch.stack(scores), served
+
+    plain, _ = run(0)
+    cached, served = run(64)
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    # both validation batches come from the cache when the frozen prefix is unchanged since the last run
+    assert max(served) == 2 and served.count(2) >= 2
 
 
 def test_a_unet_is_not_served_and_says_why(tmp_path):
