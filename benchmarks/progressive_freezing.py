@@ -69,6 +69,7 @@ METHODS = {
     "freezeout": lambda: [ProgressiveFreezing(schedule="freezeout")],
     # the same schedule serving the frozen blocks' outputs from memory (the data repeat exactly)
     "freezeout cached": lambda: [ProgressiveFreezing(schedule="freezeout", cache_frozen_mb=1024)],
+    "freezeout t0 0.75 cached": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.75, cache_frozen_mb=1024)],
     "freezeout t0 0.7 cached": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.7, cache_frozen_mb=1024)],
     # earlier schedules, for runs that over-fit (the 8x8 ViT, the pydoc LM past ~250 steps)
     "freezeout t0 0.5": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.5)],

@@ -302,7 +302,8 @@ class ProgressiveFreezing(EfficientCallback):
             raise ValueError("`cache_frozen_mb` needs frozen_eval=True: frozen blocks in train mode (dropout) "
                              "do not return the same output twice")
         self._cache: Optional[FrozenOutputCache] = None
-        self._served_before = 0
+        self._served_before = self._idle_epochs = 0
+        self._epoch_mark: tuple[int, int] = (-1, -1)
         self._annealing: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
         self.blocks: list[Block] = []
@@ -434,6 +435,23 @@ class ProgressiveFreezing(EfficientCallback):
         if self._cache is not None:
             self._cache.active = True
         self._step_start = time.perf_counter()
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._cache is not None:
+            self._epoch_mark = (self.frozen, self._cache.row_hits)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        cache = self._cache
+        if cache is None or cache.disabled is not None or not self.frozen:
+            return
+        # a whole epoch on one frozen prefix, and not one training row came back: nothing repeats
+        idle = self._epoch_mark == (self.frozen, cache.row_hits)
+        self._idle_epochs = self._idle_epochs + 1 if idle else 0
+        if self._idle_epochs >= 2:
+            cache.disable("no input to the frozen blocks came back in two epochs (random augmentation, dropout "
+                          "before them, or an embedding still training through a tied head?)", for_good=True)
 
     @override
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch, batch_idx,

@@ -120,7 +120,9 @@ class FrozenOutputCache:
         self.active = False
         self.start: Optional[int] = None  # first module served from the cache; learnt on a forward
         self.disabled: Optional[str] = None  # why this prefix cannot be served (warned once)
-        self.forwards = self.served = self.served_in_part = 0  # training forwards through the prefix
+        self._for_good = False
+        self.forwards = self.served = self.served_in_part = 0  # forwards through the prefix
+        self.row_hits = 0  # rows found (in ``rows`` or ``previous``)
         self._originals: list[tuple[nn.Module, Any]] = []
         self._tails: list[Optional[tuple]] = []  # what each module returns after its tensor (structure)
         self._previous_last = self._previous_start = -1
@@ -143,7 +145,9 @@ class FrozenOutputCache:
             self._originals.append((module, module.__dict__.get("forward")))
             module.forward = functools.partial(self._forward, index, module.forward)
             self.modules.append(module)
-        self.start, self.disabled, self._plan = None, None, None
+        self.start, self._plan = None, None
+        if not self._for_good:
+            self.disabled = None
 
     def clear(self) -> None:
         self.rows, self.previous, self.nbytes = {}, {}, 0
@@ -163,10 +167,10 @@ class FrozenOutputCache:
         if not self.active or self._computing or self.disabled is not None:
             return original(*args, **kwargs)
         if torch.compiler.is_compiling():  # a compiled graph would bake one plan in
-            self._disable("the frozen blocks run inside torch.compile")
+            self.disable("the frozen blocks run inside torch.compile")
             return original(*args, **kwargs)
         if not (args and isinstance(args[0], torch.Tensor)):
-            self._disable("a frozen block takes its input by keyword, not as its first argument")
+            self.disable("a frozen block takes its input by keyword, not as its first argument")
             return original(*args, **kwargs)
         last = len(self.modules) - 1
         if index == 0:
@@ -201,12 +205,14 @@ class FrozenOutputCache:
         rows = [self.rows.get(k) for k in keys]
         if all(row is not None for row in rows):
             self.served += 1
+            self.row_hits += len(rows)
             return torch.stack(rows)
         batch = len(keys)
         if any(t.dim() and t.shape[0] == batch for t in _tensors((args[1:], kwargs))):
             return None  # e.g. a padding mask: rows cannot be run apart (would need slicing it); store them
         moving = [i for i, row in enumerate(rows) if row is None and keys[i] in self.previous]
         unseen = [i for i, row in enumerate(rows) if row is None and keys[i] not in self.previous]
+        self.row_hits += batch - len(unseen)
         self.served_in_part += len(unseen) < batch
         with torch.no_grad():
             for indices, first in ((moving, self._previous_last + 1), (unseen, self.start)):
@@ -241,14 +247,14 @@ class FrozenOutputCache:
         trace, self._trace = self._trace, []
         last = len(self.modules) - 1
         if [index for index, *_ in trace] != list(range(last + 1)):
-            return self._disable("the frozen blocks are not called once each, in order, in one forward")
+            return self.disable("the frozen blocks are not called once each, in order, in one forward")
         outputs = [output for *_, output in trace]
         self._tails = [tuple(output[1:]) if isinstance(output, tuple) else None for output in outputs]
         tensors = [_tensor_part(output) for output in outputs]
         inputs = [args[0] for _, args, _, _ in trace]
         extras = [_flatten((args[1:], kwargs), []) for _, args, kwargs, _ in trace]
         if tensors[last] is None or tensors[last].shape[:1] != inputs[last].shape[:1]:
-            return self._disable("the last frozen block returns more than one tensor per row")
+            return self.disable("the last frozen block returns more than one tensor per row")
         start = last
         while start > 0:  # walk back while each module feeds the next, same shape, same other arguments
             before, out_before = inputs[start - 1], tensors[start - 1]
@@ -278,8 +284,10 @@ class FrozenOutputCache:
             self.rows[key] = row
             self.nbytes += _row_bytes(row)
 
-    def _disable(self, why: str) -> None:
-        self.disabled = why
+    def disable(self, why: str, for_good: bool = False) -> None:
+        """Stop serving and storing for the current frozen prefix (or ``for_good``), free the rows, warn why."""
+        self.disabled, self._for_good = why, for_good
+        self.clear()
         rank_zero_warn(f"ProgressiveFreezing: frozen outputs are not cached: {why}")
 
     # -- reporting --------------------------------------------------------------------------------
