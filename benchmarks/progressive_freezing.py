@@ -144,7 +144,8 @@ def main(argv=None) -> None:
             print(f"[seed {seed}] {method}: acc {r['acc']:.3f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
                   flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
-    print(f"\n{args.task} digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    task = "pydoc LM, {} steps" if args.task == "lm" else args.task + " digits ViT, {} epochs"
+    print(f"\n{task.format(args.epochs)}, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     quality = "best val loss" if args.task == "lm" else "val acc %"
     final = " final val loss |" if args.task == "lm" else ""
     print(f"| method | {quality} |{final} fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
