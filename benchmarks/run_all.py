@@ -77,6 +77,12 @@ BENCHMARKS = {
                                       "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds",
                                       "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %",
                                       curves=True),
+    "freezing_vit32_cached": Benchmark("progressive_freezing.py", ("--task", "vit32", "--epochs", "40", "--seeds", "0", "1",
+                                                                   "2", "--threads", "2", "--methods", "baseline",
+                                                                   "freezeout", "freezeout cached"),
+                                       "FreezeOut with and without the frozen-output cache on the 32×32 digits ViT "
+                                       "(40 epochs), 3 seeds", "docs/methods/progressive_freezing.md",
+                                       "fit time vs baseline", "val acc %", curves=True),
     "freezing_lm_alone": Benchmark("progressive_freezing.py", ("--task", "lm", "--epochs", "600", "--seeds", "0",
                                                                "--threads", "2", "--methods", "baseline",
                                                                "freezeout cached", "freezeout t0 0.75 cached"),
