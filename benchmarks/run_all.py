@@ -216,16 +216,23 @@ def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
 
 
 def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
-    """Validation loss against cumulative training wall time, one line per run, or None without curves."""
+    """Validation loss against cumulative training wall time, one line per method (the mean over its
+    seeds), or None without curves."""
     plt = pyplot()
     runs = [r for r in runs if r.get("val_steps") and r.get("step_times")]
     if not runs:
         return None
-    figure, ax = plt.subplots(figsize=(7, 4))
+    groups: dict[str, list[dict]] = {}
     for r in runs:
-        elapsed = [sum(r["step_times"][:step]) for step in r["val_steps"]]
-        label = " ".join(str(r[k]) for k in ("method", "sparsity", "seed") if r.get(k) is not None)
-        ax.plot(elapsed, r["val_losses"], marker=".", label=label)
+        groups.setdefault(" ".join(str(r[k]) for k in ("method", "sparsity") if r.get(k) is not None), []).append(r)
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for label, members in groups.items():
+        points = min(len(r["val_steps"]) for r in members)
+        elapsed = [[sum(r["step_times"][:step]) for step in r["val_steps"][:points]] for r in members]
+        losses = [r["val_losses"][:points] for r in members]
+        mean = lambda rows: [sum(column) / len(column) for column in zip(*rows)]  # noqa: E731
+        seeds = f" ({len(members)} seeds)" if len(members) > 1 else ""
+        ax.plot(mean(elapsed), mean(losses), marker=".", label=label + seeds)
     ax.set_xlabel("training wall time (s, steps only)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)

@@ -40,7 +40,7 @@ from typing_extensions import override
 from lit_efficient.freezing_cache import FrozenOutputCache
 from lit_efficient.monitor import EfficientCallback, SavingsRow
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_bool, check_fraction, is_due, progress
-from lit_efficient.targets import fqn_matches, no_match_message, require_whole_weights, validate_patterns
+from lit_efficient.targets import fqn_matches, no_match_message, refuse_sharded_strategies, validate_patterns
 
 Schedule = Literal["freezeout", "linear", "adaptive"]
 Warp = Literal["linear", "squared", "cubic"]
@@ -329,7 +329,7 @@ class ProgressiveFreezing(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        require_whole_weights(trainer, "ProgressiveFreezing", "blocks could not be frozen whole")
+        refuse_sharded_strategies(trainer, "ProgressiveFreezing", "blocks could not be frozen whole")
         strategy = trainer.strategy
         if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
             # frozen parameters get no gradient: DDP must not wait for them

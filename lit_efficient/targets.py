@@ -294,9 +294,9 @@ def target_summary(targets: Sequence[Target]) -> str:
     return "\n".join(f"{t.name} ({t.kind}, {tuple(t.param.shape)})" for t in targets)
 
 
-def require_whole_weights(trainer, technique: str, reason: str) -> None:
-    """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed): ``technique`` needs each
-    weight whole on every rank, because ``reason``. Call from ``setup``."""
+def refuse_sharded_strategies(trainer, technique: str, reason: str) -> None:
+    """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed) for ``technique``, because
+    ``reason`` (it needs each weight whole on every rank, or it is untested there). Call from ``setup``."""
     strategy = trainer.strategy
     # DeepSpeedStrategy subclasses DDPStrategy but partitions parameters and optimizer state
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
@@ -316,7 +316,7 @@ __all__ = [
     "match_modules",
     "module_kind",
     "no_match_message",
-    "require_whole_weights",
+    "refuse_sharded_strategies",
     "select_targets",
     "target_summary",
     "validate_patterns",

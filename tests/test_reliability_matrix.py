@@ -6,8 +6,8 @@ combinations of them (``tests/techniques.py``), through the same checks —
 * a SIGTERM mid-fit (Lightning's fault-tolerant path: ``OnExceptionCheckpoint``), then resume: the
   same as the uninterrupted run;
 * bf16 autocast on CPU and gradient accumulation 2 train, with each technique's invariant kept;
-* strategies that shard or wrap parameters (FSDP, DeepSpeed) refused in ``setup`` where the
-  technique needs whole weights;
+* strategies that shard or wrap parameters (FSDP, DeepSpeed) refused in ``setup`` (needing whole
+  weights, or untested there);
 * LightningCLI: ``--print_config`` of every callback re-runs;
 * bad input: every argument of every callback has an invalid value that raises a ValueError naming it.
 
@@ -150,7 +150,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, name):
 
 # -- strategies -----------------------------------------------------------------------------------
 
-WHOLE_WEIGHTS = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "GaLore"]
+REFUSED_SHARDED = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "GaLore", "LossReweighting",
+                   "InfoBatch"]  # every callback
 
 
 class _StubTrainer:
@@ -161,7 +162,7 @@ class _StubTrainer:
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy(), object.__new__(DeepSpeedStrategy)],
                          ids=["fsdp", "deepspeed"])
-@pytest.mark.parametrize("name", WHOLE_WEIGHTS)
+@pytest.mark.parametrize("name", REFUSED_SHARDED)
 def test_sharding_strategies_are_refused_in_setup(name, strategy):
     callback = getattr(lit_efficient, name)()
     with pytest.raises(RuntimeError, match=f"{name} supports single-device and DDP training; {type(strategy).__name__}"):

@@ -177,14 +177,14 @@ def test_module_kind():
     assert module_kind(nn.Linear(2, 2, bias=False)) == "linear"
 
 
-def test_require_whole_weights_refuses_sharding_strategies():
+def test_refuse_sharded_strategies_refuses_sharding_strategies():
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-    from lit_efficient.targets import require_whole_weights
+    from lit_efficient.targets import refuse_sharded_strategies
 
     for ok in (SingleDeviceStrategy("cpu"), DDPStrategy()):
-        require_whole_weights(SimpleNamespace(strategy=ok), "GraNet", "masks need whole weights")
+        refuse_sharded_strategies(SimpleNamespace(strategy=ok), "GraNet", "masks need whole weights")
     with pytest.raises(RuntimeError, match="GraNet supports single-device and DDP training; FSDPStrategy shards"):
-        require_whole_weights(SimpleNamespace(strategy=FSDPStrategy()), "GraNet", "masks need whole weights")
+        refuse_sharded_strategies(SimpleNamespace(strategy=FSDPStrategy()), "GraNet", "masks need whole weights")

@@ -32,7 +32,7 @@ from lit_efficient.lowrank.optim import GaLoreAdamW, check_galore_group, state_b
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, ProjType, Projection
 from lit_efficient.monitor import EfficientCallback, SavingsRow, step_logs_due
 from lit_efficient.schedules import check_bool, check_int
-from lit_efficient.targets import require_whole_weights, select_targets, validate_patterns
+from lit_efficient.targets import refuse_sharded_strategies, select_targets, validate_patterns
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
 
@@ -102,7 +102,7 @@ class GaLore(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        require_whole_weights(trainer, "GaLore", "the projection needs each whole gradient matrix")
+        refuse_sharded_strategies(trainer, "GaLore", "the projection needs each whole gradient matrix")
         if self.layerwise:
             problems = []
             if trainer.accumulate_grad_batches > 1:

@@ -38,6 +38,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback
+from lit_efficient.targets import refuse_sharded_strategies
 
 CONTRACT = ('`training_step` must return {"loss": losses.mean(), "sample_losses": losses}, with `losses` a 1-D '
             "tensor of one loss per sample (for a language model: each sequence's mean token loss)")
@@ -69,6 +70,9 @@ class SampleLossCallback(EfficientCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
+            # nothing here needs whole weights, but without GPUs it has never run sharded: say so
+            refuse_sharded_strategies(trainer, type(self).__name__, "it has not been tested there (no GPU "
+                                      "machine here); the reduction and sampler are tested under DDP")
             attach(trainer, pl_module, self)
         super().setup(trainer, pl_module, stage)
 

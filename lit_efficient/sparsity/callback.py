@@ -27,7 +27,7 @@ from lit_efficient.sparsity.masks import (
     random_mask,
     uniform_densities,
 )
-from lit_efficient.targets import require_whole_weights, select_targets, validate_patterns
+from lit_efficient.targets import refuse_sharded_strategies, select_targets, validate_patterns
 
 Distribution = Literal["erk", "uniform"]
 SPARSE_KINDS = ("linear", "conv", "embedding")
@@ -82,7 +82,7 @@ class SparseTrainingCallback(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        require_whole_weights(trainer, type(self).__name__, "masks could not be applied to whole weights")
+        refuse_sharded_strategies(trainer, type(self).__name__, "masks could not be applied to whole weights")
         targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
         self.masks = SparseMasks(targets)
         self.flops = ForwardFlops(targets)

@@ -28,7 +28,7 @@ from typing_extensions import override
 from lit_efficient.composition import Claim, weight_claim
 from lit_efficient.monitor import EfficientCallback, SavingsRow
 from lit_efficient.schedules import check_bool, check_int
-from lit_efficient.targets import Target, require_whole_weights, select_targets, validate_patterns
+from lit_efficient.targets import Target, refuse_sharded_strategies, select_targets, validate_patterns
 
 NM_KINDS = ("linear", "conv")
 
@@ -109,7 +109,7 @@ class NMSparsity(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        require_whole_weights(trainer, "NMSparsity", "the N:M mask could not see whole weights")
+        refuse_sharded_strategies(trainer, "NMSparsity", "the N:M mask could not see whole weights")
         targets = select_targets(pl_module, self.include, self.exclude, kinds=NM_KINDS)
         tied = [t.name for t in targets if t.aliases]
         if tied:
