@@ -127,7 +127,7 @@ def run(name: str, quick: bool) -> float:
     bench = BENCHMARKS[name]
     command = [sys.executable, str(HERE / bench.script), *(("--quick",) if quick else bench.args)]
     if bench.curves:
-        command += ["--json", str(LOGS / f"{name}.json")]
+        command += ["--json", os.path.relpath(LOGS / f"{name}.json", ROOT)]  # the script runs in ROOT
     LOGS.mkdir(exist_ok=True)
     start = time.perf_counter()
     with open(LOGS / f"{name}.txt", "w") as log:
