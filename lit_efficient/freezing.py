@@ -248,9 +248,8 @@ class ProgressiveFreezing(EfficientCallback):
         tied_embeddings: a frozen embedding tied to a trainable output head (GPT-2): ``"train"``
             (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
             it, head included.
-        cache_frozen_mb: keep the frozen blocks' output for every training input in up to this many
-            MiB and serve it instead of running them again when a whole batch was seen before
-            (default 0: off). Pays when the same inputs return every epoch (no random augmentation);
+        cache_frozen_mb: keep the frozen blocks' output for every input row seen, in up to this many
+            MiB, and serve it instead of running them again; only unseen rows run (default 0: off). Pays when the same inputs return every epoch (no random augmentation);
             otherwise nothing hits and the cache only fills. Needs ``frozen_eval``; not under
             ``torch.compile``; a model returning intermediate hidden states gets the skipped blocks'
             inputs there. See :mod:`lit_efficient.freezing_cache`.

@@ -289,7 +289,3 @@ class FrozenOutputCache:
         self.disabled, self._for_good = why, for_good
         self.clear()
         rank_zero_warn(f"ProgressiveFreezing: frozen outputs are not cached: {why}")
-
-    # -- reporting --------------------------------------------------------------------------------
-    def served_fraction(self) -> float:
-        return self.served / self.forwards if self.forwards else 0.0

@@ -336,26 +336,29 @@ def test_adaptive_freezes_a_prefix_from_gradient_norm_changes(tmp_path):
     assert len(freezing.previous_norms) == len(freezing.blocks) - freezing.frozen
 
 
+class UNetModule(pl.LightningModule):
+    """A tiny diffusers UNet trained to predict noise at random timesteps."""
+
+    def __init__(self):
+        super().__init__()
+        from diffusers import UNet2DModel
+
+        torch.manual_seed(0)
+        self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                norm_num_groups=8, layers_per_block=1,
+                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        noise = torch.randn_like(x)
+        t = torch.randint(0, 100, (x.shape[0],))
+        return nn.functional.mse_loss(self.unet(x + noise, t).sample, noise)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
 def test_unet_prefix_runs_without_a_graph(tmp_path):
-    from diffusers import UNet2DModel
-
-    class UNetModule(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                    norm_num_groups=8, layers_per_block=1,
-                                    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
-
-        def training_step(self, batch, batch_idx):
-            x, _ = batch
-            noise = torch.randn_like(x)
-            t = torch.randint(0, 100, (x.shape[0],))
-            return nn.functional.mse_loss(self.unet(x + noise, t).sample, noise)
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=1e-3)
-
     module = UNetModule()
     freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.5)
     make_trainer(tmp_path, [freezing], 8).fit(module, image_loader())
