@@ -1,13 +1,16 @@
 """What every benchmark script shares: the common command-line arguments, BASELINES.md's pydoc
-Llama task, a step-timing callback and the mean ± std table cell."""
+Llama task, a step-timing callback, the mean ± std table cell, and turn-taking runs (several
+trainings in their own processes sharing the machine in short alternating slices, so that its
+speed drifting over minutes slows them all alike)."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 
@@ -64,3 +67,77 @@ def mean_std(values: list[Optional[float]], scale: float = 1.0, digits: int = 1)
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+class Turns(pl.Callback):
+    """One of several processes that run one at a time, handing the machine on at a training step
+    boundary once they have held it for ``slice_s`` seconds. :attr:`held` is the time this process
+    computed while holding it, so one fit's time excludes every wait for the others.
+
+    Made by :func:`run_in_turns`; pass it to the Trainer *before* :class:`Measure` so that step times
+    exclude the waits too."""
+
+    def __init__(self, index: int, shared: tuple, slice_s: float) -> None:
+        self.index, self.slice_s = index, slice_s
+        self._condition, self._turn, self._done = shared
+        self._held, self._since = 0.0, None
+
+    @property
+    def held(self) -> float:
+        return self._held + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    def acquire(self) -> None:
+        with self._condition:
+            self._condition.wait_for(lambda: self._turn.value == self.index)
+        self._since = time.perf_counter()
+
+    def _hand_on(self, finished: bool) -> None:
+        self._held, self._since = self.held, None
+        count = len(self._done)
+        with self._condition:
+            self._done[self.index] = finished
+            following = [(self.index + k) % count for k in range(1, count + 1)]
+            self._turn.value = next((i for i in following if not self._done[i]), self.index)
+            self._condition.notify_all()
+
+    def release_for_good(self) -> None:
+        self._hand_on(finished=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if time.perf_counter() - self._since >= self.slice_s:
+            self._hand_on(finished=False)
+            self.acquire()
+
+
+def _take_turns(index: int, shared: tuple, slice_s: float, barrier, function: Callable, arguments: tuple, queue) -> None:
+    turns, result = Turns(index, shared, slice_s), None
+    barrier.wait()  # every process has imported what it needs before the first turn
+    turns.acquire()
+    try:
+        result = function(*arguments, turns=turns)
+    finally:
+        turns.release_for_good()
+        queue.put((index, result))
+
+
+def run_in_turns(function: Callable, argument_tuples: Sequence[tuple], slice_s: float = 0.5) -> list:
+    """``function(*arguments, turns=Turns)`` for every tuple, each in its own (spawned) process,
+    taking turns on the machine: only one computes at a time, each for ``slice_s`` seconds. The
+    function must put ``turns`` among its Trainer's callbacks and time its fit with ``turns.held``;
+    whatever it does before that (building the model, an untimed warm-up) runs in its turn but is
+    not counted. Returns the results in the order of ``argument_tuples``."""
+    context = multiprocessing.get_context("spawn")
+    count = len(argument_tuples)
+    shared = (context.Condition(), context.Value("i", 0, lock=False), context.Array("b", count, lock=False))
+    barrier, queue = context.Barrier(count, timeout=900), context.Queue()
+    processes = [context.Process(target=_take_turns, args=(i, shared, slice_s, barrier, function, arguments, queue))
+                 for i, arguments in enumerate(argument_tuples)]
+    for process in processes:
+        process.start()
+    results = dict(queue.get() for _ in processes)
+    for process in processes:
+        process.join()
+    failed = [argument_tuples[i] for i in range(count) if results[i] is None]
+    if failed:
+        raise RuntimeError(f"turn-taking runs failed: {failed}")
+    return [results[i] for i in range(count)]

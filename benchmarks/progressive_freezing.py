@@ -30,13 +30,14 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Measure, add_common_arguments, mean_std, pydoc_llama  # noqa: E402
+from benchmarks.common import Measure, Turns, add_common_arguments, mean_std, pydoc_llama, run_in_turns  # noqa: E402
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import ProgressiveFreezing  # noqa: E402
@@ -87,8 +88,9 @@ TASKS = {  # the BASELINES ViTs: (model arguments, image size); and "lm", the py
 }
 
 
-def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32") -> dict:
-    """``epochs`` counts optimizer steps for the LM (validation every 50)."""
+def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32", turns: Optional[Turns] = None) -> dict:
+    """``epochs`` counts optimizer steps for the LM (validation every 50). With ``turns`` the fit
+    time is the time this run held the machine (see ``--turns``)."""
     pl.seed_everything(seed, verbose=False)
     if task == "lm":  # the BASELINES pydoc Llama
         model, data = pydoc_llama(seed)
@@ -100,13 +102,14 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
         data = DigitsDataModule(batch_size=64, seed=seed, image_size=image_size)
         limits = {"max_epochs": epochs}
     steps = Measure()
-    callbacks = METHODS[method]() + [steps]
+    callbacks = METHODS[method]() + ([turns] if turns else []) + [steps]
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=callbacks, default_root_dir=root, **limits)
-    start = time.perf_counter()
+    clock = (lambda: turns.held) if turns else time.perf_counter
+    start = clock()
     trainer.fit(model, datamodule=data)
-    fit = time.perf_counter() - start
+    fit = clock() - start
     freezing = next((c for c in callbacks if isinstance(c, ProgressiveFreezing)), None)
     quarter = steps.step_times[-max(1, len(steps.step_times) // 4):]
     return {"method": method, "seed": seed, "fit": fit, "late_step": statistics.median(quarter),
@@ -114,6 +117,14 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32")
             "final_loss": steps.val_losses[-1] if steps.val_losses else None,
             "step_times": steps.step_times, "val_steps": steps.val_steps, "val_losses": steps.val_losses,
             "frozen_steps": freezing.frozen_param_steps / max(1, freezing.counted_steps) if freezing else None}
+
+
+def warmed_up_run(method: str, seed: int, epochs: int, root: str, task: str, threads: int,
+                  turns: Optional[Turns] = None) -> dict:
+    """One timed run after an untimed warm-up in the same process (first-call costs out of the timing)."""
+    torch.set_num_threads(threads)
+    run_one("baseline", 0, 2 if task == "lm" else 1, root, task)
+    return run_one(method, seed, epochs, root, task, turns)
 
 
 def main(argv=None) -> None:
@@ -124,6 +135,10 @@ def main(argv=None) -> None:
                              "lm: the pydoc LM, --epochs counts steps (reports the best val loss as 'val acc')")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--turns", type=float, default=0.0, metavar="SECONDS",
+                        help="run a seed's methods in parallel processes that take turns on the machine in slices "
+                             "of this many seconds, so its speed drifting over minutes slows them alike "
+                             "(default 0: one after the other in this process)")
     parser.add_argument("--json", default=None, help="also write every run's numbers and validation curves here")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
@@ -132,20 +147,26 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args.task == "lm" and "leaf rule" in args.methods:
         args.methods.remove("leaf rule")  # the emulation knows the ViT's blocks only
-    run_one("baseline", 0, 2 if args.task == "lm" else 1, args.root, args.task)  # untimed warm-up
+    if not args.turns:
+        run_one("baseline", 0, 2 if args.task == "lm" else 1, args.root, args.task)  # untimed warm-up
     results = []
     for seed in args.seeds:
-        for method in args.methods:
-            r = run_one(method, seed, args.epochs, args.root, args.task)
+        if args.turns:
+            runs = run_in_turns(warmed_up_run, [(method, seed, args.epochs, os.path.join(args.root, str(i)), args.task,
+                                                 args.threads) for i, method in enumerate(args.methods)], args.turns)
+        else:
+            runs = (run_one(method, seed, args.epochs, args.root, args.task) for method in args.methods)
+        for r in runs:
             results.append(r)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f)
-            print(f"[seed {seed}] {method}: acc {r['acc']:.3f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
+            print(f"[seed {seed}] {r['method']}: acc {r['acc']:.3f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
                   flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
     task = "pydoc LM, {} steps" if args.task == "lm" else args.task + " digits ViT, {} epochs"
-    print(f"\n{task.format(args.epochs)}, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    order = f"taking turns in {args.turns} s slices" if args.turns else "one after the other"
+    print(f"\n{task.format(args.epochs)}, seeds {args.seeds}, {args.threads} thread(s), {order}")
     quality = "best val loss" if args.task == "lm" else "val acc %"
     final = " final val loss |" if args.task == "lm" else ""
     print(f"| method | {quality} |{final} fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")

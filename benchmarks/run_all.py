@@ -77,6 +77,13 @@ BENCHMARKS = {
                                       "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds",
                                       "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %",
                                       curves=True),
+    "freezing_vit8_turns": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2",
+                                                                 "3", "4", "--turns", "0.5", "--methods", "baseline",
+                                                                 "freezeout", "freezeout cached"),
+                                     "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds, "
+                                     "each seed's runs taking turns on the machine in 0.5 s slices",
+                                     "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %",
+                                     curves=True),
     "freezing_vit32_cached": Benchmark("progressive_freezing.py", ("--task", "vit32", "--epochs", "40", "--seeds", "0", "1",
                                                                    "2", "--threads", "2", "--methods", "baseline",
                                                                    "freezeout", "freezeout cached"),

@@ -40,9 +40,10 @@ METHODS = {  # name -> (rehearsal, SparCL options or None)
     "DER++": ("derpp", None),
     "SparCL-DER++ 75%": ("derpp", dict(sparsity=0.75)),
     "SparCL-DER++ 90%": ("derpp", dict(sparsity=0.90)),
-    "SparCL-DER++ 90%, no DDR": ("derpp", dict(sparsity=0.90, ddr=False)),
+    "SparCL-DER++ 90%, no DDR": ("derpp", dict(sparsity=0.90, ddr=False)),  # ablations
+    "SparCL-DER++ 90%, no TDM": ("derpp", dict(sparsity=0.90, tdm=False)),
 }
-DEFAULT_METHODS = [m for m in METHODS if "no DDR" not in m]
+DEFAULT_METHODS = [m for m in METHODS if ", no " not in m]
 
 
 def layer_flops(model: torch.nn.Module) -> tuple[float, float]:
@@ -56,10 +57,10 @@ def layer_flops(model: torch.nn.Module) -> tuple[float, float]:
     return total, sum(f for f, t in zip(flops.flops, every) if t.name in targeted)
 
 
-def run_one(name: str, seed: int, epochs_per_task: int, root: str) -> dict:
+def run_one(name: str, seed: int, epochs_per_task: int, root: str, width: int = 32) -> dict:
     method, options = METHODS[name]
     pl.seed_everything(seed, verbose=False)
-    model = ContinualClassifier(method=method, buffer_size=200, alpha=0.1, beta=0.5, lr=0.03, seed=seed)
+    model = ContinualClassifier(method=method, buffer_size=200, alpha=0.1, beta=0.5, lr=0.03, seed=seed, width=width)
     data = SplitDigits(num_tasks=5, epochs_per_task=epochs_per_task, batch_size=32, seed=seed)
     matrix = AccuracyMatrix()
     sparcl = SparCL(seed=seed, **options) if options is not None else None
@@ -87,8 +88,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs-per-task", type=int, default=10)
+    parser.add_argument("--width", type=int, default=32, help="the CNN's stem channels (default 32; the rest scale with it)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
-                        help="default: all but the ablation 'SparCL-DER++ 90%%, no DDR'")
+                        help="default: all but the ablations ('..., no DDR', '..., no TDM')")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -97,13 +99,14 @@ def main(argv=None) -> None:
     results = []
     for seed in args.seeds:
         for name in args.methods:
-            r = run_one(name, seed, args.epochs_per_task, args.root)
+            r = run_one(name, seed, args.epochs_per_task, args.root, args.width)
             results.append(r)
             print(f"[seed {seed}] {name}: Class-IL {r['cil']:.2f}, Task-IL {r['til']:.2f}, forgetting "
                   f"{r['forgetting']:.2f}, FLOPs {r['flops']:.4f}, removed {r['removed']:.3f}, {r['steps']} steps, "
                   f"fit {r['fit']:.1f}s", flush=True)
     dense = {r["seed"]: r for r in results if r["name"] == "DER++"}
-    print(f"\nSplit-digits (5 tasks x 2 classes, {args.epochs_per_task} epochs a task), small CNN, buffer 200, "
+    print(f"\nSplit-digits (5 tasks x 2 classes, {args.epochs_per_task} epochs a task), small CNN of width {args.width}, "
+          f"buffer 200, "
           f"seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | Class-IL avg acc % | Task-IL avg acc % | Class-IL forgetting | training FLOPs vs dense DER++ "
           "| fewer FLOPs | data removed | fit time vs DER++ |")
