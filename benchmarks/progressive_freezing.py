@@ -2,6 +2,7 @@
 
     python benchmarks/progressive_freezing.py --seeds 0 1 2      # ~7 min a seed, one thread
     python benchmarks/progressive_freezing.py --task vit8 --epochs 40 --seeds 0 1 2   # 8x8 ViT, ~4 min a seed
+    python benchmarks/progressive_freezing.py --task vit8 --epochs 40 --turns 0.5   # runs taking turns (below)
     python benchmarks/progressive_freezing.py --quick            # smoke test
 
 Task: the BASELINES.md 32×32 digits ViT (patch 4, width 96, 6 blocks; AdamW 2e-3, wd 0.05, cosine,
@@ -17,6 +18,11 @@ batch 64, 20 epochs). Methods, all within one seed one after the other:
 * ``leaf rule`` — Composer's rule, emulated: the same linear schedule freezes transformer blocks
   only (requires_grad off, out of the optimizer) while the patch embedding and position/class
   tokens keep training, so the backward still runs through every frozen block to reach them.
+
+With ``--turns SECONDS`` a seed's methods run in separate processes that take turns on the machine
+in slices of that length, each timed by the time it held it: a machine whose speed drifts over
+minutes (this project's VM: ±15%) then slows every method alike, and the ratios stop depending on
+which ran when.
 
 Reported (mean ± std over seeds): final validation accuracy, fit wall time and the median step
 time over the last quarter of training relative to the baseline, and the parameter-steps frozen.
