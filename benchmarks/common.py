@@ -43,6 +43,7 @@ class Measure(pl.Callback):
 
     def __init__(self) -> None:
         self.step_times: list[float] = []
+        self.samples = 0  # training samples (rows of the batch's first tensor) over all steps
         self.val_losses: list[float] = []
         self.val_steps: list[int] = []
         self._start = 0.0
@@ -52,11 +53,20 @@ class Measure(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.step_times.append(time.perf_counter() - self._start)
+        self.samples += _batch_rows(batch)
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
             self.val_losses.append(float(trainer.callback_metrics["val/loss"]))
             self.val_steps.append(trainer.global_step)
+
+
+def _batch_rows(batch: Any) -> int:
+    """Rows of the first tensor in a batch (a tensor, or a tuple/list/dict holding tensors)."""
+    if hasattr(batch, "shape"):
+        return int(batch.shape[0]) if len(batch.shape) else 1
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return next((_batch_rows(item) for item in items if hasattr(item, "shape") or isinstance(item, (list, tuple, dict))), 0)
 
 
 def mean_std(values: list[Optional[float]], scale: float = 1.0, digits: int = 1) -> str:

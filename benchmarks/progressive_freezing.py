@@ -119,6 +119,7 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32",
     freezing = next((c for c in callbacks if isinstance(c, ProgressiveFreezing)), None)
     quarter = steps.step_times[-max(1, len(steps.step_times) // 4):]
     return {"method": method, "seed": seed, "fit": fit, "late_step": statistics.median(quarter),
+            "samples_per_s": steps.samples / fit,
             "acc": float(trainer.callback_metrics["val/acc"]) * 100 if task != "lm" else min(steps.val_losses),
             "final_loss": steps.val_losses[-1] if steps.val_losses else None,
             "step_times": steps.step_times, "val_steps": steps.val_steps, "val_losses": steps.val_losses,
@@ -175,13 +176,15 @@ def main(argv=None) -> None:
     print(f"\n{task.format(args.epochs)}, seeds {args.seeds}, {args.threads} thread(s), {order}")
     quality = "best val loss" if args.task == "lm" else "val acc %"
     final = " final val loss |" if args.task == "lm" else ""
-    print(f"| method | {quality} |{final} fit time vs baseline | late step time vs baseline | parameter-steps frozen % |")
-    print("|---|---|" + ("---|" if final else "") + "---|---|---|")
+    print(f"| method | {quality} |{final} fit time vs baseline | samples/s (whole fit) | late step time vs baseline "
+          "| parameter-steps frozen % |")
+    print("|---|---|" + ("---|" if final else "") + "---|---|---|---|")
     for method in args.methods:
         runs = [r for r in results if r["method"] == method]
         finals = f" {mean_std([r['final_loss'] for r in runs], digits=3)} |" if final else ""
         print(f"| {method} | {mean_std([r['acc'] for r in runs], digits=3 if args.task == 'lm' else 1)} |{finals} "
               f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} | "
+              f"{mean_std([r.get('samples_per_s') for r in runs], digits=0)} | "
               f"{mean_std([r['late_step'] / base[r['seed']]['late_step'] for r in runs], digits=3)} | "
               f"{mean_std([r['frozen_steps'] for r in runs], scale=100, digits=1)} |")
 
