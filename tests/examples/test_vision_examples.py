@@ -191,6 +191,7 @@ def test_continual_config_round_trips_and_the_sparcl_overlay_trains(tmp_path, ca
     assert any(isinstance(c, AccuracyMatrix) for c in cli.trainer.callbacks)
     assert sparcl.masks.names() == ["model.conv1", "model.conv2", "model.fc"]  # stem and head stay dense
     assert sparcl.masks.sparsity() == pytest.approx(0.9, abs=1e-3) and sparcl.num_samples == 295
+    assert cli.datamodule.epochs_per_task == 50 and cli.trainer.max_epochs == 250  # the paper's 50-epoch tasks
 
 
 @pytest.mark.parametrize("base", ["vit_digits.yaml", "ddpm_digits.yaml"])
