@@ -120,7 +120,7 @@ BENCHMARKS = {
                                                 "SparCL-DER++ 90%, no TDM"),
                                   "SparCL at 90% without data removal / without mask updates (static magnitude masks)",
                                   "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
-    "sparcl_long_tasks": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "--threads", "2", "--epochs-per-task", "50",
+    "sparcl_long_tasks": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "3", "4", "--threads", "2", "--epochs-per-task", "50",
                                                  "--methods", "DER++", "SparCL-DER++ 75%", "SparCL-DER++ 90%"),
                                    "SparCL on Split-digits with the paper's 50-epoch tasks (its schedule unscaled)",
                                    "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
