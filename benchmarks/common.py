@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import queue as queue_module
 import statistics
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -144,7 +145,14 @@ def run_in_turns(function: Callable, argument_tuples: Sequence[tuple], slice_s: 
                  for i, arguments in enumerate(argument_tuples)]
     for process in processes:
         process.start()
-    results = dict(queue.get() for _ in processes)
+    results: dict = {}
+    while len(results) < count:
+        try:
+            index, result = queue.get(timeout=5)
+            results[index] = result
+        except queue_module.Empty:
+            if not any(process.is_alive() for process in processes):  # one died before it could report
+                results.update({i: None for i in range(count) if i not in results})
     for process in processes:
         process.join()
     failed = [argument_tuples[i] for i in range(count) if results[i] is None]

@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import run_in_turns  # noqa: E402
@@ -36,3 +38,14 @@ def test_runs_take_turns_and_count_only_their_own_time():
     for intervals, held in results:
         work = sum(e - s for s, e in intervals)
         assert work <= held < work + 0.1 * len(intervals)  # waits for the other are not counted
+
+
+def fails_for_zero(value, turns):
+    if value == 0:
+        raise ValueError("this run fails")
+    return value
+
+
+def test_a_failing_run_is_reported_and_the_others_finish():
+    with pytest.raises(RuntimeError, match=r"turn-taking runs failed: \[\(0,\)\]"):
+        run_in_turns(fails_for_zero, [(0,), (1,)], slice_s=0.05)
