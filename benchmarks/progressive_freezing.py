@@ -126,11 +126,16 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32",
             "frozen_steps": freezing.frozen_param_steps / max(1, freezing.counted_steps) if freezing else None}
 
 
+def warm_up(root: str, task: str) -> None:
+    """A short untimed run, so that first-call costs stay out of the timed ones in this process."""
+    run_one("baseline", 0, 2 if task == "lm" else 1, root, task)
+
+
 def warmed_up_run(method: str, seed: int, epochs: int, root: str, task: str, threads: int,
                   turns: Optional[Turns] = None) -> dict:
-    """One timed run after an untimed warm-up in the same process (first-call costs out of the timing)."""
+    """One timed run after a warm-up, in a process of its own (``--turns``)."""
     torch.set_num_threads(threads)
-    run_one("baseline", 0, 2 if task == "lm" else 1, root, task)
+    warm_up(root, task)
     return run_one(method, seed, epochs, root, task, turns)
 
 
@@ -155,7 +160,7 @@ def main(argv=None) -> None:
     if args.task == "lm" and "leaf rule" in args.methods:
         args.methods.remove("leaf rule")  # the emulation knows the ViT's blocks only
     if not args.turns:
-        run_one("baseline", 0, 2 if args.task == "lm" else 1, args.root, args.task)  # untimed warm-up
+        warm_up(args.root, args.task)
     results = []
     for seed in args.seeds:
         if args.turns:

@@ -106,8 +106,7 @@ def main(argv=None) -> None:
                   f"fit {r['fit']:.1f}s", flush=True)
     dense = {r["seed"]: r for r in results if r["name"] == "DER++"}
     print(f"\nSplit-digits (5 tasks x 2 classes, {args.epochs_per_task} epochs a task), small CNN of width {args.width}, "
-          f"buffer 200, "
-          f"seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+          f"buffer 200, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | Class-IL avg acc % | Task-IL avg acc % | Class-IL forgetting | training FLOPs vs dense DER++ "
           "| fewer FLOPs | data removed | fit time vs DER++ |")
     print("|---|---|---|---|---|---|---|---|")

@@ -249,9 +249,10 @@ class ProgressiveFreezing(EfficientCallback):
             (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
             it, head included.
         cache_frozen_mb: keep the frozen blocks' output for every input row seen, in up to this many
-            MiB, and serve it instead of running them again; only unseen rows run (default 0: off). Pays when the same inputs return every epoch (no random augmentation);
-            otherwise nothing hits and the cache only fills. Needs ``frozen_eval``; not under
-            ``torch.compile``; a model returning intermediate hidden states gets the skipped blocks'
+            MiB, and serve it instead of running them again; only unseen rows run (default 0: off).
+            Pays when the same inputs return every epoch (no random augmentation); otherwise nothing
+            hits, and after two such epochs the cache frees its rows and stops, with a warning.
+            Needs ``frozen_eval``; not under ``torch.compile``; a model returning intermediate hidden states gets the skipped blocks'
             inputs there. See :mod:`lit_efficient.freezing_cache`.
         lr_annealing: FreezeOut: scale each block's updates by ``½(1 + cos(π t / t_i))``, reaching
             zero at its freeze time ``t_i``, on top of the module's own LR schedule (default False).
