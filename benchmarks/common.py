@@ -29,13 +29,14 @@ PYDOC_LLAMA = dict(arch="llama", vocab_size=2048, hidden_size=256, intermediate_
                    warmup_fraction=0.05)
 
 
-def pydoc_llama(seed: int, model_class: Optional[type] = None) -> tuple[Any, Any]:
-    """The BASELINES.md pydoc Llama (``model_class``, default ``CausalLM``) and its data (batch 16 × 128)."""
+def pydoc_llama(seed: int, model_class: Optional[type] = None, corpus: str = "pydoc") -> tuple[Any, Any]:
+    """The BASELINES.md pydoc Llama (``model_class``, default ``CausalLM``) and its data (batch 16 × 128);
+    ``corpus="stdlib_docstrings"`` trains the same model on the larger, more mixed docstring corpus."""
     from examples.nlp.data import PydocTextDataModule
     from examples.nlp.lm import CausalLM
 
     model = (model_class or CausalLM)(**PYDOC_LLAMA)
-    return model, PydocTextDataModule(vocab_size=2048, seq_len=128, batch_size=16, seed=seed)
+    return model, PydocTextDataModule(corpus=corpus, vocab_size=2048, seq_len=128, batch_size=16, seed=seed)
 
 
 class Measure(pl.Callback):

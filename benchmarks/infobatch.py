@@ -9,15 +9,19 @@ ViT (patch 2, width 64, 4 blocks; AdamW 3e-3, wd 0.05, batch 64, warm-up + cosin
 ``estimated_stepping_batches``, which InfoBatch keeps ending at the end). Reported: final and best
 validation accuracy, samples forwarded and optimizer steps relative to the baseline, fit wall time
 relative to the baseline. ``--same-budget`` adds the control that says whether InfoBatch's choice
-of samples matters: plain training shortened to the steps InfoBatch took.
+of samples matters: plain training shortened to the steps InfoBatch took. ``--ablations`` adds
+InfoBatch without its rescaling, random pruning of as many samples (the paper's ablations), and
+InfoBatch's loader and sample order with nothing pruned (what a different data order alone does).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
+from typing import Optional
 
 import lightning.pytorch as pl
 import torch
@@ -42,13 +46,40 @@ class Accuracy(pl.Callback):
             self.accs.append(float(trainer.callback_metrics["val/acc"]) * 100)
 
 
-def run_one(ratio: float, seed: int, epochs: int, root: str, name: str = "") -> dict:
+class InfoBatchNoRescaling(InfoBatch):
+    """Ablation: InfoBatch's pruning without the 1/(1 - prune_ratio) rescaling of the kept well-learned samples."""
+
+    def prepare_epoch(self, epoch: int, max_epochs: int) -> None:
+        super().prepare_epoch(epoch, max_epochs)
+        self.multipliers = torch.ones_like(self.multipliers)
+
+
+class RandomPruning(InfoBatch):
+    """Ablation: skip as many samples as InfoBatch would, drawn uniformly from the whole dataset (no
+    rescaling: uniform skipping leaves the expected mean gradient unchanged)."""
+
+    def prepare_epoch(self, epoch: int, max_epochs: int) -> None:
+        super().prepare_epoch(epoch, max_epochs)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        self.order = torch.randperm(self.num_samples, generator=generator)[: self.order.numel()]
+        self.multipliers = torch.ones_like(self.multipliers)
+
+
+# name -> (callback, prune_ratio: None = the first of --ratios); ratio 0 keeps InfoBatch's loader and sample
+# order but prunes nothing, which separates the effect of pruning from that of a different data order
+ABLATIONS = {"InfoBatch {ratio}, no rescaling": (InfoBatchNoRescaling, None),
+             "random pruning, InfoBatch's count": (RandomPruning, None),
+             "InfoBatch's data order, no pruning": (InfoBatch, 0.0)}
+
+
+def run_one(ratio: float, seed: int, epochs: int, root: str, name: str = "", pruner: Optional[type] = None) -> dict:
     pl.seed_everything(seed, verbose=False)
     model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
                           mlp_ratio=2.0, lr=3e-3, weight_decay=0.05)
     data = DigitsDataModule(batch_size=64, seed=seed)
     accuracy = Accuracy()
-    callbacks = ([InfoBatch(prune_ratio=ratio, delta=0.875, seed=seed)] if ratio else []) + [accuracy]
+    pruner = pruner or (InfoBatch if ratio else None)
+    callbacks = ([pruner(prune_ratio=ratio, delta=0.875, seed=seed)] if pruner else []) + [accuracy]
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=callbacks, default_root_dir=root)
@@ -67,6 +98,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
     parser.add_argument("--same-budget", action="store_true",
                         help="also train the baseline for as many optimizer steps as InfoBatch took (fewer epochs)")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also InfoBatch without rescaling, and random pruning of as many samples (first ratio)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -82,17 +115,25 @@ def main(argv=None) -> None:
             # the control: plain training shortened to the optimizer steps InfoBatch took (same cosine, shorter)
             steps = results[-1]["steps"] / results[-1 - len(args.ratios)]["steps"]
             results.append(run_one(0.0, seed, max(1, round(args.epochs * steps)), args.root, "baseline, same steps"))
-        for r in results[-(len(methods) + bool(args.same_budget and args.ratios)):]:
+        if args.ablations and args.ratios:
+            for name, (pruner, ratio) in ABLATIONS.items():
+                ratio = args.ratios[0] if ratio is None else ratio
+                results.append(run_one(ratio, seed, args.epochs, args.root, name.format(ratio=ratio), pruner))
+        extra = bool(args.same_budget and args.ratios) + (len(ABLATIONS) if args.ablations and args.ratios else 0)
+        for r in results[-(len(methods) + extra):]:
             print(f"[seed {seed}] {r['name']} ({r['epochs']} epochs): acc {r['acc']:.2f} (best {r['best']:.2f}), "
                   f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
     base = {r["seed"]: r for r in results if r["name"] == "baseline"}
     print(f"\n8x8 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
-    print("| method | final val acc % | best val acc % | samples forwarded vs baseline | optimizer steps vs baseline "
-          "| fit time vs baseline |")
-    print("|---|---|---|---|---|---|")
+    print("| method | final val acc % | final acc − baseline's, same seed (points) | best val acc % "
+          "| samples forwarded vs baseline | optimizer steps vs baseline | fit time vs baseline |")
+    print("|---|---|---|---|---|---|---|")
     for name in dict.fromkeys(r["name"] for r in results):
         runs = [r for r in results if r["name"] == name]
-        print(f"| {name} | {mean_std([r['acc'] for r in runs], digits=2)} | {mean_std([r['best'] for r in runs], digits=2)} | "
+        paired = [r["acc"] - base[r["seed"]]["acc"] for r in runs]
+        print(f"| {name} | {mean_std([r['acc'] for r in runs], digits=2)} | {mean_std(paired, digits=2)} "
+              f"(SE {statistics.stdev(paired) / len(paired) ** 0.5 if len(paired) > 1 else 0.0:.2f}) | "
+              f"{mean_std([r['best'] for r in runs], digits=2)} | "
               f"{mean_std([r['samples'] / base[r['seed']]['samples'] for r in runs], digits=3)} | "
               f"{mean_std([r['steps'] / base[r['seed']]['steps'] for r in runs], digits=3)} | "
               f"{mean_std([r['fit'] / base[r['seed']]['fit'] for r in runs], digits=3)} |")

@@ -35,10 +35,10 @@ METHODS = ("uniform", "linupper", "quadratic", "extremes")
 
 
 def run_one(task: str, method: str, seed: int, length: int, root: str, temperature: float,
-            max_steps: int = -1) -> dict:
+            max_steps: int = -1, corpus: str = "pydoc") -> dict:
     pl.seed_everything(seed, verbose=False)
     if task == "lm":
-        model, data = pydoc_llama(seed)
+        model, data = pydoc_llama(seed, corpus=corpus)
         limits = {"max_steps": length, "max_epochs": -1, "val_check_interval": 25, "check_val_every_n_epoch": None}
     else:
         model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4,
@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--length", type=int, default=None, help="epochs (vit, default 40) or steps (lm, default 600)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--corpus", choices=("pydoc", "stdlib_docstrings"), default="pydoc",
+                        help="LM text: pydoc (BASELINES.md) or every standard-library docstring (larger, mixed)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--plot", default=None, help="PNG path (default docs/methods/loss_reweighting_<task>.png)")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
@@ -127,13 +129,13 @@ def main(argv=None) -> None:
     results = []
     for seed in args.seeds:
         for method in args.methods:
-            r = run_one(args.task, method, seed, length, args.root, args.temperature)
+            r = run_one(args.task, method, seed, length, args.root, args.temperature, corpus=args.corpus)
             results.append(r)
             best = min(r["curve"])
             print(f"[seed {seed}] {method}: best val loss {best:.4f} at step {r['steps'][r['curve'].index(best)]}, "
                   f"step {r['step_time'] * 1000:.1f} ms, fit {r['fit']:.1f}s", flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "uniform"}
-    unit = f"{length} epochs" if args.task == "vit" else f"{length} steps"
+    unit = f"{length} epochs" if args.task == "vit" else f"{length} steps, {args.corpus}"
     print(f"\n{args.task}, {unit}, r = {args.temperature}, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | best val loss | final val loss | step reaching the baseline's final (fraction of the baseline's) "
           "| step reaching the baseline's best (fraction) | val acc % | step time vs baseline |")
@@ -158,7 +160,7 @@ def main(argv=None) -> None:
               f"{mean_std([r['step_time'] / base[r['seed']]['step_time'] for r in runs], digits=3)} |")
     if args.methods == list(METHODS) and not args.quick:
         path = args.plot or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "methods",
-                                         f"loss_reweighting_{args.task}.png")
+                                         f"loss_reweighting_{args.task}{'' if args.corpus == 'pydoc' else '_' + args.corpus}.png")
         plot(results, path, f"LossReweighting, {args.task}, {unit}, r = {args.temperature}")
         print(f"curves: {path}")
 
