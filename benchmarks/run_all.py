@@ -111,6 +111,12 @@ BENCHMARKS = {
         "LinUpper on the larger, mixed standard-library docstring corpus (600 steps = 2.3 passes)",
         "docs/methods/loss_reweighting.md", "step reaching the baseline's final (fraction of the baseline's)",
         "best val loss"),
+    "loss_reweighting_lm_stdlib_docstrings_seed_1": Benchmark(
+        "loss_reweighting.py", ("--task", "lm", "--corpus", "stdlib_docstrings", "--seeds", "1", "--methods", "uniform",
+                                "linupper", "--threads", "1"),
+        "LinUpper on the standard-library docstring corpus, a second seed",
+        "docs/methods/loss_reweighting.md", "step reaching the baseline's final (fraction of the baseline's)",
+        "best val loss"),
     "infobatch": Benchmark("infobatch.py", ("--seeds", "0", "1", "2", "3", "4", "--same-budget", "--threads", "2"),
                            "InfoBatch on the digits ViT: samples skipped, time and accuracy, with a same-steps control",
                            "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
