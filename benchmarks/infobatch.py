@@ -2,6 +2,8 @@
 
     python benchmarks/infobatch.py --seeds 0 1 2 3 4      # 8x8 digits ViT, 40 epochs, ~1.5 min a seed
     python benchmarks/infobatch.py --quick               # smoke test
+    python benchmarks/infobatch.py --task fashion_mnist --train-subset 10000 --epochs 20 --seeds 0 1
+        # 28x28 ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist), 10k-image validation set
 
 Side by side in one process, same seeds: the baseline (all data every epoch) vs InfoBatch at
 ``prune_ratio`` 0.5 (and any others given), ``delta`` 0.875. The task is BASELINES.md's 8x8 digits
@@ -17,6 +19,8 @@ InfoBatch's loader and sample order with nothing pruned (what a different data o
 from __future__ import annotations
 
 import argparse
+import functools
+import gzip
 import os
 import statistics
 import sys
@@ -72,11 +76,59 @@ ABLATIONS = {"InfoBatch {ratio}, no rescaling": (InfoBatchNoRescaling, None),
              "InfoBatch's data order, no pruning": (InfoBatch, 0.0)}
 
 
-def run_one(ratio: float, seed: int, epochs: int, root: str, name: str = "", pruner: Optional[type] = None) -> dict:
-    pl.seed_everything(seed, verbose=False)
-    model = ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # `apt-get install dataset-fashion-mnist`
+
+
+def read_idx(path: str) -> torch.Tensor:
+    """An IDX file (the MNIST format; ``.gz`` or not) as a uint8 tensor of its shape."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    dims = raw[3]
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return torch.frombuffer(bytearray(raw[4 + 4 * dims:]), dtype=torch.uint8).view(shape)
+
+
+class FashionMNISTFiles(DigitsDataModule):
+    """Fashion-MNIST read from a folder of its four IDX files (Debian's package, or torchvision's
+    ``FashionMNIST/raw``); the official train/test split as train/validation; optionally only the first
+    ``train_subset`` training images of a fixed (seed 0) permutation."""
+
+    def __init__(self, data_dir: str, train_subset: int = 0, **kwargs) -> None:
+        super().__init__(dataset="fashion_mnist", data_dir=data_dir, **kwargs)
+        self.train_subset = train_subset
+
+    def _load_torchvision(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        def load(stem: str) -> torch.Tensor:
+            for name in (stem, stem + ".gz"):
+                path = os.path.join(self.data_dir, name)
+                if os.path.isfile(path):
+                    return read_idx(path)
+            raise FileNotFoundError(f"{stem}[.gz] not in --data-dir {self.data_dir!r}: install Debian's "
+                                    f"dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST}) or point at FashionMNIST/raw")
+        x_train, x_val = (load(f"{s}-images-idx3-ubyte").unsqueeze(1).float() / 255.0 for s in ("train", "t10k"))
+        y_train, y_val = (load(f"{s}-labels-idx1-ubyte").long() for s in ("train", "t10k"))
+        if self.train_subset:
+            keep = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(0))[: self.train_subset]
+            x_train, y_train = x_train[keep], y_train[keep]
+        return x_train, y_train, x_val, y_val
+
+
+def task_model_and_data(task: str, seed: int, data_dir: Optional[str], train_subset: int):
+    """BASELINES.md's 8x8 digits ViT, or a 28x28 ViT (patch 7, batch 128) on Fashion-MNIST read from
+    ``data_dir`` (nothing is downloaded)."""
+    if task == "digits":
+        return (ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
+                              mlp_ratio=2.0, lr=3e-3, weight_decay=0.05), DigitsDataModule(batch_size=64, seed=seed))
+    model = ViTClassifier(img_size=28, patch_size=7, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
                           mlp_ratio=2.0, lr=3e-3, weight_decay=0.05)
-    data = DigitsDataModule(batch_size=64, seed=seed)
+    return model, FashionMNISTFiles(data_dir, train_subset, batch_size=128, seed=seed)
+
+
+def run_task(ratio: float, seed: int, epochs: int, root: str, name: str = "", pruner: Optional[type] = None,
+             task: str = "digits", data_dir: Optional[str] = None, train_subset: int = 0) -> dict:
+    pl.seed_everything(seed, verbose=False)
+    model, data = task_model_and_data(task, seed, data_dir, train_subset)
     accuracy = Accuracy()
     pruner = pruner or (InfoBatch if ratio else None)
     callbacks = ([pruner(prune_ratio=ratio, delta=0.875, seed=seed)] if pruner else []) + [accuracy]
@@ -98,6 +150,10 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
     parser.add_argument("--same-budget", action="store_true",
                         help="also train the baseline for as many optimizer steps as InfoBatch took (fewer epochs)")
+    parser.add_argument("--task", choices=("digits", "fashion_mnist"), default="digits")
+    parser.add_argument("--data-dir", default=DEBIAN_FASHION_MNIST,
+                        help="fashion_mnist: folder of its four IDX files (default: Debian's dataset-fashion-mnist)")
+    parser.add_argument("--train-subset", type=int, default=0, help="fashion_mnist: train on this many images (0: all)")
     parser.add_argument("--ablations", action="store_true",
                         help="also InfoBatch without rescaling, and random pruning of as many samples (first ratio)")
     add_common_arguments(parser)
@@ -105,6 +161,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.seeds, args.epochs = args.seeds[:1], 3
     torch.set_num_threads(args.threads)
+    run_one = functools.partial(run_task, task=args.task, data_dir=args.data_dir, train_subset=args.train_subset)
     run_one(0.0, 0, 1, args.root)  # untimed warm-up
     methods = [0.0, *args.ratios]
     results = []
@@ -124,7 +181,8 @@ def main(argv=None) -> None:
             print(f"[seed {seed}] {r['name']} ({r['epochs']} epochs): acc {r['acc']:.2f} (best {r['best']:.2f}), "
                   f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
     base = {r["seed"]: r for r in results if r["name"] == "baseline"}
-    print(f"\n8x8 digits ViT, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
+    what = "8x8 digits ViT" if args.task == "digits" else f"Fashion-MNIST ViT ({args.train_subset or 60000} training images)"
+    print(f"\n{what}, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | final val acc % | final acc − baseline's, same seed (points) | best val acc % "
           "| samples forwarded vs baseline | optimizer steps vs baseline | fit time vs baseline |")
     print("|---|---|---|---|---|---|---|")
