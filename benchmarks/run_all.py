@@ -141,6 +141,11 @@ BENCHMARKS = {
                                                                     "--threads", "1"),
                                                    "InfoBatch on Fashion-MNIST, two more seeds",
                                                    "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
+    "infobatch_fashion_mnist_40_epochs": Benchmark("infobatch.py", ("--task", "fashion_mnist", "--train-subset", "10000",
+                                                                    "--epochs", "40", "--seeds", "0", "--same-budget",
+                                                                    "--threads", "1"),
+                                                   "InfoBatch on Fashion-MNIST at 40 epochs (one seed)",
+                                                   "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
     "galore": Benchmark("galore.py", ("--steps", "300", "--threads", "2"),
                         "GaLore on the pydoc LM: optimizer memory, update time and validation loss vs AdamW and "
                         "galore_torch", "docs/methods/galore.md", "state of projected matrices vs AdamW",
