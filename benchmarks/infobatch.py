@@ -155,7 +155,8 @@ def main(argv=None) -> None:
                         help="fashion_mnist: folder of its four IDX files (default: Debian's dataset-fashion-mnist)")
     parser.add_argument("--train-subset", type=int, default=0, help="fashion_mnist: train on this many images (0: all)")
     parser.add_argument("--ablations", action="store_true",
-                        help="also InfoBatch without rescaling, and random pruning of as many samples (first ratio)")
+                        help="also InfoBatch without rescaling, random pruning of as many samples (both at the first "
+                             "ratio), and InfoBatch's sample order with nothing pruned")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -166,6 +167,7 @@ def main(argv=None) -> None:
     methods = [0.0, *args.ratios]
     results = []
     for seed in args.seeds:
+        first = len(results)
         for ratio in methods:
             results.append(run_one(ratio, seed, args.epochs, args.root))
         if args.same_budget and args.ratios:
@@ -176,8 +178,7 @@ def main(argv=None) -> None:
             for name, (pruner, ratio) in ABLATIONS.items():
                 ratio = args.ratios[0] if ratio is None else ratio
                 results.append(run_one(ratio, seed, args.epochs, args.root, name.format(ratio=ratio), pruner))
-        extra = bool(args.same_budget and args.ratios) + (len(ABLATIONS) if args.ablations and args.ratios else 0)
-        for r in results[-(len(methods) + extra):]:
+        for r in results[first:]:
             print(f"[seed {seed}] {r['name']} ({r['epochs']} epochs): acc {r['acc']:.2f} (best {r['best']:.2f}), "
                   f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
     base = {r["seed"]: r for r in results if r["name"] == "baseline"}
