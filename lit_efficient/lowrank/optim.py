@@ -138,15 +138,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.last_overlaps: list[float] = []  # subspace kept at the latest refreshes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # torch casts loaded state to each parameter's dtype: our fp32 moments of a bf16 matrix and
-        # our uint8 codes must come back as they were saved
+        # torch casts loaded floating-point state to each parameter's dtype: the fp32 moments and
+        # bases of a bf16/fp16 matrix would come back rounded. Every tensor is taken again from the
+        # state dict itself, exactly as saved, on its parameter's device.
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for index, values in state_dict["state"].items():
-            state = self.state[params[index]]
+            param = params[int(index)]
+            state = self.state[param]
             for key, value in values.items():
-                if isinstance(value, Tensor) and key in state and state[key].dtype != value.dtype:
-                    state[key] = state[key].to(value.dtype)
+                if isinstance(value, Tensor) and key in state:
+                    state[key] = value.to(device=param.device, copy=True)
+
+    def matrix_index(self, p: Tensor) -> int:
+        """``p``'s position among the parameters this optimizer was built with (or later given):
+        the per-matrix seed, the same on every rank and whichever parameter gets state first."""
+        return self._indices.setdefault(id(p), len(self._indices))
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        indices = self.__dict__.setdefault("_indices", {})
+        for p in self.param_groups[-1]["params"]:
+            indices.setdefault(id(p), len(indices))
 
     def restart_state(self, p: Tensor) -> None:
         """Forget the projected moments and basis of ``p``: its next step starts them afresh, as at step 0.
@@ -270,7 +283,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
             if "index" not in state:  # distinct seeds per matrix, the same on every rank
-                state["index"] = sum(1 for _ in self.state)
+                state["index"] = self.matrix_index(p)
             if group["eight_bit"]:
                 zeros = torch.zeros(low_shape, device=p.device)
                 state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(zeros, signed=True)

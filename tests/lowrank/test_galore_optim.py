@@ -101,17 +101,64 @@ def test_state_dict_round_trip_weights_only_and_same_subspace(options):
     assert torch.equal(w, twin)
 
 
-def test_bf16_matrix_keeps_fp32_state_through_a_reload():
-    w = torch.nn.Parameter(torch.randn(48, 24, dtype=torch.bfloat16))
-    opt = GaLoreAdamW([{"params": [w], "rank": 6}])
-    for _ in range(2):
-        w.grad = torch.randn(48, 24).to(torch.bfloat16)
-        opt.step()
-    assert opt.state[w]["basis_right"].dtype == torch.float32  # the SVD ran in fp32
-    state = opt.state_dict()
-    other = GaLoreAdamW([{"params": [w], "rank": 6}])
-    other.load_state_dict(state)
-    assert other.state[w]["exp_avg"].dtype == torch.float32 and torch.isfinite(w.float()).all()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(), dict(eight_bit=True), dict(fira=True), dict(projection="random")])
+def test_half_precision_matrices_resume_bit_exactly(dtype, options):
+    """torch casts loaded state to the parameter's dtype: fp32 moments and bases of a bf16/fp16 matrix
+    must still come back exactly as saved, and the run continue exactly."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(48, 24).to(dtype))
+    bias = torch.nn.Parameter(torch.randn(24).to(dtype))  # plain AdamW state, in the parameter's dtype
+    twin, twin_bias = torch.nn.Parameter(w.detach().clone()), torch.nn.Parameter(bias.detach().clone())
+
+    def build(matrix, vector):
+        return GaLoreAdamW([{"params": [matrix], "rank": 6, "update_proj_gap": 3, **options}, {"params": [vector]}],
+                           lr=1e-2)
+
+    def steps(opt, params, count, seed):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(count):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(dtype)
+            opt.step()
+
+    opt = build(w, bias)
+    steps(opt, [w, bias], 4, seed=1)  # a refresh at step 3: the basis came from a half-precision gradient
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    twin.data.copy_(w.data)
+    twin_bias.data.copy_(bias.data)
+    other = build(twin, twin_bias)
+    other.load_state_dict(saved)
+    for p, q in ((w, twin), (bias, twin_bias)):
+        for key, value in opt.state[p].items():
+            if isinstance(value, torch.Tensor):
+                restored = other.state[q][key]
+                assert restored.dtype == value.dtype and torch.equal(restored, value), key
+            else:
+                assert other.state[q][key] == value, key
+    if not options.get("eight_bit") and options.get("projection") != "random":
+        assert opt.state[w]["exp_avg"].dtype == torch.float32 and opt.state[w]["basis_right"].dtype == torch.float32
+    steps(opt, [w, bias], 4, seed=7)  # through the next refresh
+    steps(other, [twin, twin_bias], 4, seed=7)
+    assert torch.equal(w, twin) and torch.equal(bias, twin_bias)
+
+
+def test_matrix_seeds_do_not_depend_on_which_parameter_got_state_first():
+    """Each matrix's seed (random projections, fallback bases) is its position in the optimizer."""
+    a, b = matrix(seed=1), matrix(seed=2)
+    first = GaLoreAdamW([{"params": [a, b], "rank": 6, "projection": "random"}])
+    b.grad = torch.randn(b.shape)
+    first.step()  # b gets state before a
+    a.grad = torch.randn(a.shape)
+    first.step()
+    a2, b2 = matrix(seed=1), matrix(seed=2)
+    second = GaLoreAdamW([{"params": [a2, b2], "rank": 6, "projection": "random"}])
+    a2.grad, b2.grad = torch.randn(a2.shape), torch.randn(b2.shape)
+    second.step()  # both at once
+    assert [first.state[p]["index"] for p in (a, b)] == [second.state[p]["index"] for p in (a2, b2)] == [0, 1]
 
 
 def test_failed_svd_keeps_the_previous_basis(monkeypatch):
