@@ -24,6 +24,7 @@ changed by less than the ``percentile`` of the active blocks' changes is frozen.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -88,15 +89,30 @@ def _known_layout(module: nn.Module) -> Optional[tuple[list[str], list[str], lis
 
 
 def _generic_layout(model: nn.Module) -> Optional[tuple[str, list[str]]]:
-    """The first ``nn.Sequential``/``nn.ModuleList`` with two or more parameterised children."""
+    """The first ``nn.Sequential``/``nn.ModuleList`` with two or more parameterised children.
+
+    A Sequential of identical composite blocks (``Sequential(Block(), Block(), Block())``, each with
+    parameterised submodules) is a trunk whose head lies outside it: every child is a block. Any other
+    Sequential (``Linear, ReLU, ..., Linear``, or blocks followed by a different layer) is taken for a
+    whole network ending in its head, and its last parameterised child is never frozen.
+    """
     for name, module in model.named_modules():
         if isinstance(module, (nn.Sequential, nn.ModuleList)):
-            children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
-            if isinstance(module, nn.Sequential):
+            children = [(n, c) for n, c in module.named_children() if _has_params(c)]
+            if isinstance(module, nn.Sequential) and not _identical_composites([c for _, c in children]):
                 children = children[:-1]  # a plain stack ends with its head: never frozen
             if len(children) >= 2:
-                return name, children
+                return name, [n for n, _ in children]
     return None
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _identical_composites(children: list[nn.Module]) -> bool:
+    """All of one type, each made of parameterised submodules (blocks or stages, not bare layers)."""
+    return len({type(c) for c in children}) == 1 and all(any(_has_params(s) for s in c.children()) for c in children)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -104,10 +120,13 @@ def _join(prefix: str, name: str) -> str:
 
 
 def discover_blocks(model: nn.Module) -> list[Block]:
-    """Blocks of ``model`` in forward order, block 0 carrying everything upstream of the first block.
+    """Blocks of ``model`` in forward order, block 0 carrying the known stems (embeddings).
 
     Recognises timm ViT/ResNet/ConvNeXt, diffusers UNets, Hugging Face GPT-2/Llama/BERT, then falls
-    back to the first Sequential/ModuleList stack. Raises ``ValueError`` if nothing is recognised.
+    back to the first Sequential/ModuleList stack (see :func:`_generic_layout`). Raises ``ValueError``
+    if nothing is recognised. Whatever else runs before the first block (a custom model's embedding
+    or stem) is found on the first training forward and joins block 0 then
+    (:class:`ProgressiveFreezing`'s prefix check).
     """
     for prefix, module in model.named_modules():
         layout = _known_layout(module)
@@ -169,6 +188,38 @@ def _with_params(blocks: list[Block]) -> list[Block]:
                 seen.add(id(p))
                 block.params.append((name, p))
     return blocks
+
+
+def _within(name: str, modules: list[str]) -> bool:
+    """``name`` is one of ``modules`` or lies inside one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def _tensors_in(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []
+
+
+def _leaves_behind(tensors: list[torch.Tensor]) -> set[int]:
+    """Ids of the leaf tensors (parameters) whose values ``tensors`` were computed from, read off
+    their autograd graph."""
+    found = {id(t) for t in tensors if t.grad_fn is None}
+    stack, seen = [t.grad_fn for t in tensors if t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 # -- schedules ------------------------------------------------------------------------------------
@@ -240,10 +291,12 @@ class ProgressiveFreezing(EfficientCallback):
         freeze_level: linear/adaptive: the largest fraction of blocks frozen, in (0, 1] (default 1.0).
         check_every: adaptive: time between gradient-norm checks (time spec; default ``"50st"``).
         percentile: adaptive: threshold percentile of the active blocks' changes, in (0, 100] (default 50).
-        blocks: the blocks in forward order as module-name globs (or parameter names), the first
-            carrying everything upstream; default: discovered for timm, diffusers and Hugging Face
-            models (see :func:`discover_blocks`). They must form an autograd prefix, which is checked
-            on the first training step.
+        blocks: the blocks in forward order as module-name globs (or parameter names); default:
+            discovered for timm, diffusers and Hugging Face models, else the model's first
+            Sequential/ModuleList stack (see :func:`discover_blocks`). They must form an autograd
+            prefix, which is checked on the first training step: modules and parameters that run
+            before the first block (embeddings, a stem) join block 0, announced once; a module of no
+            block that runs between the first and the last block is refused.
         frozen_eval: put frozen blocks in eval mode (BatchNorm statistics and dropout stop; default True).
         tied_embeddings: a frozen embedding tied to a trainable output head (GPT-2): ``"train"``
             (default) keeps the shared matrix training through the head only; ``"freeze"`` freezes
@@ -317,6 +370,11 @@ class ProgressiveFreezing(EfficientCallback):
         self._hooks: list = []
         self._probe: Optional[list] = None
         self._order: list[str] = []
+        self._watched: list[str] = []
+        self._upstream: Optional[list[torch.Tensor]] = None  # the first block's inputs on the first forward
+        self._joined_modules: list[str] = []  # what the probe added to block 0 (state: re-joined on resume)
+        self._joined_params: list[str] = []
+        self._restored_join: tuple[list[str], list[str]] = ([], [])
         self._length: Optional[TrainingLength] = None
         self._start_step = self._every = 0
         self._pending = 0
@@ -336,6 +394,7 @@ class ProgressiveFreezing(EfficientCallback):
             strategy._ddp_kwargs["find_unused_parameters"] = True
             rank_zero_info("ProgressiveFreezing: DDP set to find_unused_parameters=True (frozen blocks get no gradients)")
         self.blocks = blocks_from_patterns(pl_module, self.block_patterns) if self.block_patterns else discover_blocks(pl_module)
+        self._joined_modules, self._joined_params = [], []
         self._total_params = sum(p.numel() for p in pl_module.parameters())
         self._fraction_for = -1
         self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
@@ -359,9 +418,11 @@ class ProgressiveFreezing(EfficientCallback):
         return tied
 
     def _start_probe(self, pl_module: "pl.LightningModule") -> None:
-        """Record the order in which blocks and the other parameterised modules first run, to check
-        on the first training step that the blocks form an autograd prefix."""
+        """Record the order in which blocks and the other parameterised modules first run in training
+        (grad enabled: not the sanity check), and what the first block receives, to check on the first
+        training step that the blocks form an autograd prefix."""
         members = [n for b in self.blocks for n, _ in b.modules]
+        main = {n for b in self.blocks for n, _ in b.modules[b.stem :]}
         in_blocks = {id(p) for b in self.blocks for _, p in b.params}
         watched = list(members)
         for name, module in pl_module.named_modules():
@@ -370,28 +431,97 @@ class ProgressiveFreezing(EfficientCallback):
             own = [p for p in module.parameters(recurse=False) if id(p) not in in_blocks]
             if own and not inside and not ancestor:
                 watched.append(name)
-        self._order, self._probe = [], []
-        for name in watched:
-            def record(mod, args, name=name):
-                if name not in self._order:
-                    self._order.append(name)
-            self._probe.append(pl_module.get_submodule(name).register_forward_pre_hook(record))
+        self._order, self._probe, self._watched, self._upstream = [], [], watched, None
 
-    def _check_prefix(self) -> None:
+        def record(name, mod, args, kwargs):
+            if torch.is_grad_enabled() and name not in self._order:
+                self._order.append(name)
+                if name in main and self._upstream is None and not torch.compiler.is_compiling():
+                    self._upstream = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
+
+        for name in watched:
+            module = pl_module.get_submodule(name)
+            self._probe.append(module.register_forward_pre_hook(functools.partial(record, name), with_kwargs=True))
+
+    def _check_prefix(self, pl_module: "pl.LightningModule") -> None:
+        """What ran before the first block joins block 0; a module of no block between the first and
+        the last block is refused (its gradient would need the backward through the frozen blocks)."""
         for handle in self._probe or []:
             handle.remove()
-        self._probe = None
-        members = {n for b in self.blocks for n, _ in b.modules}
-        ran = [i for i, n in enumerate(self._order) if n in members]
+        upstream, self._probe, self._upstream = self._upstream or [], None, None
+        members = [n for b in self.blocks for n, _ in b.modules]
+        main = [n for b in self.blocks for n, _ in b.modules[b.stem :]]
+        ran = [i for i, n in enumerate(self._order) if _within(n, members)]
         if not ran:
             return
-        for name in self._order[: max(ran)]:
-            if name not in members:
+        first = next((i for i, n in enumerate(self._order) if _within(n, main)), max(ran))
+        for name in self._order[first : max(ran)]:
+            if not _within(name, members):
                 raise ValueError(
-                    f"`blocks` must form an autograd prefix: {name!r} runs before the last block "
-                    f"({self.blocks[-1].name!r}) but belongs to no block, so its gradient would still need the "
-                    "backward through every frozen block. Add it to the first block or stop the blocks before it"
+                    f"`blocks` must form an autograd prefix: {name!r} runs after the first block "
+                    f"({self.blocks[0].name!r}) and before the last ({self.blocks[-1].name!r}) but belongs to no "
+                    "block, so its gradient would still need the backward through the frozen blocks after it. "
+                    "Add it to a block or stop the blocks before it"
                 )
+        if self.frozen:
+            return  # resumed with block 0 frozen: it stays as it was when the checkpoint was taken
+        modules = self._outermost([n for n in self._order[:first] if not _within(n, members)], members)
+        taken = {id(p) for b in self.blocks for _, p in b.params}
+        taken |= {id(p) for n in modules for p in pl_module.get_submodule(n).parameters()}
+        read = _leaves_behind(upstream)
+        params = [n for n, p in pl_module.named_parameters() if id(p) in read and id(p) not in taken]
+        if modules or params:
+            self._join_first_block(pl_module, modules, params)
+            rank_zero_info(f"ProgressiveFreezing: {', '.join(map(repr, modules + params))} run before the first "
+                           f"block and join block 0 ({self.blocks[0].name!r})")
+
+    def _outermost(self, names: list[str], members: list[str]) -> list[str]:
+        """``names`` (parameterised modules, in run order), each replaced by the outermost module
+        whose parameterised parts all ran among them (``embed`` for ``embed.0``, ``embed.1``) and
+        that holds no block."""
+        result: list[str] = []
+        for name in names:
+            parts = name.split(".")
+            for i in range(1, len(parts)):
+                outer = ".".join(parts[:i])
+                holds_block = any(_within(m, [outer]) for m in members)
+                if not holds_block and all(w in names for w in self._watched if _within(w, [outer])):
+                    name = outer
+                    break
+            if name not in result:
+                result.append(name)
+        return result
+
+    def _join_first_block(self, pl_module: "pl.LightningModule", modules: list[str], params: list[str]) -> None:
+        """Add ``modules`` to block 0's stem (they ran before its stack: frozen with it, never cached)
+        and their and ``params``' parameters to block 0, once each."""
+        first = self.blocks[0]
+        found = []
+        for name in modules:
+            try:
+                found.append((name, pl_module.get_submodule(name)))
+            except AttributeError:
+                raise ValueError(f"`blocks`: block 0 held {name!r} when the checkpoint was taken; this model has "
+                                 "no such module") from None
+        named = dict(pl_module.named_parameters())
+        missing = [n for n in params if n not in named]
+        if missing:
+            raise ValueError(f"`blocks`: block 0 held {missing} when the checkpoint was taken; this model has no "
+                             "such parameters")
+        taken = {id(p) for b in self.blocks for _, p in b.params}
+        candidates = [(f"{n}.{k}", p) for n, m in found for k, p in m.named_parameters()] + [(n, named[n]) for n in params]
+        new = []
+        for name, p in candidates:
+            if id(p) not in taken:
+                taken.add(id(p))
+                new.append((name, p))
+        first.modules[first.stem : first.stem] = found
+        first.stem += len(found)
+        first.params[:0] = new
+        self._joined_modules += modules
+        self._joined_params += params
+        self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
+        self._fraction_for = -1
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -400,7 +530,11 @@ class ProgressiveFreezing(EfficientCallback):
         self._every = max(1, self.check_every.to_steps(self._length, "check_every"))
         if self.schedule != "adaptive" and self._length.total_steps is None:
             raise ValueError(f"schedule={self.schedule!r} needs a known run length (max_steps or max_epochs)")
-        # a restored frozen set is applied here: after the optimizer exists, before its state is loaded
+        # a restored frozen set is applied here: after the optimizer exists, before its state is loaded;
+        # block 0 first gets back what the probe joined to it, so that it freezes whole
+        (modules, params), self._restored_join = self._restored_join, ([], [])
+        if modules or params:
+            self._join_first_block(pl_module, modules, params)
         restored, self.frozen = self.frozen, 0
         self.freeze_to(restored, trainer, pl_module)
         if self.lr_annealing:
@@ -468,7 +602,7 @@ class ProgressiveFreezing(EfficientCallback):
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss) -> None:
         if self._probe is not None:
-            self._check_prefix()
+            self._check_prefix(pl_module)
 
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
@@ -602,7 +736,8 @@ class ProgressiveFreezing(EfficientCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": self.frozen, "previous_norms": list(self.previous_norms), "pending": self._pending,
                 "frozen_param_steps": self.frozen_param_steps, "counted_steps": self.counted_steps,
-                "last_step": self._last_step}
+                "last_step": self._last_step, "joined_modules": list(self._joined_modules),
+                "joined_params": list(self._joined_params)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -612,6 +747,9 @@ class ProgressiveFreezing(EfficientCallback):
         self.frozen_param_steps = float(state_dict["frozen_param_steps"])
         self.counted_steps = int(state_dict["counted_steps"])
         self._last_step = int(state_dict["last_step"])
+        # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)
+        self._restored_join = ([str(n) for n in state_dict.get("joined_modules", [])],
+                               [str(n) for n in state_dict.get("joined_params", [])])
 
 
 _GRAD_MODES: list[bool] = []

@@ -199,8 +199,8 @@ def test_unknown_block_glob_fails_at_setup(tmp_path):
 def test_blocks_that_are_not_a_prefix_fail_before_the_first_update(tmp_path):
     module = ViTModule()
     before = copy.deepcopy(module.state_dict())
-    freezing = ProgressiveFreezing(blocks=["model.blocks.1", "model.blocks.2"])
-    with pytest.raises(ValueError, match="autograd prefix: 'model.patch_embed.proj' runs before"):
+    freezing = ProgressiveFreezing(blocks=["model.blocks.0", "model.blocks.2"])  # blocks.1 runs between them
+    with pytest.raises(ValueError, match="autograd prefix: 'model.blocks.1.norm1' runs after the first block"):
         make_trainer(tmp_path, [freezing], 4).fit(module, image_loader())
     assert all(torch.equal(before[k], v) for k, v in module.state_dict().items()), "nothing trained"
 
