@@ -63,7 +63,9 @@ class NMSparsity(EfficientCallback):
         exclude: module-name patterns never to sparsify.
         export_semi_structured: at the end of ``fit``, convert 2:4 Linear weights to
             ``torch.sparse.SparseSemiStructuredTensor`` (CUDA sm80+, fp16/bf16 weights only;
-            elsewhere a message says why nothing was converted). Default False.
+            elsewhere a message says why nothing was converted). Default False. Lightning moves
+            the model to the CPU before ``on_fit_end``, so after a GPU run call :meth:`export`
+            on the model moved back to the GPU (unverified here: no GPU was lent to this project).
     """
 
     technique = "nm"
@@ -231,7 +233,11 @@ class NMSparsity(EfficientCallback):
             if target.kind != "linear" or target.transposed:
                 skipped.append(f"{target.name} (not an nn.Linear)")
                 continue
-            if not weight.is_cuda or torch.cuda.get_device_capability(weight.device) < (8, 0):
+            if not weight.is_cuda:  # after fit too: Lightning's teardown has moved the model to the CPU
+                skipped.append(f"{target.name} (on the CPU: move the model to the GPU, e.g. model.cuda(), and call "
+                               "NMSparsity.export() again)")
+                continue
+            if torch.cuda.get_device_capability(weight.device) < (8, 0):
                 skipped.append(f"{target.name} (needs a CUDA sm80+ device)")
                 continue
             if weight.dtype not in (torch.float16, torch.bfloat16):
