@@ -524,12 +524,15 @@ class ProgressiveFreezing(EfficientCallback):
         self._fraction_for = -1
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._length = TrainingLength.from_trainer(trainer)
         self._start_step = self.freeze_start.to_steps(self._length, "freeze_start")
         self._every = max(1, self.check_every.to_steps(self._length, "check_every"))
         if self.schedule != "adaptive" and self._length.total_steps is None:
             raise ValueError(f"schedule={self.schedule!r} needs a known run length (max_steps or max_epochs)")
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # a restored frozen set is applied here: after the optimizer exists, before its state is loaded;
         # block 0 first gets back what the probe joined to it, so that it freezes whole
         (modules, params), self._restored_join = self._restored_join, ([], [])

@@ -7,7 +7,7 @@ A *time spec* says when something happens, in one of three units:
 * epochs: ``"2ep"`` (may be fractional: ``"1.5ep"``).
 
 Specs are parsed (and rejected with a message naming the argument) in a callback's ``__init__``
-and resolved to optimizer steps at ``on_fit_start`` from the Trainer, so every schedule advances
+and resolved to optimizer steps at ``on_train_start`` from the Trainer, so every schedule advances
 on ``trainer.global_step`` — optimizer steps, never micro-batches — and gradient accumulation is
 handled for free.
 
@@ -110,13 +110,27 @@ class TrainingLength:
 
     @classmethod
     def from_trainer(cls, trainer: "pl.Trainer") -> "TrainingLength":
-        """Read the run length from a Trainer (call from ``on_fit_start`` or later)."""
+        """Read the run length from a Trainer; call from ``on_train_start`` or later.
+
+        ``estimated_stepping_batches`` sets up the training dataloader. Asked before a resume has
+        restored the loops (in ``on_fit_start``), it makes Lightning 2.6 drop a stateful loader's
+        saved position (Lightning issue #20550), and the run resumes from the epoch's first batch.
+
+        The length is in full-data steps: with a data-pruning callback (InfoBatch, which reports
+        ``full_epoch_steps``) the current epoch may be shorter, but the run is measured as if every
+        epoch used all data (the clock of :func:`run_position`), whichever epoch a resume starts in."""
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader
         total_steps = None if total is None or not math.isfinite(total) else int(total)
         per_epoch: Optional[int] = None
         batches = trainer.num_training_batches
         if batches is not None and math.isfinite(batches) and batches > 0:
             per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        full = [c.full_epoch_steps(trainer) for c in trainer.callbacks if callable(getattr(c, "full_epoch_steps", None))]
+        if full and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            per_epoch = full[0]
+            total_steps = per_epoch * trainer.max_epochs
+            if trainer.max_steps is not None and trainer.max_steps >= 0:
+                total_steps = min(total_steps, trainer.max_steps)
         return cls(total_steps, per_epoch)
 
     def steps(self, spec: TimeSpec, argument: str = "time") -> int:

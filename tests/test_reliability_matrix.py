@@ -63,12 +63,23 @@ def assert_same_run(straight, resumed, checkpoint=None):
         if checkpoint is not None:
             saved = checkpoint["callbacks"].get(a_callback.state_key, {})
             assert a_state.keys() == saved.keys(), type(a_callback).__name__
-        assert a_state.keys() == b_state.keys()
-        for k in a_state:
-            if isinstance(a_state[k], torch.Tensor):
-                assert torch.equal(a_state[k], b_state[k]), k
-            else:
-                assert a_state[k] == b_state[k], k
+        assert_same_state(a_state, b_state, type(a_callback).__name__)
+
+
+def assert_same_state(a, b, where=""):
+    """Equal plain values, and bit-identical tensors, inside dicts and lists."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_same_state(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
 
 
 @pytest.mark.parametrize("name", sorted(ENTRIES))

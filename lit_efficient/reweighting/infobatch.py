@@ -102,7 +102,6 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.epoch_sum = torch.zeros(0, dtype=torch.float64)
         self.epoch_count = torch.zeros(0, dtype=torch.long)
         self.multipliers = torch.zeros(0)
-        self.plan_epoch = -1
         self.samples_forwarded = 0  # planned sample visits, over all finished and current epochs
         self.samples_full = 0
         self.steps_in_epoch = 0
@@ -163,7 +162,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         order = keep.nonzero().flatten()
         if self.shuffle:
             order = order[torch.randperm(order.numel(), generator=generator)]
-        self.order, self.plan_epoch = order, epoch
+        self.set_plan(order)
+        self.plan_epoch = epoch
         self.samples_forwarded += order.numel()
         self.samples_full += self.num_samples
         self.steps_in_epoch = self.extra_scheduler_steps = 0
@@ -173,7 +173,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
-        self._batch_indices = self.batch_indices(batch_idx)
+        self.open_epoch(trainer)  # Lightning skips on_train_epoch_start after some resumes
+        self._batch_indices = self.start_batch()
 
     @override
     def sample_multipliers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", losses: Tensor,
@@ -198,6 +199,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self.finish_batch()
         if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # no optimizer step on this micro-batch
         self.steps_in_epoch += 1
@@ -205,13 +207,22 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.open_epoch(trainer)
+
+    def open_epoch(self, trainer: "pl.Trainer") -> None:
+        """Start this epoch's full-data clock (once; a resume inside the epoch brought it along)."""
         if trainer.current_epoch == self.clock_epoch:
-            return  # resumed inside this epoch: its clock came with the checkpoint
+            return
         if self.clock_epoch >= 0:
             self.skipped_before += self.clock_full - self.clock_planned
         self.clock_epoch, self.clock_start = trainer.current_epoch, trainer.global_step
         self.clock_full = self.optimizer_steps(self.num_samples, trainer)
         self.clock_planned = self.optimizer_steps(self.order.numel(), trainer)
+
+    def full_epoch_steps(self, trainer: "pl.Trainer") -> int:
+        """Optimizer steps of an epoch on all data: what every schedule's run length counts
+        (:meth:`lit_efficient.schedules.TrainingLength.from_trainer`), whatever this epoch prunes."""
+        return self.optimizer_steps(self.num_samples, trainer)
 
     def skipped_steps(self, step: int) -> int:
         """Optimizer steps that pruning has skipped by optimizer step ``step``: full-data time is
@@ -237,6 +248,11 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._nonfinite.flush()  # read once an epoch, not every step
+        self.close_epoch(trainer, pl_module)
+
+    @override
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Fold the planned epoch's losses into the scores, log, and plan the next epoch."""
         epoch_sum, epoch_count = self.epoch_sum, self.epoch_count
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -257,7 +273,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             "well_learned_fraction": float(well.float().mean()) if self.num_samples else 0.0,
             "score_mean": float(self.scores[self.seen].mean()) if self.seen.any() else 0.0,
         }, on_step=False, on_epoch=True)
-        self.prepare_epoch(trainer.current_epoch + 1, trainer.max_epochs)
+        self.closed_epoch = self.plan_epoch
+        self.prepare_epoch(self.plan_epoch + 1, trainer.max_epochs)
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
@@ -280,6 +297,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
             "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,
             "clock": [self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before],
+            **self.planned_position(),
         }
 
     @override
@@ -293,6 +311,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.extra_scheduler_steps = int(state_dict["extra_scheduler_steps"])
         clock = state_dict.get("clock", [-1, 0, 0, 0, 0])  # absent from checkpoints before the clock existed
         self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before = map(int, clock)
+        self.restore_planned_position(state_dict)
         self._restored = True
 
 

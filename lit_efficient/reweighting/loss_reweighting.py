@@ -153,7 +153,7 @@ class LossReweighting(SampleLossCallback):
         self.weighted_steps = 0
 
     @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.warmup_steps = TrainingLength.from_trainer(trainer).steps(self.warmup, "warmup")
 
     def active(self, step: int) -> bool:

@@ -3,10 +3,17 @@ for real (InfoBatch, SparCL's data removal) without touching the module or the d
 
 At ``setup`` the training dataloader is rebuilt around a :class:`PlannedOrderSampler` (a
 ``DistributedSampler``, so Lightning does not inject its own; under DDP it splits the planned
-order across ranks as ``DistributedSampler`` does). Batch ``b`` of an epoch holds samples
-``[b·B, (b+1)·B)`` of this rank's share of the order, which is how each per-sample output finds
-its dataset index. The dataloader is reloaded every epoch (``reload_dataloaders_every_n_epochs=1``)
-so Lightning recounts the batches of epochs whose length changes.
+order across ranks as ``DistributedSampler`` does). The epoch's batches hold consecutive slices of
+this rank's share of the order, ``B`` samples each; the callback counts the batches it has seen in
+the epoch (never Lightning's ``batch_idx``), which is how each per-sample output finds its dataset
+index. The dataloader is reloaded every epoch (``reload_dataloaders_every_n_epochs=1``) so
+Lightning recounts the batches of epochs whose length changes.
+
+Resume in the middle of an epoch is exact: the number of batches trained in the current plan is
+part of the callback's state, and a resumed epoch starts the sampler at the first sample of the
+first batch not yet trained, with the same plan: nothing replayed, nothing skipped. The loader
+also speaks Lightning's stateful-dataloader protocol (``state_dict``/``load_state_dict``), so
+Lightning knows it resumes exactly.
 """
 
 from __future__ import annotations
@@ -43,13 +50,18 @@ class PlannedOrderSampler(DistributedSampler):
         return order[self.rank : total : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        # a generator: nothing is read before the first batch is requested, i.e. after the plan is set
+        # a generator: nothing is read before the first batch is requested, i.e. after the plan and
+        # a checkpoint's position are restored; a resumed epoch starts at its first untrained batch
         local = self.local_order()
         self.owner.local_order = local
-        yield from local.tolist()
+        yield from local[self.owner.trained_batches * self.owner.planned_batch_size :].tolist()
 
     def __len__(self) -> int:
         return math.ceil(self.owner.order.numel() / self.num_replicas)
+
+
+def _restored_with_the_callback(state: dict[str, Any]) -> None:
+    """The planned loader's ``load_state_dict``: its position came back with its callback's state."""
 
 
 class PlannedOrder:
@@ -63,6 +75,10 @@ class PlannedOrder:
     order: Tensor
     local_order: Tensor
     shuffle: Optional[bool]
+    started_batches: int  # batches of the current plan begun on this rank
+    trained_batches: int  # ... and finished (their on_train_batch_end ran): where a resume continues
+    plan_epoch: int
+    closed_epoch: int
 
     def plans_sample_order(self) -> bool:
         """Whether this callback rebuilds the training loader in this run (override to make it optional)."""
@@ -75,9 +91,45 @@ class PlannedOrder:
     def init_planned_order(self) -> None:
         self.order = torch.zeros(0, dtype=torch.long)
         self.local_order = torch.zeros(0, dtype=torch.long)
+        self.started_batches = self.trained_batches = 0
+        self.plan_epoch = -1  # the epoch ``order`` was planned for
+        self.closed_epoch = -1  # the last epoch whose end was processed
         self._source_wrapped: Optional[tuple[Any, str]] = None
         self._batch_size = 1
         self._drop_last = False
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning 2.6 resumes a checkpoint taken on an epoch's last batch straight into the next
+        # epoch, without the finished epoch's on_train_epoch_end (nor the next one's start hook).
+        # on_train_start comes after the loops are restored and before the next epoch's loader is
+        # built: close the planned epoch here, so that its records count and the next plan is ready.
+        super().on_train_start(trainer, pl_module)  # type: ignore[misc]  # a mixin of EfficientCallbacks
+        if self.plans_sample_order() and self.closed_epoch < self.plan_epoch < trainer.current_epoch:
+            self.close_epoch(trainer, pl_module)
+
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Fold the planned epoch's records into the technique's state (from ``on_train_epoch_end``, or
+        from ``on_train_start`` when Lightning skipped that) and set ``closed_epoch``."""
+        raise NotImplementedError
+
+    @property
+    def planned_batch_size(self) -> int:
+        return self._batch_size
+
+    def set_plan(self, order: Tensor) -> None:
+        """Make ``order`` (dataset indices) the plan of the coming epoch; no batch of it trained yet."""
+        self.order = order
+        self.started_batches = self.trained_batches = 0
+
+    def planned_position(self) -> dict[str, int]:
+        """Where this rank is in the current plan (for the callback's ``state_dict``)."""
+        return {"trained_batches": self.trained_batches, "closed_epoch": self.closed_epoch}
+
+    def restore_planned_position(self, state: dict[str, Any]) -> None:
+        """Continue the current plan after its trained batches (``state`` from :meth:`planned_position`;
+        absent in checkpoints from before mid-epoch resume: the epoch restarts from its first batch)."""
+        self.started_batches = self.trained_batches = int(state.get("trained_batches", 0))
+        self.closed_epoch = int(state.get("closed_epoch", self.plan_epoch - 1))
 
     def follow_planned_order(self, trainer: "pl.Trainer") -> None:
         """Make the training dataloader draw from a :class:`PlannedOrderSampler` of this callback."""
@@ -118,16 +170,28 @@ class PlannedOrder:
         self._batch_size, self._drop_last = loader.batch_size, loader.drop_last
         self.dataset_ready(size, trainer)
         sampler = PlannedOrderSampler(loader.dataset, self, trainer.world_size, trainer.global_rank)
-        return _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        planned = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        # Lightning's stateful-loader protocol, so that it knows a mid-epoch checkpoint resumes exactly.
+        # The position itself travels with the callback's state, restored before the loader is built
+        # (and possibly moved on to a new plan since), so what Lightning hands back is not needed.
+        planned.state_dict = self.planned_position
+        planned.load_state_dict = _restored_with_the_callback
+        return planned
 
     def dataset_ready(self, size: int, trainer: "pl.Trainer") -> None:
         """The loader was (re)built over a dataset of ``size`` samples: make sure ``order`` is planned."""
         raise NotImplementedError
 
-    def batch_indices(self, batch_idx: int) -> Tensor:
-        """Dataset indices of this rank's batch ``batch_idx`` of the current epoch."""
-        start = batch_idx * self._batch_size
+    def start_batch(self) -> Tensor:
+        """Dataset indices of the batch beginning now on this rank (call once per training batch, from
+        ``on_train_batch_start``): the next ``B`` samples of this rank's share of the plan."""
+        start = self.started_batches * self._batch_size
+        self.started_batches += 1
         return self.local_order[start : start + self._batch_size]
+
+    def finish_batch(self) -> None:
+        """The batch begun last is trained (call from ``on_train_batch_end``)."""
+        self.trained_batches = self.started_batches
 
     def optimizer_steps(self, samples: int, trainer: "pl.Trainer") -> int:
         """Optimizer steps an epoch of ``samples`` (before the split across ranks) takes on this rank."""

@@ -95,15 +95,18 @@ class SparseTrainingCallback(EfficientCallback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self.masks is not None
-        length = TrainingLength.from_trainer(trainer)
-        self._every = max(1, self.update_every.to_steps(length, "update_every"))
-        self.resolve_schedule(length)
         if not self.initialized:
             self.masks.set_masks(self.initial_masks(), self.optimizer(trainer))
             self.initialized = True
         self.masks.apply(self.optimizer(trainer))
         if self.flops is not None and not self.flops.measured:
             self.flops.attach()
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        length = TrainingLength.from_trainer(trainer)
+        self._every = max(1, self.update_every.to_steps(length, "update_every"))
+        self.resolve_schedule(length)
 
     def resolve_schedule(self, length: TrainingLength) -> None:
         """Resolve the subclass's time specs to steps (override)."""

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.continual import TaskProgress, require_task_progress
+from lit_efficient.continual import TaskProgress, require_task_progress, task_of_epoch
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.planned_order import PlannedOrder
 from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
@@ -189,7 +189,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.prev_correct = torch.zeros(0, dtype=torch.int8)
         self.visit = torch.zeros(0, dtype=torch.int8)
         self.removed = torch.zeros(0, dtype=torch.bool)
-        self.plan_epoch = -1
+        self.opened_epoch = -1  # the last epoch whose start was processed
         self.removed_total = 0  # over all tasks
         self.samples_total = 0
         # gradient masks and the step accounting of FLOPs
@@ -255,7 +255,15 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.open_epoch(trainer, pl_module)
+
+    def open_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Count this epoch's full-data steps, once (Lightning skips on_train_epoch_start when it resumes
+        inside an epoch, whose count came with the checkpoint, and after a checkpoint on an epoch's last batch)."""
         self._progress = require_task_progress(trainer, "SparCL")
+        if self.opened_epoch == trainer.current_epoch:
+            return
+        self.opened_epoch = trainer.current_epoch
         # optimizer steps of this epoch on all of the task's data: what dense training would take
         if self.ddr:
             self.full_steps += self.optimizer_steps(self.num_samples, trainer)
@@ -266,11 +274,12 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                              batch_idx: int) -> None:
-        progress = self._progress or require_task_progress(trainer, "SparCL")
+        self.open_epoch(trainer, pl_module)
+        progress = self._progress
         last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
         self._update_due = bool(last) and self.is_tdm_epoch(progress)
         if self.ddr:
-            self._batch_indices = self.batch_indices(batch_idx)
+            self._batch_indices = self.start_batch()
 
     # -- gradients ------------------------------------------------------------------------------
     @override
@@ -331,9 +340,10 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     @override
     def dataset_ready(self, size: int, trainer: "pl.Trainer") -> None:
         progress = require_task_progress(trainer, "SparCL")
-        if progress.task < self.task:
+        if progress.task < self.task or trainer.current_epoch < self.plan_epoch:
             # Lightning looks at the data (estimated_stepping_batches) before it restores a checkpoint's
-            # epoch; the loader is rebuilt for the right task right after, so leave the records alone
+            # epoch; the loader is rebuilt for the right epoch right after, so leave the records and the
+            # plan (with its position, for a resume inside the epoch) alone
             return
         if progress.task > self.task:
             self.start_task(progress.task, size)
@@ -359,11 +369,13 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         if self.shuffle:
             generator = epoch_generator(self.seed, epoch)
             order = order[torch.randperm(order.numel(), generator=generator)]
-        self.order, self.plan_epoch = order, epoch
+        self.set_plan(order)
+        self.plan_epoch = epoch
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
         if self.ddr:
+            self.finish_batch()
             self.record_visits(outputs)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -387,8 +399,14 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if not self.ddr or self._progress is None:
-            return
+        if self.ddr:
+            self.close_epoch(trainer, pl_module)
+
+    @override
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """Fold the planned epoch's visits into the forgetting records and remove samples at a removal point."""
+        now = require_task_progress(trainer, "SparCL")
+        progress = task_of_epoch(self.plan_epoch, now.epochs_per_task, now.num_tasks)
         visit = self.visit.to(torch.int32)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -397,12 +415,13 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         visit = visit.cpu()
         update_forgetting(self.prev_correct, self.events, self.learned, visit)
         self.visit.fill_(-1)
-        count = self.removal_count(self._progress)
+        count = self.removal_count(progress)
         if count:
-            generator = epoch_generator(self.seed, trainer.current_epoch, offset=7)
+            generator = epoch_generator(self.seed, self.plan_epoch, offset=7)
             newly = removal_choice(self.events, self.learned, self.removed, count, generator)
             self.removed |= newly
             self.removed_total += int(newly.sum())
+        self.closed_epoch = self.plan_epoch
         self.log_metrics(pl_module, {
             "removed_fraction": float(self.removed.float().mean()) if self.num_samples else 0.0,
             "forgetting_events_mean": float(self.events.float().mean()) if self.num_samples else 0.0,
@@ -437,6 +456,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
             "grad_mask_epoch": self.grad_mask_epoch,
             "full_steps": self.full_steps, "grad_density_steps": self.grad_density_steps,
+            "opened_epoch": self.opened_epoch, **self.planned_position(),
         }
 
     @override
@@ -453,6 +473,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.grad_mask_step = int(state_dict["grad_mask_step"])
         self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
         self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
+        self.opened_epoch = int(state_dict.get("opened_epoch", self.plan_epoch))
+        self.restore_planned_position(state_dict)
 
 
 __all__ = ["SparCL", "gradient_mask", "removal_choice", "tdm_scores", "tdm_update", "update_forgetting"]
