@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, log_image
-from lit_efficient.schedules import check_int, epoch_generator
+from lit_efficient.schedules import check_int, epoch_generator, host_int
 
 Rehearsal = Literal["none", "er", "derpp"]
 
@@ -176,14 +176,15 @@ class ReservoirBuffer:
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
 
-    def slots(self, count: int) -> Tensor:
-        """Reservoir slots for the next ``count`` samples (-1: not stored); advances ``seen``."""
-        out = torch.full((count,), -1, dtype=torch.long)
+    def slots(self, count: int) -> list[int]:
+        """Reservoir slots for the next ``count`` samples (-1: not stored); advances ``seen``.
+        Drawn on the host (a CPU generator): nothing waits for the device."""
+        out = [-1] * count
         for i in range(count):
             if self.seen < self.capacity:
                 out[i] = self.seen
             else:
-                j = int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
+                j = host_int(torch.randint(0, self.seen + 1, (1,), generator=self.generator))
                 if j < self.capacity:
                     out[i] = j
             self.seen += 1
@@ -199,10 +200,11 @@ class ReservoirBuffer:
                 self.logits = torch.zeros((self.capacity, *logits.shape[1:]), dtype=torch.float32, device=logits.device)
         assert self.labels is not None
         slots = self.slots(examples.shape[0])
-        stored = slots >= 0
-        if not bool(stored.any()):
+        source = [i for i, slot in enumerate(slots) if slot >= 0]
+        if not source:
             return
-        target, source = slots[stored].to(self.examples.device), stored.nonzero().flatten().to(examples.device)
+        target = torch.tensor([slots[i] for i in source], device=self.examples.device)
+        source = torch.tensor(source, device=examples.device)
         self.examples[target] = examples.detach()[source]
         self.labels[target] = labels.detach()[source]
         if self.logits is not None and logits is not None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -39,7 +38,7 @@ from torch import nn
 from typing_extensions import override
 
 from lit_efficient.freezing_cache import FrozenOutputCache
-from lit_efficient.monitor import EfficientCallback, SavingsRow
+from lit_efficient.monitor import EfficientCallback, SavingsRow, Throughput, step_logs_due
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_bool, check_fraction, is_due, progress
 from lit_efficient.targets import fqn_matches, no_match_message, refuse_sharded_strategies, validate_patterns
 
@@ -251,7 +250,10 @@ def adaptive_frozen_prefix(changes: list[float], percentile: float) -> int:
     ``percentile`` of all active blocks' changes."""
     if not changes:
         return 0
-    threshold = float(np.percentile(np.asarray(changes, dtype=np.float64), percentile))
+    with np.errstate(invalid="ignore"):
+        threshold = float(np.percentile(np.asarray(changes, dtype=np.float64), percentile))
+    if math.isnan(threshold):  # a NaN change (or inf - inf): it compares False with everything and would
+        return 0  # freeze every block at once
     count = 0
     for change in changes:
         if change >= threshold:
@@ -364,7 +366,8 @@ class ProgressiveFreezing(EfficientCallback):
         self.previous_norms: list[float] = []
         self.frozen_param_steps = 0.0  # sum over steps of the frozen fraction of parameters
         self.counted_steps = 0
-        self.throughput: list[float] = []  # samples/s per step, this process only (not state)
+        self.throughput = Throughput()  # samples/s over windows of steps, this process only (not state)
+        self._check_deferred = False  # an adaptive check fell on an overflow step: check on the next one
         self._total_params = 0
         self._tied: set[int] = set()
         self._hooks: list = []
@@ -379,7 +382,6 @@ class ProgressiveFreezing(EfficientCallback):
         self._start_step = self._every = 0
         self._pending = 0
         self._last_step = -1
-        self._step_start = 0.0
         self._fraction, self._fraction_for = 0.0, -1
 
     # -- set-up -------------------------------------------------------------------------------
@@ -530,6 +532,7 @@ class ProgressiveFreezing(EfficientCallback):
         self._every = max(1, self.check_every.to_steps(self._length, "check_every"))
         if self.schedule != "adaptive" and self._length.total_steps is None:
             raise ValueError(f"schedule={self.schedule!r} needs a known run length (max_steps or max_epochs)")
+        self.throughput.start(pl_module.device)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -571,7 +574,6 @@ class ProgressiveFreezing(EfficientCallback):
                         module.eval()  # Lightning puts the whole model back in train mode each epoch
         if self._cache is not None:
             self._cache.active = True
-        self._step_start = time.perf_counter()
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -579,7 +581,18 @@ class ProgressiveFreezing(EfficientCallback):
             self._epoch_mark = (self.frozen, self._cache.row_hits)
 
     @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.training or trainer.state.fn == "fit":
+            self.throughput.close(pl_module.device, restart=False)  # validation is not training throughput
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.throughput.start(pl_module.device)
+
+    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.throughput.close(pl_module.device)
         cache = self._cache
         if cache is None or cache.disabled is not None or not self.frozen:
             return
@@ -612,13 +625,20 @@ class ProgressiveFreezing(EfficientCallback):
         if self.lr_annealing:
             self._snapshot_for_annealing(trainer.global_step)
         step = trainer.global_step + 1
-        if self.schedule != "adaptive" or self.position(step) < self._start_step or not is_due(step, self._every):
+        if self.schedule != "adaptive" or self.position(step) < self._start_step:
+            return
+        if not (self._check_deferred or is_due(step, self._every)):
+            return
+        # not from an fp16 overflow step: NaN norms once froze every block at once, irreversibly
+        self._check_deferred = not self.gradients_finite(optimizer, "the adaptive freezing check", step)
+        if self._check_deferred:
             return
         # gradients here are unscaled (AMP) and averaged (DDP): every rank decides alike
-        norms = []
+        squares = []
         for block in self.blocks[self.frozen:]:
             grads = [p.grad.detach().float().pow(2).sum() for _, p in block.params if p.grad is not None]
-            norms.append(float(torch.stack(grads).sum().sqrt()) if grads else 0.0)
+            squares.append(torch.stack(grads).sum() if grads else torch.zeros((), device=pl_module.device))
+        norms = [math.sqrt(v) for v in torch.stack(squares).tolist()] if squares else []  # one sync
         previous = self.previous_norms[-len(norms):] if len(self.previous_norms) >= len(norms) else []
         self.previous_norms = norms
         if not previous:
@@ -629,10 +649,7 @@ class ProgressiveFreezing(EfficientCallback):
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
-        samples = _batch_size(batch)
-        elapsed = time.perf_counter() - self._step_start
-        if samples and elapsed > 0:
-            self.throughput.append(samples / elapsed)
+        self.throughput.add(_batch_size(batch))
         if self._cache is not None:
             self._cache.active = False
         if trainer.global_step == self._last_step:
@@ -642,8 +659,10 @@ class ProgressiveFreezing(EfficientCallback):
         self.counted_steps += 1
         self.freeze_to(self.scheduled_count(step), trainer, pl_module)
         metrics: dict[str, Any] = {"frozen_fraction": self.frozen_fraction(), "frozen_blocks": float(self.frozen)}
-        if self.throughput:
-            metrics["samples_per_second"] = self.throughput[-1]
+        if step_logs_due(trainer):  # the clock is read (after a device sync) only on the steps Lightning logs
+            rate = self.throughput.close(pl_module.device)
+            if rate is not None:
+                metrics["samples_per_second"] = rate
         if self._cache is not None:
             metrics["cache_served"] = float(self._cache.served > self._served_before)  # whole prefix, this step
             metrics["cache_megabytes"] = self._cache.nbytes / 2**20
@@ -722,9 +741,9 @@ class ProgressiveFreezing(EfficientCallback):
             SavingsRow(self.technique, "parameter-steps frozen (weight gradients and optimizer work skipped)",
                        f"{mean_frozen:.1%}", 1.0 - mean_frozen),
         ]
-        if len(self.throughput) >= 20:
-            tenth = max(1, len(self.throughput) // 10)
-            first, last = np.median(self.throughput[1 : tenth + 1]), np.median(self.throughput[-tenth:])
+        tenths = self.throughput.first_and_last_tenth()
+        if tenths is not None:
+            first, last = tenths
             rows.append(SavingsRow(self.technique, "throughput, last vs first tenth of the run",
                                    f"{last:.0f} vs {first:.0f} samples/s", float(first / last), "first tenth's step time"))
         if self._cache is not None:
@@ -739,7 +758,8 @@ class ProgressiveFreezing(EfficientCallback):
     def state_dict(self) -> dict[str, Any]:
         return {"frozen": self.frozen, "previous_norms": list(self.previous_norms), "pending": self._pending,
                 "frozen_param_steps": self.frozen_param_steps, "counted_steps": self.counted_steps,
-                "last_step": self._last_step, "joined_modules": list(self._joined_modules),
+                "last_step": self._last_step, "check_deferred": self._check_deferred,
+                "joined_modules": list(self._joined_modules),
                 "joined_params": list(self._joined_params)}
 
     @override
@@ -750,6 +770,7 @@ class ProgressiveFreezing(EfficientCallback):
         self.frozen_param_steps = float(state_dict["frozen_param_steps"])
         self.counted_steps = int(state_dict["counted_steps"])
         self._last_step = int(state_dict["last_step"])
+        self._check_deferred = bool(state_dict.get("check_deferred", False))
         # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)
         self._restored_join = ([str(n) for n in state_dict.get("joined_modules", [])],
                                [str(n) for n in state_dict.get("joined_params", [])])

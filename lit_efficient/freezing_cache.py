@@ -11,7 +11,8 @@ Knowledge-Guided Layer Freezing", EuroSys 2023, https://arxiv.org/abs/2201.06227
 prefix freezing.
 
 The cache is content-addressed: a row's key is a hash of the exact bytes of the first served
-block's input row (plus every other tensor the block receives, and its scalar arguments). Anything
+block's input row (plus every other tensor the block receives, and its scalar arguments), computed
+on the tensors' device; one copy of 32 bytes a row comes to the host per forward. Anything
 that changes that input — augmentation, dropout upstream, a different timestep — simply misses;
 a hit can only serve what the blocks would have computed. The structure is learnt on the first
 forward after every freezing change: the frozen blocks must be called once each, in order, each
@@ -70,36 +71,66 @@ def _flatten(value: Any, out: list) -> list:
     return out
 
 
-def _as_bytes(tensor: torch.Tensor) -> Any:
-    """The tensor's exact bytes as a (rows, bytes) numpy array on the CPU (any dtype, bf16 included)."""
-    flat = tensor.detach().reshape(tensor.shape[0], -1) if tensor.dim() else tensor.detach().reshape(1, 1)
-    return flat.contiguous().cpu().view(torch.uint8).numpy()
+_PRIME = 2_147_483_647  # 2**31 - 1
+_LANES = 4  # independent hashes of every row: 4 x 31 bits
+_CHUNK = 1 << 16  # 16-bit words summed at a time, so that the int64 partial sums stay exact
+_COEFFICIENTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _words(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """The exact bytes of each of ``rows`` rows of ``tensor`` as 16-bit words (int64 in [0, 2**16)),
+    computed where the tensor lives (any dtype, bf16 and bool included)."""
+    flat = tensor.detach().reshape(rows, -1).contiguous()
+    raw = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)
+    if raw.shape[1] % 2:
+        raw = torch.nn.functional.pad(raw, (0, 1))
+    return raw.view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def _coefficients(width: int, device: torch.device) -> torch.Tensor:
+    key = (width, str(device))
+    if key not in _COEFFICIENTS:
+        generator = torch.Generator().manual_seed(20_231)  # fixed: keys mean the same in every process
+        _COEFFICIENTS[key] = torch.randint(1, _PRIME, (_LANES, width), generator=generator, dtype=torch.int64).to(device)
+    return _COEFFICIENTS[key]
+
+
+def _hash_rows(words: torch.Tensor) -> torch.Tensor:
+    """(rows, 4) int64 on the words' device: per lane ``Σ_j w_j·c_j mod p`` with fixed random
+    coefficients ``c``. Two rows of equal length but different words agree in a lane with probability
+    1/p over the coefficients, in all four about 2**-124."""
+    coefficients = _coefficients(words.shape[1], words.device)
+    total = torch.zeros(words.shape[0], _LANES, dtype=torch.int64, device=words.device)
+    for start in range(0, words.shape[1], _CHUNK):
+        part = words[:, None, start : start + _CHUNK] * coefficients[None, :, start : start + _CHUNK]
+        total = (total + part.sum(-1) % _PRIME) % _PRIME
+    return total
 
 
 def row_keys(args: tuple, kwargs: dict, salt: bytes = b"") -> list[bytes]:
-    """One 16-byte key per row of ``args[0]``: a hash of ``salt``, that row of every tensor argument
-    with the batch as first dimension, every other tensor whole, and the scalar arguments."""
+    """One key per row of ``args[0]``: a digest of ``salt``, the shapes and dtypes and the scalar
+    arguments, followed by a hash of that row of every tensor argument with the batch as first
+    dimension and of every other tensor whole.
+
+    The tensors are hashed where they live (:func:`_hash_rows`); only the 32 bytes of each row's
+    hash come to the host, in one copy — what decides which rows the frozen blocks must still run."""
     batch = args[0].shape[0]
-    shared = hashlib.blake2b(salt, digest_size=16)
-    per_row = []
+    device = args[0].device
+    described = hashlib.blake2b(salt, digest_size=16)
+    words = []
     for item in _flatten((args, kwargs), []):
         if isinstance(item, torch.Tensor):
             if item.dim() and item.shape[0] == batch:  # the row's shape, not the batch's
-                shared.update(f"row{tuple(item.shape[1:])}{item.dtype}".encode())
-                per_row.append(_as_bytes(item))
+                described.update(f"row{tuple(item.shape[1:])}{item.dtype}".encode())
+                words.append(_words(item.to(device), batch))
             else:
-                shared.update(f"{tuple(item.shape)}{item.dtype}".encode())
-                shared.update(_as_bytes(item).tobytes())
+                described.update(f"{tuple(item.shape)}{item.dtype}".encode())
+                words.append(_words(item.to(device), 1).expand(batch, -1))
         elif item is None or isinstance(item, (bool, int, float, str)):
-            shared.update(repr(item).encode())
-    prefix = shared.digest()
-    keys = []
-    for i in range(batch):
-        digest = hashlib.blake2b(prefix, digest_size=16)
-        for rows in per_row:
-            digest.update(rows[i].data)
-        keys.append(digest.digest())
-    return keys
+            described.update(repr(item).encode())
+    prefix = described.digest()
+    hashes = _hash_rows(torch.cat(words, dim=1) if len(words) > 1 else words[0]).cpu().numpy()
+    return [prefix + hashes[i].tobytes() for i in range(batch)]
 
 
 class FrozenOutputCache:

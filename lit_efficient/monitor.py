@@ -14,14 +14,15 @@ end-of-fit savings table.
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
+from typing import Any, ClassVar, Iterable, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lit_efficient.composition import Claim, check_composition
@@ -116,6 +117,60 @@ def bar_image(values: Sequence[float], height: int = 32, gap: int = 1, width: in
         if filled:
             image[height - filled :, i * (width + gap) : i * (width + gap) + width] = 1.0
     return image
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device`` to finish its queued work (nothing to wait for on a CPU)."""
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None
+    if backend is not None and callable(getattr(backend, "synchronize", None)) and backend.is_available():
+        backend.synchronize(device) if device.type == "cuda" else backend.synchronize()
+
+
+class Throughput:
+    """Training samples per second over windows of steps.
+
+    An ordinary step only adds its sample count; the clock is read, after waiting for the device
+    (on a GPU the work runs behind the launches), when a window closes: on logging steps, when
+    validation starts (validation time is left out) and at the end of each epoch. So throughput
+    costs a device sync only where the run syncs anyway.
+    """
+
+    def __init__(self) -> None:
+        self.windows: list[tuple[int, float]] = []  # (samples, seconds) of every closed window
+        self._samples = 0
+        self._start: Optional[float] = None
+
+    def start(self, device: torch.device) -> None:
+        synchronize(device)
+        self._samples, self._start = 0, time.perf_counter()
+
+    def add(self, samples: int) -> None:
+        self._samples += samples
+
+    def close(self, device: torch.device, restart: bool = True) -> Optional[float]:
+        """End the current window; its samples per second (None if no window was open or empty)."""
+        if self._start is None:
+            return None
+        synchronize(device)
+        seconds = time.perf_counter() - self._start
+        rate = None
+        if self._samples and seconds > 0:
+            self.windows.append((self._samples, seconds))
+            rate = self._samples / seconds
+        self._samples, self._start = 0, (time.perf_counter() if restart else None)
+        return rate
+
+    def first_and_last_tenth(self) -> Optional[tuple[float, float]]:
+        """Samples per second over the first and the last tenth of the windows (the very first, with
+        the warm-up, left out); None with fewer than four windows."""
+        if len(self.windows) < 4:
+            return None
+        tenth = max(1, (len(self.windows) - 1) // 10)
+
+        def rate(windows: list[tuple[int, float]]) -> float:
+            return sum(n for n, _ in windows) / sum(s for _, s in windows)
+
+        return rate(self.windows[1 : 1 + tenth]), rate(self.windows[-tenth:])
 
 
 @dataclass(frozen=True)
@@ -222,6 +277,28 @@ class EfficientCallback(Callback):
     def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
         log_metrics(pl_module, self.technique, metrics, **kwargs)
 
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn (on rank 0) the first time ``key`` happens to this callback."""
+        said = self.__dict__.setdefault("_warned", set())
+        if key not in said:
+            said.add(key)
+            rank_zero_warn(message)
+
+    def gradients_finite(self, optimizer: torch.optim.Optimizer, decision: str, step: int) -> bool:
+        """Whether every gradient of ``optimizer``'s parameters is finite: read on a decision step only
+        (one sync), in ``on_before_optimizer_step``.
+
+        Under fp16 with a GradScaler an overflow step reaches ``on_before_optimizer_step`` with
+        inf/NaN gradients somewhere, and the scaler then skips the whole optimizer step: no decision
+        may be taken in it. Otherwise says once that ``decision`` moves on, and returns False."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return True
+        self.warn_once("nonfinite", f"{type(self).__name__}: the gradients of optimizer step {step} were not finite "
+                       f"(an fp16 overflow step, which the GradScaler skips): {decision} moved to the next step whose "
+                       "gradients are finite (said once)")
+        return False
+
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
         """What this technique saved in the run that just ended (override)."""
         return []
@@ -248,6 +325,7 @@ class EfficientCallback(Callback):
 __all__ = [
     "EfficientCallback",
     "SavingsRow",
+    "Throughput",
     "bar_image",
     "callback_settings",
     "collect_savings",
@@ -260,5 +338,6 @@ __all__ = [
     "metric_key",
     "savings_metrics",
     "step_logs_due",
+    "synchronize",
     "tensorboard_writer",
 ]

@@ -156,6 +156,14 @@ def epoch_generator(seed: int, epoch: int, offset: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch + offset)
 
 
+def host_int(value: torch.Tensor) -> int:
+    """``int(value)`` of a one-element tensor that lives on the host, such as a CPU generator's draw:
+    no device to wait for (the sync-counting test exempts this helper, and only this one)."""
+    if value.device.type != "cpu":
+        raise ValueError(f"host_int reads host tensors only; this one is on {value.device}")
+    return int(value)
+
+
 def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,
                    low_open: bool = False) -> float:
     """``value`` as a float if it lies in the interval (closed unless ``*_open``); else a ValueError naming ``argument``."""

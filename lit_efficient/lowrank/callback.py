@@ -53,7 +53,8 @@ class GaLore(EfficientCallback):
         fira: add back the out-of-subspace gradient, scaled, with Fira's norm-growth limiter.
         eight_bit: keep the moments blockwise-quantized to 8 bits (bitsandbytes).
         layerwise: step each matrix inside backward and free its gradient (per-layer mode);
-            refused with gradient accumulation, gradient clipping and multi-process training.
+            refused with gradient accumulation, gradient clipping, multi-process training and a
+            GradScaler (16-mixed: its overflow steps could not be skipped).
         seed: seed of the random projections (identical on every rank).
 
     Logged under ``efficient/galore/``: ``optimizer_state_bytes`` and ``adamw_state_bytes`` (what
@@ -111,10 +112,12 @@ class GaLore(EfficientCallback):
                 problems.append(f"gradient_clip_val={trainer.gradient_clip_val}")
             if trainer.world_size > 1 or isinstance(trainer.strategy, DDPStrategy):
                 problems.append(f"{type(trainer.strategy).__name__} with {trainer.world_size} process(es)")
+            if getattr(trainer.precision_plugin, "scaler", None) is not None:
+                problems.append("a GradScaler (16-mixed)")
             if problems:
                 raise ValueError("GaLore(layerwise=True) steps each matrix inside backward, before gradients could be "
-                                 f"accumulated, clipped or averaged across processes: it cannot run with {', '.join(problems)}. "
-                                 "Use layerwise=False.")
+                                 "accumulated, clipped, averaged across processes or unscaled and checked for an fp16 "
+                                 f"overflow: it cannot run with {', '.join(problems)}. Use layerwise=False (or bf16-mixed).")
             if not pl_module.automatic_optimization:
                 raise ValueError("GaLore(layerwise=True) needs automatic optimization")
         self.targets = select_targets(pl_module, self.target_modules, self.exclude, kinds=("linear",),

@@ -319,10 +319,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 residual = (grad - project_back(low, left, right)) * channel_scale(direction * correction, low, side)
                 norm = residual.norm()
                 previous = state.get("fira_norm")
-                if previous is not None and norm > 1.01 * previous:  # norm-growth limiter
-                    residual.mul_(1.01 * previous / norm)
-                    norm = 1.01 * previous
-                state["fira_norm"] = norm.detach().clone() if isinstance(norm, Tensor) else torch.tensor(norm)
+                if previous is not None:  # norm-growth limiter, decided on the device: no host sync
+                    limit = 1.01 * previous.to(norm.device)
+                    residual.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+                    norm = torch.minimum(norm, limit)
+                state["fira_norm"] = norm.detach().clone()
                 update = update.mul_(correction).add_(residual)
                 factor = 1.0
         if group["weight_decay"]:

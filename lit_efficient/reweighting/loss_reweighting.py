@@ -38,16 +38,21 @@ Strategy = Literal["linupper", "quadratic", "extremes", "uniform"]
 STRATEGIES: tuple[str, ...] = ("linupper", "quadratic", "extremes", "uniform")
 
 
-def normalise_losses(losses: Tensor, groups: Optional[Tensor] = None, finite: Optional[Tensor] = None) -> Tensor:
+def normalise_losses(losses: Tensor, groups: Optional[Tensor] = None, finite: Optional[Tensor] = None,
+                     num_groups: Optional[int] = None) -> Tensor:
     """Min-max normalise ``losses`` to [−1, 1] (in float64): ``(2ℓ − (max + min)) / max(max − min, 1e-6)``.
 
-    With ``groups`` (integer ids), each group is normalised by its own min and max. Entries where
+    With ``groups`` (integer ids in ``[0, num_groups)``), each group is normalised by its own min and
+    max; without ``num_groups`` it is read off ``groups`` (a device-to-host sync). Entries where
     ``finite`` is False take no part and come out as 0.
     """
     x = losses.detach().to(torch.float64)
     finite = torch.isfinite(x) if finite is None else finite
-    groups = torch.zeros_like(x, dtype=torch.long) if groups is None else groups.to(torch.long)
-    size = int(groups.max()) + 1 if groups.numel() else 1
+    if groups is None:
+        groups, size = torch.zeros_like(x, dtype=torch.long), 1
+    else:
+        groups = groups.to(torch.long)
+        size = num_groups if num_groups is not None else (int(groups.max()) + 1 if groups.numel() else 1)
     lo = torch.full((size,), math.inf, dtype=x.dtype, device=x.device)
     hi = torch.full((size,), -math.inf, dtype=x.dtype, device=x.device)
     lo = lo.scatter_reduce(0, groups, torch.where(finite, x, math.inf), "amin")
@@ -71,11 +76,12 @@ def strategy_scores(h: Tensor, strategy: Strategy) -> Tensor:
 
 
 def reweight(losses: Tensor, strategy: Strategy = "linupper", temperature: float = 1.0,
-             groups: Optional[Tensor] = None) -> Tensor:
+             groups: Optional[Tensor] = None, num_groups: Optional[int] = None) -> Tensor:
     """Weights (summing to 1, float32) of the samples with per-sample ``losses``.
 
-    Non-finite losses get weight 0 and the rest are weighted among themselves; ``uniform`` or an
-    infinite ``temperature`` give exactly ``1/N`` each. Usable without Lightning::
+    Non-finite losses get weight 0 and the rest are weighted among themselves (all 0 if none is
+    finite); ``uniform`` or an infinite ``temperature`` give exactly ``1/N`` each. Computed on the
+    losses' device without a host sync (give ``num_groups`` with ``groups``). Usable without Lightning::
 
         loss = (reweight(losses.detach()) * losses).sum()
     """
@@ -83,14 +89,12 @@ def reweight(losses: Tensor, strategy: Strategy = "linupper", temperature: float
         raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}; got {strategy!r}")
     check_temperature(temperature)
     finite = torch.isfinite(losses.detach())
-    count = int(finite.sum())
-    if count == 0:
-        return torch.zeros(losses.shape, dtype=torch.float32, device=losses.device)
     if strategy == "uniform" or math.isinf(temperature):
-        return finite.to(torch.float32) / count
-    logits = strategy_scores(normalise_losses(losses, groups, finite), strategy) / temperature
+        return finite.to(torch.float32) / finite.sum().clamp(min=1)
+    logits = strategy_scores(normalise_losses(losses, groups, finite, num_groups), strategy) / temperature
     logits = torch.where(finite, logits, torch.full_like(logits, -math.inf))
-    return torch.softmax(logits, dim=0).to(torch.float32)  # softmax subtracts the max: no overflow
+    weights = torch.softmax(logits, dim=0)  # softmax subtracts the max: no overflow (NaN if nothing is finite)
+    return torch.where(finite, weights, torch.zeros_like(weights)).to(torch.float32)
 
 
 def check_temperature(temperature: float) -> float:
@@ -174,7 +178,8 @@ class LossReweighting(SampleLossCallback):
             groups = (t.clamp(0, self.num_timesteps - 1) * self.timestep_buckets) // self.num_timesteps
             groups, _ = gather_samples(trainer, groups)
         all_losses, offset = gather_samples(trainer, torch.where(finite, losses, torch.full_like(losses, math.nan)))
-        weights = reweight(all_losses, self.strategy, self.temperature, groups)
+        weights = reweight(all_losses, self.strategy, self.temperature, groups,
+                           self.timestep_buckets if self.timestep_buckets else None)
         self._last_weights = weights
         # world · N_local · w_i: the local mean of m·ℓ is world · Σ_local w·ℓ, a plain mean's scale after DDP
         return weights[offset : offset + losses.numel()] * (trainer.world_size * losses.numel())

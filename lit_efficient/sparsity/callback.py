@@ -76,6 +76,8 @@ class SparseTrainingCallback(EfficientCallback):
         self._grad_scores: Optional[list[torch.Tensor]] = None
         self._frozen_layers: Optional[list[bool]] = None
         self._every = 1
+        self.update_deferred = False  # an update fell on an overflow step: it runs after the next finite one
+        self._update_now = False
 
     # -- set-up -------------------------------------------------------------------------------
     @override
@@ -95,6 +97,7 @@ class SparseTrainingCallback(EfficientCallback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self.masks is not None
+        self.masks.recount()  # a checkpoint may have brought the masks
         if not self.initialized:
             self.masks.set_masks(self.initial_masks(), self.optimizer(trainer))
             self.initialized = True
@@ -134,9 +137,15 @@ class SparseTrainingCallback(EfficientCallback):
 
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
-        if self.masks is None or not self.is_update_step(trainer.global_step + 1):
-            self._grad_scores = None
+        step = trainer.global_step + 1
+        self._update_now, self._grad_scores = False, None
+        if self.masks is None or not (self.update_deferred or self.is_update_step(step)):
             return
+        # no mask update from an fp16 overflow step (inf/NaN gradients, skipped by the GradScaler)
+        self.update_deferred = not self.gradients_finite(optimizer, "the mask update", step)
+        if self.update_deferred:
+            return
+        self._update_now = True
         # layers frozen for this step (ProgressiveFreezing) keep their masks; read here, before any
         # callback's on_train_batch_end could change the frozen set, so callback order does not matter
         self._frozen_layers = [not p.requires_grad for p in self.masks.params]
@@ -155,7 +164,7 @@ class SparseTrainingCallback(EfficientCallback):
         self.last_applied_step = step
         optimizer = self.optimizer(trainer)
         self.masks.apply(optimizer)
-        update = self.is_update_step(step)
+        update, self._update_now = self._update_now, False
         self.account_step(dense_gradient=update and getattr(self, "growth", None) == "gradient")
         if update:
             stats = self.update(step, optimizer, self._grad_scores)
@@ -236,6 +245,7 @@ class SparseTrainingCallback(EfficientCallback):
             "density_steps": self.density_steps,
             "counted_steps": self.counted_steps,
             "flops": [f for f in self.flops.flops] if self.flops is not None else None,
+            "update_deferred": self.update_deferred,
         }
 
     @override
@@ -246,6 +256,7 @@ class SparseTrainingCallback(EfficientCallback):
         self.generator.set_state(state_dict["generator"])
         self.density_steps = float(state_dict["density_steps"])
         self.counted_steps = int(state_dict["counted_steps"])
+        self.update_deferred = bool(state_dict.get("update_deferred", False))
         if self.flops is not None and state_dict.get("flops") is not None:
             self.flops.flops = list(state_dict["flops"])
 

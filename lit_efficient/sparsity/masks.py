@@ -133,6 +133,21 @@ def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor,
     return kept | topk_mask(candidates, count)
 
 
+_CHECKED_CODEBOOKS: set[tuple[int, int]] = set()
+
+
+def _zero_code(codebook: Tensor, key: str) -> Tensor:
+    """The index of the code 0.0 in an 8-bit code book, as a 0-dim uint8 tensor on its device (no
+    host sync; whether 0.0 is exactly representable is checked once per code book)."""
+    code = codebook.abs().argmin()
+    identity = (id(codebook), codebook.data_ptr())
+    if identity not in _CHECKED_CODEBOOKS:
+        if bool(codebook[code] != 0):
+            raise RuntimeError(f"8-bit optimizer state {key!r} has no exact code for 0.0")
+        _CHECKED_CODEBOOKS.add(identity)
+    return code.to(torch.uint8)
+
+
 def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, where: Tensor) -> None:
     """Zero the optimizer's per-element state of ``param`` at the True entries of ``where``.
 
@@ -152,10 +167,7 @@ def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tens
             codebook = state.get("qmap" + key[-1]) if key.startswith("state") else None
             if codebook is None:
                 continue
-            zero = (codebook == 0).nonzero()
-            if zero.numel() == 0:
-                raise RuntimeError(f"8-bit optimizer state {key!r} has no exact code for 0.0")
-            value.masked_fill_(where, int(zero[0, 0]))
+            value.masked_fill_(where, _zero_code(codebook, key))
         elif value.is_floating_point():
             value.masked_fill_(where, 0)
 
@@ -221,6 +233,7 @@ class SparseMasks:
         if not targets:
             raise ValueError("no targets to sparsify")
         self.targets = list(targets)
+        self._nonzeros: Optional[list[int]] = None
         for target in self.targets:
             module = target.module
             existing = getattr(module, MASK_BUFFER, None)
@@ -247,7 +260,14 @@ class SparseMasks:
 
     # -- accounting ---------------------------------------------------------------------------
     def nonzeros(self) -> list[int]:
-        return [int(m.sum()) for m in self.masks]
+        """Active weights per layer; counted once after each change (counting syncs with the device)."""
+        if self._nonzeros is None:
+            self._nonzeros = [int(n) for n in torch.stack([m.sum() for m in self.masks]).tolist()]
+        return list(self._nonzeros)
+
+    def recount(self) -> None:
+        """Forget the counts: the masks changed outside :meth:`set_masks` (a checkpoint was loaded into them)."""
+        self._nonzeros = None
 
     def sizes(self) -> list[int]:
         return [m.numel() for m in self.masks]
@@ -280,6 +300,7 @@ class SparseMasks:
             if grown_counts[-1] and restart is not None:  # projected state (GaLore): no entry-wise zeroing
                 restart(target.param)
             mask.copy_(new)
+        self._nonzeros = None
         self.apply(optimizer)
         return grown_counts
 

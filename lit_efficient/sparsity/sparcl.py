@@ -291,6 +291,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         # refreshed at each epoch's first step (so a new task never trains through the last task's
         # gradient mask) and every `gradient_mask_every` steps within the epoch, as the reference does
         if not self.grad_masks or epoch != self.grad_mask_epoch or step - self.grad_mask_step >= self.gradient_mask_every:
+            if not self.gradients_finite(optimizer, "the gradient mask refresh", step + 1):
+                return  # an overflow step (skipped by the GradScaler): the refresh is still due on the next one
             self.grad_masks = [
                 gradient_mask(p.grad, m, self.gradient_sparsity) if p.grad is not None else m.clone()
                 for p, m in zip(self.masks.params, self.masks.masks)

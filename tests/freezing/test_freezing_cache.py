@@ -177,6 +177,26 @@ def test_row_keys_follow_content_and_shared_arguments():
     assert row_keys((x.bfloat16(),), {}) != keys
 
 
+def test_row_keys_tell_apart_rows_that_differ_in_one_bit():
+    torch.manual_seed(0)
+    rows = torch.randn(4, 70_000)  # longer than one chunk of 2**16 words
+    flipped = rows.clone()
+    flipped.view(torch.int32)[1, 69_999] ^= 1  # the last bit of the last element of row 1
+    signed = rows.clone()
+    signed[2, 0] = -0.0 if rows[2, 0] == 0 else rows[2, 0]
+    signed[3, 5] = 0.0
+    other = rows.clone()
+    other[3, 5] = -0.0
+    a, b = row_keys((rows,), {}), row_keys((flipped,), {})
+    assert a[0] == b[0] and a[1] != b[1]
+    assert row_keys((signed,), {})[3] != row_keys((other,), {})[3]  # 0.0 and -0.0 are different bytes
+    odd = torch.randint(0, 255, (5, 3), dtype=torch.uint8)  # an odd number of bytes a row
+    assert len(set(row_keys((odd,), {}))) == len({tuple(r) for r in odd.tolist()})
+    mask = torch.tensor([[True, False], [False, True], [True, False]])
+    keys = row_keys((mask,), {})
+    assert keys[0] == keys[2] != keys[1]
+
+
 @pytest.mark.parametrize("bad", [-1.0, math.nan, "64", True])
 def test_bad_budget(bad):
     with pytest.raises(ValueError, match="cache_frozen_mb"):

@@ -162,3 +162,30 @@ def test_bf16_mixed_precision_trains(tmp_path):
         assert bases and all(b.dtype == torch.float32 for b in bases)  # computed in fp32 under autocast
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_half_precision_weights_resume_bit_exactly(tmp_path, precision="bf16-true"):
+    """Lightning loads the optimizer state through torch, which casts it to each weight's dtype: the
+    fp32 moments and bases of bf16 matrices must come back exactly, and the run continue exactly
+    (fp16 weights: tests/lowrank/test_galore_optim.py; the test MLP diverges in pure fp16)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(ckpt=None):
+        pl.seed_everything(0)
+        model = MLP()
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+        t = pl.Trainer(max_epochs=8, precision=precision, callbacks=[GaLore(rank=8, update_proj_gap=3), saver],
+                       logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        t.fit(model, loader(16, 16), ckpt_path=ckpt)  # one-batch epochs: the data order restores exactly
+        return model, t
+
+    straight, a = run()
+    resumed, b = run(str(tmp_path / "ckpts" / "epoch=3-step=4.ckpt"))  # mid-gap: bases from step 3
+    assert next(straight.parameters()).dtype == torch.bfloat16
+    for x, y in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(x, y)
+    for (p, _), (q, _) in zip(a.optimizers[0].projected_params(), b.optimizers[0].projected_params()):
+        for key, value in a.optimizers[0].state[p].items():
+            if isinstance(value, torch.Tensor):
+                other = b.optimizers[0].state[q][key]
+                assert other.dtype == value.dtype and torch.equal(other, value), key
