@@ -15,20 +15,18 @@ batches, for the state that does not depend on the data order.
 """
 
 import math
-import os
-import signal
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
+from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint, OnExceptionCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_efficient import InfoBatch, SparCL
 from tests.sparsity.sparse_helpers import MLP
 from tests.techniques import ENTRIES as REGISTRY
-from tests.test_reliability_matrix import assert_same_run
+from tests.test_reliability_matrix import SigtermAt, assert_same_run
 
 SAMPLES, BATCH = 48, 8  # six batches an epoch (fewer once InfoBatch prunes)
 
@@ -148,17 +146,6 @@ def test_resume_from_an_epochs_last_batch_matches_the_uninterrupted_run(straight
     name, root, run = straight
     _, last = pick_checkpoints(root / "ckpts")
     assert_resumed(name, run, fit(tmp_path, name, ckpt=str(last)))
-
-
-class SigtermAt(Callback):
-    """Sends this process a SIGTERM at the end of optimizer step ``step``, as a cluster's pre-emption would."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 @pytest.mark.parametrize("name", ["infobatch", "vit_main_job", "ddpm_main_job"])
