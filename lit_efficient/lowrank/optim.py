@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from lit_efficient.monitor import synchronize
 from lit_efficient.schedules import check_int
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
@@ -253,6 +254,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return random_bases(shape, rank, side, state["basis_seed"], grad.device)
         old = (state.get("basis_left"), state.get("basis_right"))
         if due or (old[0] is None and old[1] is None):
+            synchronize(grad.device)  # a refresh step: the clock times the decomposition, not queued work
             start = time.perf_counter()
             try:
                 new = svd_bases(grad, rank, side, group["projection"])
@@ -266,6 +268,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis",
                                   stacklevel=3)
                     new = old
+            synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1
             for name, before, after in (("basis_left", old[0], new[0]), ("basis_right", old[1], new[1])):
