@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from lit_efficient.monitor import EfficientCallback, log_image
-from lit_efficient.schedules import check_int, epoch_generator, host_int
+from lit_efficient.schedules import check_int, epoch_generator, host_int, pinned
 
 Rehearsal = Literal["none", "er", "derpp"]
 
@@ -203,8 +203,9 @@ class ReservoirBuffer:
         source = [i for i, slot in enumerate(slots) if slot >= 0]
         if not source:
             return
-        target = torch.tensor([slots[i] for i in source], device=self.examples.device)
-        source = torch.tensor(source, device=examples.device)
+        # page-locked copies: the indices reach the device without waiting for its stream
+        target = pinned(torch.tensor([slots[i] for i in source])).to(self.examples.device, non_blocking=True)
+        source = pinned(torch.tensor(source)).to(examples.device, non_blocking=True)
         self.examples[target] = examples.detach()[source]
         self.labels[target] = labels.detach()[source]
         if self.logits is not None and logits is not None:

@@ -110,8 +110,14 @@ def _has_params(module: nn.Module) -> bool:
 
 
 def _identical_composites(children: list[nn.Module]) -> bool:
-    """All of one type, each made of parameterised submodules (blocks or stages, not bare layers)."""
-    return len({type(c) for c in children}) == 1 and all(any(_has_params(s) for s in c.children()) for c in children)
+    """All of one type and built of the same kinds of parts, each made of parameterised submodules
+    (blocks, or stages of blocks; not bare layers, and not a head such as ``Sequential(Flatten(),
+    Linear())`` after ``Sequential(Conv, BatchNorm, ReLU)`` stages)."""
+    def parts(module: nn.Module) -> frozenset:
+        return frozenset(type(s) for s in module.children())
+
+    return (len({(type(c), parts(c)) for c in children}) == 1
+            and all(any(_has_params(s) for s in c.children()) for c in children))
 
 
 def _join(prefix: str, name: str) -> str:
@@ -450,7 +456,8 @@ class ProgressiveFreezing(EfficientCallback):
         the last block is refused (its gradient would need the backward through the frozen blocks)."""
         for handle in self._probe or []:
             handle.remove()
-        upstream, self._probe, self._upstream = self._upstream or [], None, None
+        captured, upstream = self._upstream is not None, self._upstream or []  # not captured under torch.compile
+        self._probe, self._upstream = None, None
         members = [n for b in self.blocks for n, _ in b.modules]
         main = [n for b in self.blocks for n, _ in b.modules[b.stem :]]
         ran = [i for i, n in enumerate(self._order) if _within(n, members)]
@@ -467,10 +474,12 @@ class ProgressiveFreezing(EfficientCallback):
                 )
         if self.frozen:
             return  # resumed with block 0 frozen: it stays as it was when the checkpoint was taken
+        read = _leaves_behind(upstream)
         modules = self._outermost([n for n in self._order[:first] if not _within(n, members)], members)
+        if captured:  # only what feeds the first block: a branch that reaches the head alone keeps training
+            modules = [n for n in modules if any(id(p) in read for p in pl_module.get_submodule(n).parameters())]
         taken = {id(p) for b in self.blocks for _, p in b.params}
         taken |= {id(p) for n in modules for p in pl_module.get_submodule(n).parameters()}
-        read = _leaves_behind(upstream)
         params = [n for n, p in pl_module.named_parameters() if id(p) in read and id(p) not in taken]
         if modules or params:
             self._join_first_block(pl_module, modules, params)
@@ -638,7 +647,7 @@ class ProgressiveFreezing(EfficientCallback):
         for block in self.blocks[self.frozen:]:
             grads = [p.grad.detach().float().pow(2).sum() for _, p in block.params if p.grad is not None]
             squares.append(torch.stack(grads).sum() if grads else torch.zeros((), device=pl_module.device))
-        norms = [math.sqrt(v) for v in torch.stack(squares).tolist()] if squares else []  # one sync
+        norms = torch.stack(squares).sqrt().tolist() if squares else []  # one sync (fp32 roots, as before)
         previous = self.previous_norms[-len(norms):] if len(self.previous_norms) >= len(norms) else []
         self.previous_norms = norms
         if not previous:

@@ -73,64 +73,95 @@ def _flatten(value: Any, out: list) -> list:
 
 _PRIME = 2_147_483_647  # 2**31 - 1
 _LANES = 4  # independent hashes of every row: 4 x 31 bits
-_CHUNK = 1 << 16  # 16-bit words summed at a time, so that the int64 partial sums stay exact
-_COEFFICIENTS: dict[tuple[int, str], torch.Tensor] = {}
+_CHUNK = 4096  # 16-bit words hashed at a time: rows x 4 x 4096 int64 of scratch, whatever the row's size
+_COEFFICIENTS: dict[str, torch.Tensor] = {}  # per device: (4, n) coefficients for word positions 0..n-1
 
 
-def _words(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """The exact bytes of each of ``rows`` rows of ``tensor`` as 16-bit words (int64 in [0, 2**16)),
-    computed where the tensor lives (any dtype, bf16 and bool included)."""
-    flat = tensor.detach().reshape(rows, -1).contiguous()
-    raw = flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)
-    if raw.shape[1] % 2:
-        raw = torch.nn.functional.pad(raw, (0, 1))
-    return raw.view(torch.int16).to(torch.int64) & 0xFFFF
+def _coefficients(end: int, device: torch.device) -> torch.Tensor:
+    """The coefficients of word positions ``0..end-1`` (one table per device, grown when needed; the
+    same values in every process, so a key means the same everywhere)."""
+    table = _COEFFICIENTS.get(str(device))
+    if table is None or table.shape[1] < end:
+        width = max(end, 2 * (table.shape[1] if table is not None else _CHUNK))
+        generator = torch.Generator().manual_seed(20_231)
+        table = torch.randint(1, _PRIME, (_LANES, width), generator=generator, dtype=torch.int64).to(device)
+        _COEFFICIENTS[str(device)] = table
+    return table[:, :end]
 
 
-def _coefficients(width: int, device: torch.device) -> torch.Tensor:
-    key = (width, str(device))
-    if key not in _COEFFICIENTS:
-        generator = torch.Generator().manual_seed(20_231)  # fixed: keys mean the same in every process
-        _COEFFICIENTS[key] = torch.randint(1, _PRIME, (_LANES, width), generator=generator, dtype=torch.int64).to(device)
-    return _COEFFICIENTS[key]
+def _hash_rows(tensor: torch.Tensor, rows: int, offset: int) -> tuple[torch.Tensor, int]:
+    """(rows, 4) int64 on the tensor's device: per lane ``Σ_j w_j·c_(offset+j) mod p`` over the row's
+    exact bytes read as 16-bit words ``w`` (any dtype, bf16 and bool included), and the offset where
+    the next tensor's words start. The hash is linear, so the tensors of one row add up to the hash
+    of their concatenation: two rows that differ anywhere agree in a lane with probability 1/p over
+    the coefficients, in all four about 2**-124."""
+    flat = tensor.detach().reshape(rows, -1)
+    raw = (flat.to(torch.uint8) if flat.dtype == torch.bool else flat.contiguous().view(torch.uint8)) if flat.numel() \
+        else torch.zeros(rows, 0, dtype=torch.uint8, device=tensor.device)
+    words = (raw.shape[1] + 1) // 2
+    total = torch.zeros(rows, _LANES, dtype=torch.int64, device=tensor.device)
+    coefficients = _coefficients(offset + words, tensor.device)
+    for start in range(0, words, _CHUNK):
+        chunk = raw[:, 2 * start : 2 * (start + _CHUNK)].to(torch.int64)
+        if chunk.shape[1] % 2:
+            chunk = torch.nn.functional.pad(chunk, (0, 1))
+        pairs = chunk.view(rows, -1, 2)
+        w = pairs[..., 0] | (pairs[..., 1] << 8)  # bytes to words without reinterpreting memory
+        c = coefficients[:, offset + start : offset + start + w.shape[1]]
+        total = (total + (w[:, None, :] * c[None]).sum(-1) % _PRIME) % _PRIME
+    return total, offset + words
 
 
-def _hash_rows(words: torch.Tensor) -> torch.Tensor:
-    """(rows, 4) int64 on the words' device: per lane ``Σ_j w_j·c_j mod p`` with fixed random
-    coefficients ``c``. Two rows of equal length but different words agree in a lane with probability
-    1/p over the coefficients, in all four about 2**-124."""
-    coefficients = _coefficients(words.shape[1], words.device)
-    total = torch.zeros(words.shape[0], _LANES, dtype=torch.int64, device=words.device)
-    for start in range(0, words.shape[1], _CHUNK):
-        part = words[:, None, start : start + _CHUNK] * coefficients[None, :, start : start + _CHUNK]
-        total = (total + part.sum(-1) % _PRIME) % _PRIME
-    return total
-
-
-def row_keys(args: tuple, kwargs: dict, salt: bytes = b"") -> list[bytes]:
+def row_keys(args: tuple, kwargs: dict, salt: bytes = b"", on_device: Optional[bool] = None) -> list[bytes]:
     """One key per row of ``args[0]``: a digest of ``salt``, the shapes and dtypes and the scalar
-    arguments, followed by a hash of that row of every tensor argument with the batch as first
-    dimension and of every other tensor whole.
+    arguments, and of that row of every tensor argument with the batch as first dimension and of
+    every other tensor whole.
 
-    The tensors are hashed where they live (:func:`_hash_rows`); only the 32 bytes of each row's
-    hash come to the host, in one copy — what decides which rows the frozen blocks must still run."""
+    Where the tensors live decides how (``on_device`` forces one way; a run always takes the same):
+    on an accelerator they are hashed there (:func:`_hash_rows`, a tensor shared by the batch once)
+    and only the 32 bytes of each row's hash come to the host, in one copy — what decides which rows
+    the frozen blocks must still run; on the CPU, where the bytes already are, blake2b reads them in
+    place (faster there)."""
     batch = args[0].shape[0]
     device = args[0].device
-    described = hashlib.blake2b(salt, digest_size=16)
-    words = []
+    if batch == 0:
+        return []
+    on_device = device.type != "cpu" if on_device is None else on_device
+    described = hashlib.blake2b(salt + (b"device" if on_device else b"host"), digest_size=16)
+    total = torch.zeros(batch, _LANES, dtype=torch.int64, device=device) if on_device else None
+    host_rows: list[Any] = []
+    offset = 0
     for item in _flatten((args, kwargs), []):
         if isinstance(item, torch.Tensor):
-            if item.dim() and item.shape[0] == batch:  # the row's shape, not the batch's
-                described.update(f"row{tuple(item.shape[1:])}{item.dtype}".encode())
-                words.append(_words(item.to(device), batch))
+            per_row = item.dim() > 0 and item.shape[0] == batch
+            described.update(f"{'row' if per_row else ''}{tuple(item.shape[1:] if per_row else item.shape)}{item.dtype}"
+                             .encode())
+            if on_device:
+                part, offset = _hash_rows(item.to(device), batch if per_row else 1, offset)
+                total = (total + part) % _PRIME  # a shared tensor's one hash is added to every row
+            elif per_row:
+                host_rows.append(_host_bytes(item, batch))
             else:
-                described.update(f"{tuple(item.shape)}{item.dtype}".encode())
-                words.append(_words(item.to(device), 1).expand(batch, -1))
+                described.update(_host_bytes(item, 1).tobytes())
         elif item is None or isinstance(item, (bool, int, float, str)):
             described.update(repr(item).encode())
     prefix = described.digest()
-    hashes = _hash_rows(torch.cat(words, dim=1) if len(words) > 1 else words[0]).cpu().numpy()
-    return [prefix + hashes[i].tobytes() for i in range(batch)]
+    if on_device:
+        hashes = total.cpu().numpy()
+        return [prefix + hashes[i].tobytes() for i in range(batch)]
+    keys = []
+    for i in range(batch):
+        digest = hashlib.blake2b(prefix, digest_size=16)
+        for rows in host_rows:
+            digest.update(rows[i].data)
+        keys.append(digest.digest())
+    return keys
+
+
+def _host_bytes(tensor: torch.Tensor, rows: int) -> Any:
+    """A CPU tensor's exact bytes as a (rows, bytes) numpy array, read in place where it is contiguous."""
+    flat = tensor.detach().reshape(rows, -1).contiguous()
+    return (flat.to(torch.uint8) if flat.dtype == torch.bool else flat.view(torch.uint8)).numpy()
 
 
 class FrozenOutputCache:

@@ -291,13 +291,23 @@ class EfficientCallback(Callback):
         Under fp16 with a GradScaler an overflow step reaches ``on_before_optimizer_step`` with
         inf/NaN gradients somewhere, and the scaler then skips the whole optimizer step: no decision
         may be taken in it. Otherwise says once that ``decision`` moves on, and returns False."""
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return True
-        self.warn_once("nonfinite", f"{type(self).__name__}: the gradients of optimizer step {step} were not finite "
-                       f"(an fp16 overflow step, which the GradScaler skips): {decision} moved to the next step whose "
-                       "gradients are finite (said once)")
-        return False
+        memo = self.__dict__.get("_finite_at")
+        if memo is not None and memo[0] == (id(optimizer), step):
+            finite = memo[1]  # asked again in the same step (SparCL: mask update and gradient-mask refresh)
+        else:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                        by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
+            finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())  # one sync per device
+            self.__dict__["_finite_at"] = ((id(optimizer), step), finite)
+        if not finite:
+            self.warn_once("nonfinite", f"{type(self).__name__}: the gradients of optimizer step {step} were not "
+                           f"finite (an fp16 overflow step, which a GradScaler skips): {decision} moved to the next "
+                           "step whose gradients are finite (said once)")
+        return finite
 
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
         """What this technique saved in the run that just ended (override)."""

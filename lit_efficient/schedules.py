@@ -118,7 +118,10 @@ class TrainingLength:
 
         The length is in full-data steps: with a data-pruning callback (InfoBatch, which reports
         ``full_epoch_steps``) the current epoch may be shorter, but the run is measured as if every
-        epoch used all data (the clock of :func:`run_position`), whichever epoch a resume starts in."""
+        epoch used all data (the clock of :func:`run_position`), whichever epoch a resume starts in.
+        A ``max_steps`` that ends the run first counts real steps: with pruned epochs the run then
+        ends past that point in full-data time, so fractions of the run fall early by the steps
+        the pruning skipped."""
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader
         total_steps = None if total is None or not math.isfinite(total) else int(total)
         per_epoch: Optional[int] = None
@@ -126,6 +129,7 @@ class TrainingLength:
         if batches is not None and math.isfinite(batches) and batches > 0:
             per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         full = [c.full_epoch_steps(trainer) for c in trainer.callbacks if callable(getattr(c, "full_epoch_steps", None))]
+        full = [steps for steps in full if steps is not None]
         if full and trainer.max_epochs is not None and trainer.max_epochs > 0:
             per_epoch = full[0]
             total_steps = per_epoch * trainer.max_epochs
@@ -162,6 +166,13 @@ def host_int(value: torch.Tensor) -> int:
     if value.device.type != "cpu":
         raise ValueError(f"host_int reads host tensors only; this one is on {value.device}")
     return int(value)
+
+
+def pinned(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in page-locked host memory when a CUDA device exists: a copy of it (or of a slice
+    of it) to the device with ``non_blocking=True`` then does not wait for the stream, as a copy
+    from ordinary (pageable) memory does."""
+    return tensor.pin_memory() if torch.cuda.is_available() and not tensor.is_pinned() else tensor
 
 
 def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,

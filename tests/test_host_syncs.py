@@ -7,10 +7,11 @@ nothing shows in a timing, so the calls are counted: the tensor methods that for
 wrapped, and a call counts when the nearest frame of code that is not torch's own (or a numeric
 library's) belongs to lit_efficient. Ten ordinary steps are watched — no logging step, no
 scheduled update, no epoch boundary — and must make no such call. Logging and update steps may
-sync, a bounded number of times; the frozen-output cache copies its row keys (16 bytes a row) to
+sync, a bounded number of times; the frozen-output cache copies its row keys (32 bytes a row) to
 the host once per forward through the frozen blocks, which decides which rows to run.
 """
 
+import functools
 import os
 import sys
 
@@ -160,6 +161,10 @@ def test_no_host_sync_in_an_ordinary_step(monkeypatch, name):
 
 
 def test_the_frozen_output_cache_copies_its_keys_once_per_forward(monkeypatch):
+    """The keys as an accelerator computes them (on the CPU, blake2b reads the host bytes in place)."""
+    from lit_efficient import freezing_cache
+
+    monkeypatch.setattr(freezing_cache, "row_keys", functools.partial(freezing_cache.row_keys, on_device=True))
     counter = SyncCounter(monkeypatch)
     counter.steps = 0
     fit([freezeout(cache_frozen_mb=8)], counter)

@@ -107,6 +107,13 @@ def test_a_mask_update_moves_to_the_next_finite_step(cls):
     assert abs(masks.sparsity() - 0.8) < 0.01 and masks.is_applied()
 
 
+def test_an_update_put_off_past_the_end_of_the_updates_is_dropped():
+    callback = RigL(sparsity=0.8, update_every="3st", stop="4st")  # one update, after step 3
+    overflow = Overflow(at=[2], probe=lambda: callback.updates)
+    fit([callback], overflow, max_epochs=8)
+    assert callback.updates == 0 and not callback.update_deferred
+
+
 def test_rigl_never_grows_where_an_overflowed_gradient_points():
     """The injected inf sits at a closed position of a targeted layer: an update that read that
     gradient would grow exactly there first."""
@@ -118,7 +125,7 @@ def test_rigl_never_grows_where_an_overflowed_gradient_points():
             if trainer.global_step == 2:
                 overflow.where = tuple(int(i) for i in (~callback.masks.masks[1]).nonzero()[0])
 
-    fit([callback, Aim()], overflow, max_epochs=5)
+    fit([callback, Aim()], overflow, max_epochs=8)
     assert callback.updates >= 1
     before, after = overflow.seen[2], overflow.seen[3]  # the update ran after step 4 (index 3)
     assert not before[overflow.where] and not after[overflow.where]

@@ -325,7 +325,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 if previous is not None:  # norm-growth limiter, decided on the device: no host sync
                     limit = 1.01 * previous.to(norm.device)
                     residual.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
-                    norm = torch.minimum(norm, limit)
+                    norm = torch.where(norm > limit, limit, norm)  # as before: a NaN norm does not stick
                 state["fira_norm"] = norm.detach().clone()
                 update = update.mul_(correction).add_(residual)
                 factor = 1.0

@@ -24,14 +24,13 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 from lit_efficient.monitor import SavingsRow
 from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback
-from lit_efficient.reweighting.planned_order import PlannedOrder
+from lit_efficient.reweighting.planned_order import PlannedOrder, reduced_across_ranks
 from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
 
 
@@ -111,6 +110,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.skipped_before = 0  # steps skipped in the epochs before clock_epoch
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
+        self._multipliers_on: Optional[Tensor] = None  # this epoch's multipliers on the losses' device
         self._nonfinite = NonfiniteCount("InfoBatch")
 
     # -- the dataloader ---------------------------------------------------------------------------
@@ -159,6 +159,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             keep, self.multipliers = infobatch_plan(self.scores, self.seen, self.prune_ratio, generator)
         else:
             keep, self.multipliers = torch.ones(self.num_samples, dtype=torch.bool), torch.ones(self.num_samples)
+        self._multipliers_on = None
         order = keep.nonzero().flatten()
         if self.shuffle:
             order = order[torch.randperm(order.numel(), generator=generator)]
@@ -194,7 +195,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.epoch_sum.index_add_(0, index, torch.where(finite, losses.detach().to(self.epoch_sum.dtype), 0.0))
         self.epoch_count.index_add_(0, index, finite.long())
         self._nonfinite.add(finite)
-        return self.multipliers[indices].to(device, non_blocking=True)
+        if self._multipliers_on is None or self._multipliers_on.device != device:  # once an epoch
+            self._multipliers_on = self.multipliers.to(device)
+        return self._multipliers_on[index]
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
@@ -219,9 +222,12 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.clock_full = self.optimizer_steps(self.num_samples, trainer)
         self.clock_planned = self.optimizer_steps(self.order.numel(), trainer)
 
-    def full_epoch_steps(self, trainer: "pl.Trainer") -> int:
+    def full_epoch_steps(self, trainer: "pl.Trainer") -> Optional[int]:
         """Optimizer steps of an epoch on all data: what every schedule's run length counts
-        (:meth:`lit_efficient.schedules.TrainingLength.from_trainer`), whatever this epoch prunes."""
+        (:meth:`lit_efficient.schedules.TrainingLength.from_trainer`), whatever this epoch prunes.
+        None before the loader exists, or when Lightning limits the batches of an epoch itself."""
+        if not self.num_samples or trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
+            return None
         return self.optimizer_steps(self.num_samples, trainer)
 
     def skipped_steps(self, step: int) -> int:
@@ -251,15 +257,10 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.close_epoch(trainer, pl_module)
 
     @override
-    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", log: bool = True) -> None:
         """Fold the planned epoch's losses into the scores, log, and plan the next epoch."""
-        epoch_sum, epoch_count = self.epoch_sum, self.epoch_count
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            epoch_sum, epoch_count = epoch_sum.to(device), epoch_count.to(device)
-            for tensor in (epoch_sum, epoch_count):
-                dist.all_reduce(tensor)
-        epoch_sum, epoch_count = epoch_sum.cpu().double(), epoch_count.cpu()
+        epoch_sum = reduced_across_ranks(trainer, self.epoch_sum).double()
+        epoch_count = reduced_across_ranks(trainer, self.epoch_count)
         updated = epoch_count > 0
         self.scores[updated] = (epoch_sum[updated] / epoch_count[updated]).float()
         self.seen |= updated
@@ -267,12 +268,13 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.epoch_count.zero_()
         skipped = 1.0 - self.order.numel() / max(1, self.num_samples)
         well = self.seen & (self.scores < self.scores[self.seen].mean()) if self.seen.any() else self.seen
-        self.log_metrics(pl_module, {
-            "skipped_fraction": skipped,
-            "samples_saved": float(self.samples_full - self.samples_forwarded),
-            "well_learned_fraction": float(well.float().mean()) if self.num_samples else 0.0,
-            "score_mean": float(self.scores[self.seen].mean()) if self.seen.any() else 0.0,
-        }, on_step=False, on_epoch=True)
+        if log:
+            self.log_metrics(pl_module, {
+                "skipped_fraction": skipped,
+                "samples_saved": float(self.samples_full - self.samples_forwarded),
+                "well_learned_fraction": float(well.float().mean()) if self.num_samples else 0.0,
+                "score_mean": float(self.scores[self.seen].mean()) if self.seen.any() else 0.0,
+            }, on_step=False, on_epoch=True)
         self.closed_epoch = self.plan_epoch
         self.prepare_epoch(self.plan_epoch + 1, trainer.max_epochs)
 
@@ -292,7 +294,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "scores": self.scores.clone(), "seen": self.seen.clone(),
-            "epoch_sum": self.epoch_sum.cpu().double().clone(), "epoch_count": self.epoch_count.cpu().clone(), "order": self.order.clone(),
+            # every rank's records of the epoch so far: a checkpoint inside an epoch holds them all
+            "epoch_sum": reduced_across_ranks(self._trainer, self.epoch_sum).double(),
+            "epoch_count": reduced_across_ranks(self._trainer, self.epoch_count), "order": self.order.clone(),
             "multipliers": self.multipliers.clone(), "plan_epoch": self.plan_epoch, "shuffle": self.shuffle,
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
             "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,
@@ -304,6 +308,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("scores", "seen", "epoch_sum", "epoch_count", "order", "multipliers"):
             setattr(self, key, state_dict[key].clone())
+        self._multipliers_on = None
         self.num_samples = self.scores.numel()
         self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
         self.samples_forwarded, self.samples_full = int(state_dict["samples_forwarded"]), int(state_dict["samples_full"])
@@ -312,6 +317,10 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         clock = state_dict.get("clock", [-1, 0, 0, 0, 0])  # absent from checkpoints before the clock existed
         self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before = map(int, clock)
         self.restore_planned_position(state_dict)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and trainer.global_rank != 0:
+            self.epoch_sum.zero_()  # the checkpoint's records are every rank's: rank 0 carries them on
+            self.epoch_count.zero_()
         self._restored = True
 
 

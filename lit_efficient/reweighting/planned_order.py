@@ -23,12 +23,14 @@ from typing import Any, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from lit_efficient.composition import SAMPLE_ORDER, Claim
+from lit_efficient.schedules import pinned
 
 
 class PlannedOrderSampler(DistributedSampler):
@@ -52,12 +54,22 @@ class PlannedOrderSampler(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         # a generator: nothing is read before the first batch is requested, i.e. after the plan and
         # a checkpoint's position are restored; a resumed epoch starts at its first untrained batch
-        local = self.local_order()
+        local = pinned(self.local_order())  # its batches' slices go to the device without a stall
         self.owner.local_order = local
         yield from local[self.owner.trained_batches * self.owner.planned_batch_size :].tolist()
 
     def __len__(self) -> int:
         return math.ceil(self.owner.order.numel() / self.num_replicas)
+
+
+def reduced_across_ranks(trainer: Optional["pl.Trainer"], tensor: Tensor, op: str = "sum") -> Tensor:
+    """A copy of ``tensor`` (this rank's records of the planned epoch) reduced over every rank with
+    ``op`` (``"sum"`` or ``"max"``), on the CPU; ``tensor`` itself is left alone. Every rank must call it."""
+    copy = tensor.detach().clone()
+    if trainer is not None and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        copy = copy.to(trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu"))
+        dist.all_reduce(copy, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return copy.cpu()
 
 
 def _restored_with_the_callback(state: dict[str, Any]) -> None:
@@ -105,11 +117,11 @@ class PlannedOrder:
         # built: close the planned epoch here, so that its records count and the next plan is ready.
         super().on_train_start(trainer, pl_module)  # type: ignore[misc]  # a mixin of EfficientCallbacks
         if self.plans_sample_order() and self.closed_epoch < self.plan_epoch < trainer.current_epoch:
-            self.close_epoch(trainer, pl_module)
+            self.close_epoch(trainer, pl_module, log=False)  # logged now, it would count for the next epoch
 
-    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", log: bool = True) -> None:
         """Fold the planned epoch's records into the technique's state (from ``on_train_epoch_end``, or
-        from ``on_train_start`` when Lightning skipped that) and set ``closed_epoch``."""
+        from ``on_train_start`` when Lightning skipped that), set ``closed_epoch``, and log if ``log``."""
         raise NotImplementedError
 
     @property
@@ -200,4 +212,4 @@ class PlannedOrder:
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
-__all__ = ["PlannedOrder", "PlannedOrderSampler"]
+__all__ = ["PlannedOrder", "PlannedOrderSampler", "reduced_across_ranks"]

@@ -135,10 +135,16 @@ class SparseTrainingCallback(EfficientCallback):
         """Whether the masks change after optimizer step ``step`` (override to bound it)."""
         return is_due(step, self._every, start=self._every)
 
+    def update_window_open(self, step: int) -> bool:
+        """Whether an update put off by an overflow step may still run after step ``step`` (override)."""
+        return True
+
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
         step = trainer.global_step + 1
         self._update_now, self._grad_scores = False, None
+        if self.update_deferred and not self.update_window_open(step):
+            self.update_deferred = False  # the window of updates closed while it waited: dropped
         if self.masks is None or not (self.update_deferred or self.is_update_step(step)):
             return
         # no mask update from an fp16 overflow step (inf/NaN gradients, skipped by the GradScaler)

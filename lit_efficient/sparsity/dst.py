@@ -82,7 +82,11 @@ class DynamicSparseTraining(SparseTrainingCallback):
 
     @override
     def is_update_step(self, step: int) -> bool:
-        return self.position(step) < self._stop and super().is_update_step(step)
+        return self.update_window_open(step) and super().is_update_step(step)
+
+    @override
+    def update_window_open(self, step: int) -> bool:
+        return self.position(step) < self._stop
 
     @override
     def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:

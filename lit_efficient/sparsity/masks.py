@@ -77,6 +77,13 @@ def keep_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float], tot
     return counts
 
 
+def count_true(masks: Sequence[Tensor]) -> list[int]:
+    """The number of True entries of each mask, read in one device-to-host sync."""
+    if not masks:
+        return []
+    return [int(n) for n in torch.stack([m.sum() for m in masks]).tolist()]
+
+
 def topk_mask(scores: Tensor, k: int) -> Tensor:
     """Boolean mask of exactly ``k`` entries with the largest ``scores``."""
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
@@ -133,19 +140,18 @@ def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor,
     return kept | topk_mask(candidates, count)
 
 
-_CHECKED_CODEBOOKS: set[tuple[int, int]] = set()
+_ZERO_CODES: dict[int, tuple[Tensor, int]] = {}  # id -> (the code book, kept alive so ids stay unique; its code)
 
 
-def _zero_code(codebook: Tensor, key: str) -> Tensor:
-    """The index of the code 0.0 in an 8-bit code book, as a 0-dim uint8 tensor on its device (no
-    host sync; whether 0.0 is exactly representable is checked once per code book)."""
-    code = codebook.abs().argmin()
-    identity = (id(codebook), codebook.data_ptr())
-    if identity not in _CHECKED_CODEBOOKS:
-        if bool(codebook[code] != 0):
+def _zero_code(codebook: Tensor, key: str) -> int:
+    """The index of the code 0.0 in an 8-bit code book, looked up (one sync) once per code book."""
+    known = _ZERO_CODES.get(id(codebook))
+    if known is None or known[0] is not codebook:
+        zero = (codebook == 0).nonzero()
+        if zero.numel() == 0:
             raise RuntimeError(f"8-bit optimizer state {key!r} has no exact code for 0.0")
-        _CHECKED_CODEBOOKS.add(identity)
-    return code.to(torch.uint8)
+        known = _ZERO_CODES[id(codebook)] = (codebook, int(zero[0, 0]))
+    return known[1]
 
 
 def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tensor, where: Tensor) -> None:
@@ -262,7 +268,7 @@ class SparseMasks:
     def nonzeros(self) -> list[int]:
         """Active weights per layer; counted once after each change (counting syncs with the device)."""
         if self._nonzeros is None:
-            self._nonzeros = [int(n) for n in torch.stack([m.sum() for m in self.masks]).tolist()]
+            self._nonzeros = count_true(self.masks)
         return list(self._nonzeros)
 
     def recount(self) -> None:
@@ -324,6 +330,7 @@ __all__ = [
     "fan_in",
     "global_magnitude_masks",
     "SparseMasks",
+    "count_true",
     "erk_densities",
     "keep_counts",
     "random_mask",

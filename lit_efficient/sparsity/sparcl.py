@@ -41,16 +41,15 @@ from typing import Any, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from typing_extensions import override
 
 from lit_efficient.continual import TaskProgress, require_task_progress, task_of_epoch
 from lit_efficient.monitor import SavingsRow
-from lit_efficient.reweighting.planned_order import PlannedOrder
+from lit_efficient.reweighting.planned_order import PlannedOrder, reduced_across_ranks
 from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
 from lit_efficient.sparsity.callback import SparseTrainingCallback
-from lit_efficient.sparsity.masks import drop_and_grow, keep_counts, topk_mask, uniform_densities
+from lit_efficient.sparsity.masks import count_true, drop_and_grow, keep_counts, topk_mask, uniform_densities
 
 CORRECT_CONTRACT = ('`training_step` must return "sample_correct": a 1-D bool tensor, one entry per sample of the '
                     'batch (prediction == label), e.g. {"loss": loss, "sample_correct": logits.argmax(1) == y}')
@@ -264,6 +263,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         if self.opened_epoch == trainer.current_epoch:
             return
         self.opened_epoch = trainer.current_epoch
+        if self.update_deferred and self._progress.is_first_epoch:
+            self.update_deferred = False  # a mask update put off by an overflow step: the task it was for ended
         # optimizer steps of this epoch on all of the task's data: what dense training would take
         if self.ddr:
             self.full_steps += self.optimizer_steps(self.num_samples, trainer)
@@ -298,7 +299,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
                 for p, m in zip(self.masks.params, self.masks.masks)
             ]
             self.grad_mask_step, self.grad_mask_epoch = step, epoch
-            self._grad_nonzeros = [int(g.sum()) for g in self.grad_masks]
+            self._grad_nonzeros = count_true(self.grad_masks)
             self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - sum(self._grad_nonzeros) / sum(self.masks.sizes())})
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.masks.params, self.masks.masks)):
@@ -405,16 +406,11 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             self.close_epoch(trainer, pl_module)
 
     @override
-    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def close_epoch(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", log: bool = True) -> None:
         """Fold the planned epoch's visits into the forgetting records and remove samples at a removal point."""
         now = require_task_progress(trainer, "SparCL")
         progress = task_of_epoch(self.plan_epoch, now.epochs_per_task, now.num_tasks)
-        visit = self.visit.to(torch.int32)
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            device = pl_module.device if dist.get_backend() == "nccl" else torch.device("cpu")
-            visit = visit.to(device)
-            dist.all_reduce(visit, op=dist.ReduceOp.MAX)
-        visit = visit.cpu()
+        visit = reduced_across_ranks(trainer, self.visit.to(torch.int32), "max")
         update_forgetting(self.prev_correct, self.events, self.learned, visit)
         self.visit.fill_(-1)
         count = self.removal_count(progress)
@@ -424,10 +420,11 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             self.removed |= newly
             self.removed_total += int(newly.sum())
         self.closed_epoch = self.plan_epoch
-        self.log_metrics(pl_module, {
-            "removed_fraction": float(self.removed.float().mean()) if self.num_samples else 0.0,
-            "forgetting_events_mean": float(self.events.float().mean()) if self.num_samples else 0.0,
-        }, on_step=False, on_epoch=True)
+        if log:
+            self.log_metrics(pl_module, {
+                "removed_fraction": float(self.removed.float().mean()) if self.num_samples else 0.0,
+                "forgetting_events_mean": float(self.events.float().mean()) if self.num_samples else 0.0,
+            }, on_step=False, on_epoch=True)
 
     # -- reporting ------------------------------------------------------------------------------
     @override
@@ -452,7 +449,9 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         return {
             **super().state_dict(),
             "task": self.task, "events": self.events.clone(), "learned": self.learned.clone(),
-            "prev_correct": self.prev_correct.clone(), "visit": self.visit.cpu().clone(), "removed": self.removed.clone(),
+            "prev_correct": self.prev_correct.clone(), "removed": self.removed.clone(),
+            # every rank's visits of the epoch so far: a checkpoint inside an epoch holds them all
+            "visit": reduced_across_ranks(self._trainer, self.visit.to(torch.int32), "max").to(torch.int8),
             "plan_epoch": self.plan_epoch, "order": self.order.clone(), "shuffle": self.shuffle,
             "removed_total": self.removed_total, "samples_total": self.samples_total,
             "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
@@ -471,12 +470,14 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
         self.removed_total, self.samples_total = int(state_dict["removed_total"]), int(state_dict["samples_total"])
         self.grad_masks = [g.clone() for g in state_dict["grad_masks"]]
-        self._grad_nonzeros = [int(g.sum()) for g in self.grad_masks]
+        self._grad_nonzeros = count_true(self.grad_masks)
         self.grad_mask_step = int(state_dict["grad_mask_step"])
         self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
         self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
         self.opened_epoch = int(state_dict.get("opened_epoch", self.plan_epoch))
         self.restore_planned_position(state_dict)
+        if "closed_epoch" not in state_dict and bool((self.visit < 0).all()):
+            self.closed_epoch = self.plan_epoch  # an epoch-end checkpoint from before: that epoch was closed
 
 
 __all__ = ["SparCL", "gradient_mask", "removal_choice", "tdm_scores", "tdm_update", "update_forgetting"]

@@ -1,6 +1,7 @@
 """Serving frozen blocks' outputs from memory (``cache_frozen_mb``): the same training as without
 the cache, on every architecture it can serve, and nothing served where inputs do not repeat."""
 
+import functools
 import math
 
 import lightning.pytorch as pl
@@ -166,34 +167,37 @@ def test_a_unet_is_not_served_and_says_why(tmp_path):
     assert freezing.frozen == 2  # trained on, uncached
 
 
-def test_row_keys_follow_content_and_shared_arguments():
+@pytest.mark.parametrize("on_device", [False, True])  # blake2b on the host / the hash an accelerator runs
+def test_row_keys_follow_content_and_shared_arguments(on_device):
+    keys_of = functools.partial(row_keys, on_device=on_device)
     x = torch.arange(12.0).reshape(3, 4)
-    keys = row_keys((x,), {})
+    keys = keys_of((x,), {})
     assert len(set(keys)) == 3
-    assert row_keys((x[[2, 0]],), {}) == [keys[2], keys[0]]  # a row's key does not depend on its batch
+    assert keys_of((x[[2, 0]],), {}) == [keys[2], keys[0]]  # a row's key does not depend on its batch
     shared = torch.ones(1, 4)
-    assert row_keys((x,), {"pos": shared}) != keys
-    assert row_keys((x,), {"pos": shared}) == row_keys((x,), {"pos": shared.clone()})
-    assert row_keys((x.bfloat16(),), {}) != keys
+    assert keys_of((x,), {"pos": shared}) != keys
+    assert keys_of((x,), {"pos": shared}) == keys_of((x,), {"pos": shared.clone()})
+    assert keys_of((x,), {"pos": shared}) != keys_of((x,), {"pos": shared * 2})
+    assert keys_of((x.bfloat16(),), {}) != keys
+    assert keys_of((x[:0],), {}) == []
 
 
-def test_row_keys_tell_apart_rows_that_differ_in_one_bit():
+@pytest.mark.parametrize("on_device", [False, True])
+def test_row_keys_tell_apart_rows_that_differ_in_one_bit(on_device):
+    keys_of = functools.partial(row_keys, on_device=on_device)
     torch.manual_seed(0)
-    rows = torch.randn(4, 70_000)  # longer than one chunk of 2**16 words
+    rows = torch.randn(4, 10_000)  # longer than one chunk of words
     flipped = rows.clone()
-    flipped.view(torch.int32)[1, 69_999] ^= 1  # the last bit of the last element of row 1
-    signed = rows.clone()
-    signed[2, 0] = -0.0 if rows[2, 0] == 0 else rows[2, 0]
-    signed[3, 5] = 0.0
-    other = rows.clone()
-    other[3, 5] = -0.0
-    a, b = row_keys((rows,), {}), row_keys((flipped,), {})
+    flipped.view(torch.int32)[1, 9_999] ^= 1  # the last bit of the last element of row 1
+    a, b = keys_of((rows,), {}), keys_of((flipped,), {})
     assert a[0] == b[0] and a[1] != b[1]
-    assert row_keys((signed,), {})[3] != row_keys((other,), {})[3]  # 0.0 and -0.0 are different bytes
-    odd = torch.randint(0, 255, (5, 3), dtype=torch.uint8)  # an odd number of bytes a row
-    assert len(set(row_keys((odd,), {}))) == len({tuple(r) for r in odd.tolist()})
+    positive, negative = rows.clone(), rows.clone()
+    positive[3, 5], negative[3, 5] = 0.0, -0.0  # equal as numbers, different bytes
+    assert keys_of((positive,), {})[3] != keys_of((negative,), {})[3]
+    odd = torch.randint(0, 255, (5, 7), dtype=torch.uint8)[:, 1:]  # an odd offset and a view
+    assert len(set(keys_of((odd,), {}))) == len({tuple(r) for r in odd.tolist()})
     mask = torch.tensor([[True, False], [False, True], [True, False]])
-    keys = row_keys((mask,), {})
+    keys = keys_of((mask,), {})
     assert keys[0] == keys[2] != keys[1]
 
 
