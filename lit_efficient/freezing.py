@@ -37,7 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lit_efficient.freezing_cache import FrozenOutputCache
+from lit_efficient.freezing_cache import FrozenOutputCache, _tensors
 from lit_efficient.monitor import EfficientCallback, SavingsRow, Throughput, step_logs_due
 from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_bool, check_fraction, is_due, progress
 from lit_efficient.targets import fqn_matches, no_match_message, refuse_sharded_strategies, validate_patterns
@@ -167,7 +167,7 @@ def blocks_from_patterns(model: nn.Module, patterns: list[str]) -> list[Block]:
     taken: list[str] = []
     for pattern in patterns:
         found = [(n, m) for n, m in named_modules if fqn_matches(n, pattern)]
-        found = [(n, m) for n, m in found if not any(n.startswith(t + ".") or n == t for t in taken)]
+        found = [(n, m) for n, m in found if not _within(n, taken)]
         found = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found)]
         if found:
             for n, m in found:
@@ -198,16 +198,6 @@ def _with_params(blocks: list[Block]) -> list[Block]:
 def _within(name: str, modules: list[str]) -> bool:
     """``name`` is one of ``modules`` or lies inside one."""
     return any(name == m or name.startswith(m + ".") for m in modules)
-
-
-def _tensors_in(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors_in(item)]
-    return []
 
 
 def _leaves_behind(tensors: list[torch.Tensor]) -> set[int]:
@@ -420,7 +410,7 @@ class ProgressiveFreezing(EfficientCallback):
         in_blocks = {id(p) for b in self.blocks for _, p in b.params}
         tied = set()
         for name, p in pl_module.named_parameters(remove_duplicate=False):
-            inside = name in own or any(name.startswith(m + ".") for m in members)
+            inside = name in own or _within(name, members)
             if id(p) in in_blocks and not inside:
                 tied.add(id(p))
         return tied
@@ -434,7 +424,7 @@ class ProgressiveFreezing(EfficientCallback):
         in_blocks = {id(p) for b in self.blocks for _, p in b.params}
         watched = list(members)
         for name, module in pl_module.named_modules():
-            inside = any(name == m or name.startswith(m + ".") for m in members)
+            inside = _within(name, members)
             ancestor = any(m.startswith(name + ".") for m in members) or not name  # runs around the blocks
             own = [p for p in module.parameters(recurse=False) if id(p) not in in_blocks]
             if own and not inside and not ancestor:
@@ -445,7 +435,7 @@ class ProgressiveFreezing(EfficientCallback):
             if torch.is_grad_enabled() and name not in self._order:
                 self._order.append(name)
                 if name in main and self._upstream is None and not torch.compiler.is_compiling():
-                    self._upstream = [t for t in _tensors_in((args, kwargs)) if t.requires_grad]
+                    self._upstream = [t for t in _tensors((args, kwargs)) if t.requires_grad]
 
         for name in watched:
             module = pl_module.get_submodule(name)
@@ -591,8 +581,7 @@ class ProgressiveFreezing(EfficientCallback):
 
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.training or trainer.state.fn == "fit":
-            self.throughput.close(pl_module.device, restart=False)  # validation is not training throughput
+        self.throughput.close(pl_module.device, restart=False)  # validation is not training throughput
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

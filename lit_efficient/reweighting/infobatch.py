@@ -163,8 +163,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         order = keep.nonzero().flatten()
         if self.shuffle:
             order = order[torch.randperm(order.numel(), generator=generator)]
-        self.set_plan(order)
-        self.plan_epoch = epoch
+        self.set_plan(order, epoch)
         self.samples_forwarded += order.numel()
         self.samples_full += self.num_samples
         self.steps_in_epoch = self.extra_scheduler_steps = 0

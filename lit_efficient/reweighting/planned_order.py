@@ -128,9 +128,9 @@ class PlannedOrder:
     def planned_batch_size(self) -> int:
         return self._batch_size
 
-    def set_plan(self, order: Tensor) -> None:
-        """Make ``order`` (dataset indices) the plan of the coming epoch; no batch of it trained yet."""
-        self.order = order
+    def set_plan(self, order: Tensor, epoch: int) -> None:
+        """Make ``order`` (dataset indices) the plan of ``epoch``; no batch of it trained yet."""
+        self.order, self.plan_epoch = order, epoch
         self.started_batches = self.trained_batches = 0
 
     def planned_position(self) -> dict[str, int]:

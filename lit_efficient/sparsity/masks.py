@@ -306,7 +306,7 @@ class SparseMasks:
             if grown_counts[-1] and restart is not None:  # projected state (GaLore): no entry-wise zeroing
                 restart(target.param)
             mask.copy_(new)
-        self._nonzeros = None
+        self.recount()
         self.apply(optimizer)
         return grown_counts
 

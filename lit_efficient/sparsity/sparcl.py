@@ -372,8 +372,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         if self.shuffle:
             generator = epoch_generator(self.seed, epoch)
             order = order[torch.randperm(order.numel(), generator=generator)]
-        self.set_plan(order)
-        self.plan_epoch = epoch
+        self.set_plan(order, epoch)
 
     @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
