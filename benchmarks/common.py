@@ -1,4 +1,4 @@
-"""What every benchmark script shares: the common command-line arguments, BASELINES.md's pydoc
+"""What every benchmark script shares: the common command-line arguments, the standard pydoc
 Llama task, a step-timing callback, the mean ± std table cell, and turn-taking runs (several
 trainings in their own processes sharing the machine in short alternating slices, so that its
 speed drifting over minutes slows them all alike)."""
@@ -23,14 +23,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "lit_efficient_bench"))
 
 
-# BASELINES.md's pydoc LM: Llama, d 256, 4 layers, vocab 2048; AdamW 1e-3, wd 0.1, cosine with 5% warm-up
+# The standard pydoc LM: Llama, d 256, 4 layers, vocab 2048; AdamW 1e-3, wd 0.1, cosine with 5% warm-up
 PYDOC_LLAMA = dict(arch="llama", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
                    max_position_embeddings=128, tie_word_embeddings=False, lr=1e-3, weight_decay=0.1,
                    warmup_fraction=0.05)
 
 
 def pydoc_llama(seed: int, model_class: Optional[type] = None, corpus: str = "pydoc") -> tuple[Any, Any]:
-    """The BASELINES.md pydoc Llama (``model_class``, default ``CausalLM``) and its data (batch 16 × 128);
+    """The standard pydoc Llama (``model_class``, default ``CausalLM``) and its data (batch 16 × 128);
     ``corpus="stdlib_docstrings"`` trains the same model on the larger, more mixed docstring corpus."""
     from examples.nlp.data import PydocTextDataModule
     from examples.nlp.lm import CausalLM
@@ -68,7 +68,8 @@ def _batch_rows(batch: Any) -> int:
     if hasattr(batch, "shape"):
         return int(batch.shape[0]) if len(batch.shape) else 1
     items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
-    return next((_batch_rows(item) for item in items if hasattr(item, "shape") or isinstance(item, (list, tuple, dict))), 0)
+    rows = (_batch_rows(item) for item in items if hasattr(item, "shape") or isinstance(item, (list, tuple, dict)))
+    return next(rows, 0)
 
 
 def mean_std(values: list[Optional[float]], scale: float = 1.0, digits: int = 1) -> str:
@@ -121,7 +122,8 @@ class Turns(pl.Callback):
             self.acquire()
 
 
-def _take_turns(index: int, shared: tuple, slice_s: float, barrier, function: Callable, arguments: tuple, queue) -> None:
+def _take_turns(index: int, shared: tuple, slice_s: float, barrier, function: Callable, arguments: tuple,
+                queue) -> None:
     turns, result = Turns(index, shared, slice_s), None
     barrier.wait()  # every process has imported what it needs before the first turn
     turns.acquire()

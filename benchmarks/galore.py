@@ -4,7 +4,7 @@
     python benchmarks/galore.py --steps 300 --threads 2
     python benchmarks/galore.py --quick               # smoke test
 
-Task: BASELINES.md's pydoc LM (Llama, d 256, 4 layers, vocab 2048, batch 16 x 128, AdamW 1e-3,
+Task: the standard pydoc LM (Llama, d 256, 4 layers, vocab 2048, batch 16 x 128, AdamW 1e-3,
 wd 0.1, cosine with 5% warm-up). GaLore on every attention/MLP Linear (28 matrices), rank 64
 (d/4), gap 200, scale 0.25, ``std``; embeddings, norms and the head stay on AdamW. Methods:
 torch AdamW; our GaLore with ``svd``, ``randomized_svd`` and ``random`` (APOLLO-style) bases, 32-bit
@@ -34,8 +34,8 @@ from examples.common import total_training_steps, warmup_cosine  # noqa: E402
 from examples.nlp.common import decay_groups  # noqa: E402
 from examples.nlp.lm import CausalLM  # noqa: E402
 from lit_efficient import GaLore  # noqa: E402
+from lit_efficient.core.targets import select_targets  # noqa: E402
 from lit_efficient.lowrank.optim import state_bytes  # noqa: E402
-from lit_efficient.targets import select_targets  # noqa: E402
 
 RANK, GAP, SCALE = 64, 200, 0.25
 METHODS = {  # name -> GaLore callback options (None: no callback)
@@ -108,7 +108,8 @@ def run_one(method: str, steps: int, root: str) -> dict:
     galore = [GaLore(rank=RANK, update_proj_gap=GAP, scale=SCALE, **options)] if isinstance(options, dict) else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                         max_steps=steps, max_epochs=-1, val_check_interval=min(50, steps), check_val_every_n_epoch=None,
+                         max_steps=steps, max_epochs=-1, val_check_interval=min(50, steps),
+                         check_val_every_n_epoch=None,
                          callbacks=[*galore, opt_time, measure], default_root_dir=root)
     trainer.fit(model, datamodule=data)
     optimizer = trainer.optimizers[0]
@@ -147,8 +148,10 @@ def main(argv=None) -> None:
     for method in args.methods:
         r = run_one(method, args.steps, args.root)
         results.append(r)
-        print(f"{method}: best val {r['best']:.4f} at {r['best_step']}, projected state {r['projected_bytes'] / 2**20:.2f} MiB, "
-              f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {0 if r['opt_refresh'] is None else r['opt_refresh'] * 1000:.0f} ms), "
+        refresh_ms = 0 if r["opt_refresh"] is None else r["opt_refresh"] * 1000
+        print(f"{method}: best val {r['best']:.4f} at {r['best_step']}, "
+              f"projected state {r['projected_bytes'] / 2**20:.2f} MiB, "
+              f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {refresh_ms:.0f} ms), "
               f"step {r['step'] * 1000:.0f} ms", flush=True)
     base = next((r for r in results if r["method"] == "AdamW"), results[0])
     print(f"\npydoc Llama (d 256, 4 layers), {args.steps} steps, rank {RANK}, gap {GAP}, scale {SCALE}, "
@@ -158,7 +161,8 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         refresh = "-" if r["opt_refresh"] is None else f"{r['opt_refresh'] * 1000:.0f}"
-        print(f"| {r['method']} | {r['projected_bytes'] / r['adamw_projected_bytes']:.3f} | {r['total_bytes'] / 2**20:.2f} | "
+        print(f"| {r['method']} | {r['projected_bytes'] / r['adamw_projected_bytes']:.3f} | "
+              f"{r['total_bytes'] / 2**20:.2f} | "
               f"{r['opt_normal'] * 1000:.1f} / {refresh} | {r['opt_mean'] / base['opt_mean']:.2f} | "
               f"{r['step'] / base['step']:.3f} | {r['best']:.4f} ({r['best_step']}) | "
               f"{(r['best'] / base['best'] - 1) * 100:+.1f}% |")

@@ -632,7 +632,7 @@ def _scaler_note(trainer: Any, module: Any) -> str:
 
 def savings_note(trainer: Any, module: Any) -> str:
     """The first line each technique puts in the savings table."""
-    from lit_efficient.monitor import collect_savings
+    from lit_efficient.core.callback import collect_savings
 
     seen, parts = set(), []
     for r in collect_savings(trainer, module):
@@ -862,7 +862,7 @@ def _llama(cuda: bool):
 def galore_optimizer(method: str, model: Any, rank: int):
     """The optimizer of ``method`` for ``model``: GaLore on every attention/MLP Linear, AdamW for the rest."""
     from lit_efficient import GaLoreAdamW
-    from lit_efficient.targets import select_targets
+    from lit_efficient.core.targets import select_targets
 
     if method == "torch AdamW":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)

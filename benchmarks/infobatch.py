@@ -6,7 +6,7 @@
         # 28x28 ViT on Fashion-MNIST (apt-get install dataset-fashion-mnist), 10k-image validation set
 
 Side by side in one process, same seeds: the baseline (all data every epoch) vs InfoBatch at
-``prune_ratio`` 0.5 (and any others given), ``delta`` 0.875. The task is BASELINES.md's 8x8 digits
+``prune_ratio`` 0.5 (and any others given), ``delta`` 0.875. The task is the standard 8x8 digits
 ViT (patch 2, width 64, 4 blocks; AdamW 3e-3, wd 0.05, batch 64, warm-up + cosine over
 ``estimated_stepping_batches``, which InfoBatch keeps ending at the end). Reported: final and best
 validation accuracy, samples forwarded and optimizer steps relative to the baseline, fit wall time
@@ -105,7 +105,8 @@ class FashionMNISTFiles(DigitsDataModule):
                 if os.path.isfile(path):
                     return read_idx(path)
             raise FileNotFoundError(f"{stem}[.gz] not in --data-dir {self.data_dir!r}: install Debian's "
-                                    f"dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST}) or point at FashionMNIST/raw")
+                                    f"dataset-fashion-mnist (files in {DEBIAN_FASHION_MNIST}) "
+                                    "or point at FashionMNIST/raw")
         x_train, x_val = (load(f"{s}-images-idx3-ubyte").unsqueeze(1).float() / 255.0 for s in ("train", "t10k"))
         y_train, y_val = (load(f"{s}-labels-idx1-ubyte").long() for s in ("train", "t10k"))
         if self.train_subset:
@@ -115,7 +116,7 @@ class FashionMNISTFiles(DigitsDataModule):
 
 
 def task_model_and_data(task: str, seed: int, data_dir: Optional[str], train_subset: int):
-    """BASELINES.md's 8x8 digits ViT, or a 28x28 ViT (patch 7, batch 128) on Fashion-MNIST read from
+    """The standard 8x8 digits ViT, or a 28x28 ViT (patch 7, batch 128) on Fashion-MNIST read from
     ``data_dir`` (nothing is downloaded)."""
     if task == "digits":
         return (ViTClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=64, depth=4, num_heads=4,
@@ -180,9 +181,11 @@ def main(argv=None) -> None:
                 results.append(run_one(ratio, seed, args.epochs, args.root, name.format(ratio=ratio), pruner))
         for r in results[first:]:
             print(f"[seed {seed}] {r['name']} ({r['epochs']} epochs): acc {r['acc']:.2f} (best {r['best']:.2f}), "
-                  f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}", flush=True)
+                  f"{r['samples']} samples, {r['steps']} steps, fit {r['fit']:.1f}s, final lr {r['lr_end']:.2e}",
+                  flush=True)
     base = {r["seed"]: r for r in results if r["name"] == "baseline"}
-    what = "8x8 digits ViT" if args.task == "digits" else f"Fashion-MNIST ViT ({args.train_subset or 60000} training images)"
+    what = ("8x8 digits ViT" if args.task == "digits"
+            else f"Fashion-MNIST ViT ({args.train_subset or 60000} training images)")
     print(f"\n{what}, {args.epochs} epochs, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | final val acc % | final acc − baseline's, same seed (points) | best val acc % "
           "| samples forwarded vs baseline | optimizer steps vs baseline | fit time vs baseline |")

@@ -9,7 +9,7 @@ LossReweighting ``linupper``, ``quadratic`` and ``extremes`` (r = 1.0, plain mea
 Reported: best validation loss, the step at which each method first reaches the baseline's best
 validation loss (and that as a fraction of the baseline's own step), final validation accuracy
 (ViT), and the median step time relative to the baseline. The validation curves go to a PNG.
-The tasks are BASELINES.md's: the 8x8 digits ViT (AdamW 3e-3, batch 64) and the pydoc Llama
+The tasks are the standard ones: the 8x8 digits ViT (AdamW 3e-3, batch 64) and the pydoc Llama
 (AdamW 1e-3, batch 16 x 128, cosine with 5% warm-up).
 """
 
@@ -47,7 +47,8 @@ def run_one(task: str, method: str, seed: int, length: int, root: str, temperatu
         limits = {"max_epochs": length, "max_steps": max_steps}
     measure = Measure()
     # the baseline is plain training, no callback at all: the step-time ratio is the whole overhead
-    reweighting = [] if method == "uniform" else [LossReweighting(strategy=method, temperature=temperature, warmup=0.05)]
+    reweighting = ([] if method == "uniform"
+                   else [LossReweighting(strategy=method, temperature=temperature, warmup=0.05)])
     callbacks = [*reweighting, measure]
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -111,7 +112,7 @@ def main(argv=None) -> None:
     parser.add_argument("--length", type=int, default=None, help="epochs (vit, default 40) or steps (lm, default 600)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--corpus", choices=("pydoc", "stdlib_docstrings"), default="pydoc",
-                        help="LM text: pydoc (BASELINES.md) or every standard-library docstring (larger, mixed)")
+                        help="LM text: pydoc (the standard task) or every standard-library docstring (larger, mixed)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--plot", default=None, help="PNG path (default docs/methods/loss_reweighting_<task>.png)")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
@@ -159,8 +160,9 @@ def main(argv=None) -> None:
               f"{reaching(runs, min)} | {mean_std([r['acc'] for r in runs])} | "
               f"{mean_std([r['step_time'] / base[r['seed']]['step_time'] for r in runs], digits=3)} |")
     if args.methods == list(METHODS) and not args.quick:
+        corpus = "" if args.corpus == "pydoc" else "_" + args.corpus
         path = args.plot or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "methods",
-                                         f"loss_reweighting_{args.task}{'' if args.corpus == 'pydoc' else '_' + args.corpus}.png")
+                                         f"loss_reweighting_{args.task}{corpus}.png")
         plot(results, path, f"LossReweighting, {args.task}, {unit}, r = {args.temperature}")
         print(f"curves: {path}")
 

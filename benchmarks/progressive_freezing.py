@@ -5,7 +5,7 @@
     python benchmarks/progressive_freezing.py --task vit8 --epochs 40 --turns 0.5   # runs taking turns (below)
     python benchmarks/progressive_freezing.py --quick            # smoke test
 
-Task: the BASELINES.md 32×32 digits ViT (patch 4, width 96, 6 blocks; AdamW 2e-3, wd 0.05, cosine,
+Task: the standard 32×32 digits ViT (patch 4, width 96, 6 blocks; AdamW 2e-3, wd 0.05, cosine,
 batch 64, 20 epochs). Methods, all within one seed one after the other:
 
 * ``baseline`` — no freezing;
@@ -47,7 +47,8 @@ from benchmarks.common import Measure, Turns, add_common_arguments, mean_std, py
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import ProgressiveFreezing  # noqa: E402
-from lit_efficient.freezing import linear_frozen_count, remove_from_optimizer  # noqa: E402
+from lit_efficient.freezing.freezer import remove_from_optimizer  # noqa: E402
+from lit_efficient.freezing.schedules import linear_frozen_count  # noqa: E402
 
 
 class LeafFreezing(pl.Callback):
@@ -87,7 +88,7 @@ METHODS = {
 }
 
 
-TASKS = {  # the BASELINES ViTs: (model arguments, image size); and "lm", the pydoc Llama
+TASKS = {  # the standard ViTs: (model arguments, image size); and "lm", the pydoc Llama
     "lm": ({}, None),
     "vit32": (dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3, lr=2e-3), 32),
     "vit8": (dict(img_size=8, patch_size=2, embed_dim=64, depth=4, num_heads=4, lr=3e-3), None),
@@ -98,7 +99,7 @@ def run_one(method: str, seed: int, epochs: int, root: str, task: str = "vit32",
     """``epochs`` counts optimizer steps for the LM (validation every 50). With ``turns`` the fit
     time is the time this run held the machine (see ``--turns``)."""
     pl.seed_everything(seed, verbose=False)
-    if task == "lm":  # the BASELINES pydoc Llama
+    if task == "lm":  # the standard pydoc Llama
         model, data = pydoc_llama(seed)
         limits = {"max_steps": epochs, "max_epochs": -1, "val_check_interval": min(50, epochs),
                   "check_val_every_n_epoch": None}
@@ -173,8 +174,8 @@ def main(argv=None) -> None:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f)
-            print(f"[seed {seed}] {r['method']}: acc {r['acc']:.3f} fit {r['fit']:.1f}s late step {r['late_step'] * 1000:.1f}ms",
-                  flush=True)
+            print(f"[seed {seed}] {r['method']}: acc {r['acc']:.3f} fit {r['fit']:.1f}s "
+                  f"late step {r['late_step'] * 1000:.1f}ms", flush=True)
     base = {r["seed"]: r for r in results if r["method"] == "baseline"}
     task = "pydoc LM, {} steps" if args.task == "lm" else args.task + " digits ViT, {} epochs"
     order = f"taking turns in {args.turns} s slices" if args.turns else "one after the other"

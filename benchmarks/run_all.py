@@ -1,15 +1,21 @@
 """Run every technique benchmark, one after the other, and write ``benchmarks/RESULTS.md``.
 
-    python benchmarks/run_all.py                    # every benchmark at its method-card settings (hours, one CPU)
+    python benchmarks/run_all.py                # every benchmark at its method-card settings (hours, one CPU)
     python benchmarks/run_all.py --only galore sparcl
-    python benchmarks/run_all.py --quick            # smoke test of every script (minutes); numbers mean nothing
-    python benchmarks/run_all.py --report-only      # rebuild RESULTS.md and the plots from the saved logs
+    python benchmarks/run_all.py --quick        # smoke test of every script (minutes), in benchmarks/logs/quick/
+    python benchmarks/run_all.py --report-only  # rebuild RESULTS.md and the plots from the saved logs
+    python benchmarks/run_all.py --plan --quick # print what would run and where it would write; run nothing
 
 Each benchmark runs alone in its own process (never two at once: they measure wall time) and its
 whole output goes to ``benchmarks/logs/<name>.txt``, headed by the command, the date and the
 machine. The report takes the last table each benchmark printed — its side-by-side table — and
 draws one PNG per benchmark: the cost column and the quality column of that table, side by side.
-A benchmark without a log is listed as not run; a log from ``--quick`` is marked as a smoke test.
+A benchmark without a log is listed as not run.
+
+``--quick`` runs each script once with its own ``--quick`` settings (numbers mean nothing) and writes
+its logs, figures and report into a folder of its own (``--out``, default ``benchmarks/logs/quick/``):
+it never touches the committed logs, figures or ``benchmarks/RESULTS.md``. ``--out`` also sends a full
+run elsewhere; the report goes beside the logs unless they are the committed ones.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ FIGURES = HERE / "figures"
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One entry of the report.
+    """One entry of the report: one process, one log.
 
     Attributes:
         script: the benchmark file in ``benchmarks/``.
-        args: its arguments at the method card's settings.
+        args: its arguments at the method card's settings (``--seeds`` included).
         question: what the table answers.
         card: the method card that discusses the numbers.
         cost: the column of the table plotted as cost (a ratio to the baseline, lower is better).
@@ -59,116 +65,137 @@ class Benchmark:
     curves: bool = False
 
 
-BENCHMARKS = {
-    "sparse_vit": Benchmark("sparse_training.py", ("--tasks", "vit", "--seeds", "0", "1", "2"),
-                            "Sparse training on the digits ViT: accuracy and FLOPs of GraNet, RigL, SET, N:M and "
-                            "Lightning's ModelPruning at 80/90%", "docs/methods/sparse_training_results.md",
-                            "training FLOPs", "val acc %", curves=True),
-    "sparse_lm": Benchmark("sparse_training.py", ("--tasks", "lm", "--steps", "600", "--seeds", "0", "--update-every",
-                                                  "20st"),
-                           "Sparse training on the pydoc LM (600 steps)", "docs/methods/sparse_training_results.md",
-                           "training FLOPs", "best val loss", curves=True),
-    "freezing_vit8": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2"),
-                               "Progressive freezing on the 8×8 digits ViT: wall-clock saved and accuracy",
-                               "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %", curves=True),
-    "freezing_vit8_cached": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2",
-                                                                  "3", "4", "--methods", "baseline", "freezeout",
-                                                                  "freezeout cached"),
-                                      "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds",
-                                      "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %",
-                                      curves=True),
-    "freezing_vit8_turns": Benchmark("progressive_freezing.py", ("--task", "vit8", "--epochs", "40", "--seeds", "0", "1", "2",
-                                                                 "3", "4", "--turns", "0.5", "--methods", "baseline",
-                                                                 "freezeout", "freezeout cached"),
-                                     "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds, "
-                                     "each seed's runs taking turns on the machine in 0.5 s slices",
-                                     "docs/methods/progressive_freezing.md", "fit time vs baseline", "val acc %",
-                                     curves=True),
-    "freezing_vit32_cached": Benchmark("progressive_freezing.py", ("--task", "vit32", "--epochs", "40", "--seeds", "0", "1",
-                                                                   "2", "--threads", "2", "--methods", "baseline",
-                                                                   "freezeout", "freezeout cached"),
-                                       "FreezeOut with and without the frozen-output cache on the 32×32 digits ViT "
-                                       "(40 epochs), 3 seeds", "docs/methods/progressive_freezing.md",
-                                       "fit time vs baseline", "val acc %", curves=True),
-    "freezing_lm_alone": Benchmark("progressive_freezing.py", ("--task", "lm", "--epochs", "600", "--seeds", "0",
-                                                               "--threads", "2", "--methods", "baseline",
-                                                               "freezeout cached", "freezeout t0 0.75 cached"),
-                                   "Cached FreezeOut on the pydoc LM (600 steps), the machine to itself (2 threads)",
-                                   "docs/methods/progressive_freezing.md", "fit time vs baseline", "best val loss",
-                                   curves=True),
-    "freezing_lm": Benchmark("progressive_freezing.py", ("--task", "lm", "--epochs", "600", "--seeds", "0", "--methods",
-                                                         "baseline", "freezeout", "freezeout cached",
-                                                         "freezeout t0 0.7 cached"),
-                             "Progressive freezing on the pydoc LM (600 steps, past its over-fitting point)",
-                             "docs/methods/progressive_freezing.md", "fit time vs baseline", "best val loss", curves=True),
-    "loss_reweighting_vit": Benchmark("loss_reweighting.py", ("--task", "vit", "--seeds", "0", "1", "2", "--threads", "2"),
-                                      "Loss reweighting on the digits ViT: steps to the baseline's validation loss",
-                                      "docs/methods/loss_reweighting.md",
-                                      "step reaching the baseline's final (fraction of the baseline's)", "val acc %"),
-    "loss_reweighting_lm_stdlib_docstrings": Benchmark(
-        "loss_reweighting.py", ("--task", "lm", "--corpus", "stdlib_docstrings", "--seeds", "0", "--methods", "uniform",
-                                "linupper", "--threads", "1"),
-        "LinUpper on the larger, mixed standard-library docstring corpus (600 steps = 2.3 passes)",
-        "docs/methods/loss_reweighting.md", "step reaching the baseline's final (fraction of the baseline's)",
-        "best val loss"),
-    "loss_reweighting_lm_stdlib_docstrings_seed_1": Benchmark(
-        "loss_reweighting.py", ("--task", "lm", "--corpus", "stdlib_docstrings", "--seeds", "1", "--methods", "uniform",
-                                "linupper", "--threads", "1"),
-        "LinUpper on the standard-library docstring corpus, a second seed",
-        "docs/methods/loss_reweighting.md", "step reaching the baseline's final (fraction of the baseline's)",
-        "best val loss"),
-    "infobatch": Benchmark("infobatch.py", ("--seeds", "0", "1", "2", "3", "4", "--same-budget", "--threads", "2"),
-                           "InfoBatch on the digits ViT: samples skipped, time and accuracy, with a same-steps control",
-                           "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_120_epochs": Benchmark("infobatch.py", ("--seeds", "0", "1", "2", "3", "4", "--epochs", "120", "--same-budget",
-                                                       "--threads", "1"),
-                                      "InfoBatch on the digits ViT trained 3x longer (120 epochs, converged)",
-                                      "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_120_epochs_seeds_5_9": Benchmark("infobatch.py", ("--seeds", "5", "6", "7", "8", "9", "--epochs", "120",
-                                                                 "--same-budget", "--threads", "1"),
-                                                "InfoBatch on the digits ViT at 120 epochs, five more seeds",
-                                                "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_ablations": Benchmark("infobatch.py", ("--seeds", "0", "1", "2", "3", "4", "--same-budget", "--ablations",
-                                                      "--threads", "1"),
-                                     "InfoBatch without rescaling, random pruning, and its data order alone (40 epochs)",
-                                     "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_fashion_mnist": Benchmark("infobatch.py", ("--task", "fashion_mnist", "--train-subset", "10000", "--epochs",
-                                                          "20", "--seeds", "0", "1", "--same-budget", "--threads", "1"),
-                                         "InfoBatch on Fashion-MNIST (28x28 ViT, 10k training images, 10k validation)",
-                                         "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_fashion_mnist_seeds_2_3": Benchmark("infobatch.py", ("--task", "fashion_mnist", "--train-subset", "10000",
-                                                                    "--epochs", "20", "--seeds", "2", "3", "--same-budget",
-                                                                    "--threads", "1"),
-                                                   "InfoBatch on Fashion-MNIST, two more seeds",
-                                                   "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "infobatch_fashion_mnist_40_epochs": Benchmark("infobatch.py", ("--task", "fashion_mnist", "--train-subset", "10000",
-                                                                    "--epochs", "40", "--seeds", "0", "--same-budget",
-                                                                    "--threads", "1"),
-                                                   "InfoBatch on Fashion-MNIST at 40 epochs (one seed)",
-                                                   "docs/methods/infobatch.md", "fit time vs baseline", "final val acc %"),
-    "galore": Benchmark("galore.py", ("--steps", "300", "--threads", "2"),
-                        "GaLore on the pydoc LM: optimizer memory, update time and validation loss vs AdamW and "
-                        "galore_torch", "docs/methods/galore.md", "state of projected matrices vs AdamW",
-                        "best val loss (step)"),
-    "sparcl": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "3", "4", "--threads", "2"),
-                        "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs",
-                        "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
-    "sparcl_ablations": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "3", "4", "--threads", "2", "--methods", "DER++",
-                                                "SparCL-DER++ 90%", "SparCL-DER++ 90%, no DDR",
-                                                "SparCL-DER++ 90%, no TDM"),
-                                  "SparCL at 90% without data removal / without mask updates (static magnitude masks)",
-                                  "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
-    "sparcl_long_tasks": Benchmark("sparcl.py", ("--seeds", "0", "1", "2", "3", "4", "--threads", "2", "--epochs-per-task", "50",
-                                                 "--methods", "DER++", "SparCL-DER++ 75%", "SparCL-DER++ 90%"),
-                                   "SparCL on Split-digits with the paper's 50-epoch tasks (its schedule unscaled)",
-                                   "docs/methods/sparcl.md", "training FLOPs vs dense DER++", "Class-IL avg acc %"),
-    "sparcl_long_tasks_seeds_5_9": Benchmark("sparcl.py", ("--seeds", "5", "6", "7", "8", "9", "--threads", "2",
-                                                           "--epochs-per-task", "50", "--methods", "DER++",
-                                                           "SparCL-DER++ 90%"),
-                                             "SparCL at 90% with the paper's 50-epoch tasks, five more seeds",
-                                             "docs/methods/sparcl.md", "training FLOPs vs dense DER++",
-                                             "Class-IL avg acc %"),
-}
+@dataclass(frozen=True)
+class Study:
+    """One row of the registry: a benchmark at one setting, run once per group of seeds.
+
+    Each group of ``seeds`` is one process and one log (``--seeds`` followed by the group): the first
+    is logged as ``name``, each further one as ``name_seed_<s>`` (one seed) or ``name_seeds_<first>_<last>``.
+    ``seeds=()`` is for a script that takes no ``--seeds``. The other fields are :class:`Benchmark`'s.
+    """
+
+    name: str
+    script: str
+    args: tuple[str, ...]
+    seeds: tuple[tuple[int, ...], ...]
+    question: str
+    card: str
+    cost: str
+    quality: str
+    curves: bool = False
+
+    def expand(self) -> dict[str, Benchmark]:
+        """One :class:`Benchmark` per group of seeds, by log name, in the order of the groups."""
+        out = {}
+        for i, group in enumerate(self.seeds or ((),)):
+            name, question = self.name, self.question
+            if i:
+                if len(group) == 1:
+                    name, question = f"{name}_seed_{group[0]}", f"{question}, seed {group[0]}"
+                else:
+                    contiguous = list(group) == list(range(group[0], group[-1] + 1))
+                    listed = f"{group[0]}–{group[-1]}" if contiguous else ", ".join(map(str, group))
+                    name, question = f"{name}_seeds_{group[0]}_{group[-1]}", f"{question}, seeds {listed}"
+            seeds = ("--seeds", *map(str, group)) if group else ()
+            out[name] = Benchmark(self.script, (*self.args, *seeds), question, self.card, self.cost, self.quality,
+                                  self.curves)
+        return out
+
+
+SPARSE_CARD = "docs/methods/sparse_training_results.md"
+FREEZING_CARD = "docs/methods/progressive_freezing.md"
+REWEIGHTING_CARD = "docs/methods/loss_reweighting.md"
+INFOBATCH_CARD = "docs/methods/infobatch.md"
+SPARCL_CARD = "docs/methods/sparcl.md"
+FIT_TIME = "fit time vs baseline"
+STEPS_TO_BASELINE = "step reaching the baseline's final (fraction of the baseline's)"
+SPARCL_FLOPS = "training FLOPs vs dense DER++"
+FIVE, NEXT_FIVE = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)
+
+# Every run of the report: one row per setting; its groups of seeds expand into one log each (see Study).
+REGISTRY = (
+    Study("sparse_vit", "sparse_training.py", ("--tasks", "vit"), ((0, 1, 2),),
+          "Sparse training on the digits ViT: accuracy and FLOPs of GraNet, RigL, SET, N:M and Lightning's "
+          "ModelPruning at 80/90%", SPARSE_CARD, "training FLOPs", "val acc %", curves=True),
+    Study("sparse_lm", "sparse_training.py", ("--tasks", "lm", "--steps", "600", "--update-every", "20st"), ((0,),),
+          "Sparse training on the pydoc LM (600 steps)", SPARSE_CARD, "training FLOPs", "best val loss", curves=True),
+    Study("freezing_vit8", "progressive_freezing.py", ("--task", "vit8", "--epochs", "40"), ((0, 1, 2),),
+          "Progressive freezing on the 8×8 digits ViT: wall-clock saved and accuracy", FREEZING_CARD, FIT_TIME,
+          "val acc %", curves=True),
+    Study("freezing_vit8_cached", "progressive_freezing.py",
+          ("--task", "vit8", "--epochs", "40", "--methods", "baseline", "freezeout", "freezeout cached"), (FIVE,),
+          "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds", FREEZING_CARD,
+          FIT_TIME, "val acc %", curves=True),
+    Study("freezing_vit8_turns", "progressive_freezing.py",
+          ("--task", "vit8", "--epochs", "40", "--turns", "0.5", "--methods", "baseline", "freezeout",
+           "freezeout cached"), (FIVE,),
+          "FreezeOut with and without the frozen-output cache on the 8×8 digits ViT, 5 seeds, each seed's runs "
+          "taking turns on the machine in 0.5 s slices", FREEZING_CARD, FIT_TIME, "val acc %", curves=True),
+    Study("freezing_vit32_cached", "progressive_freezing.py",
+          ("--task", "vit32", "--epochs", "40", "--threads", "2", "--methods", "baseline", "freezeout",
+           "freezeout cached"), ((0, 1, 2),),
+          "FreezeOut with and without the frozen-output cache on the 32×32 digits ViT (40 epochs), 3 seeds",
+          FREEZING_CARD, FIT_TIME, "val acc %", curves=True),
+    Study("freezing_lm_alone", "progressive_freezing.py",
+          ("--task", "lm", "--epochs", "600", "--threads", "2", "--methods", "baseline", "freezeout cached",
+           "freezeout t0 0.75 cached"), ((0,),),
+          "Cached FreezeOut on the pydoc LM (600 steps), the machine to itself (2 threads)", FREEZING_CARD,
+          FIT_TIME, "best val loss", curves=True),
+    Study("freezing_lm", "progressive_freezing.py",
+          ("--task", "lm", "--epochs", "600", "--methods", "baseline", "freezeout", "freezeout cached",
+           "freezeout t0 0.7 cached"), ((0,),),
+          "Progressive freezing on the pydoc LM (600 steps, past its over-fitting point)", FREEZING_CARD,
+          FIT_TIME, "best val loss", curves=True),
+    Study("loss_reweighting_vit", "loss_reweighting.py", ("--task", "vit", "--threads", "2"), ((0, 1, 2),),
+          "Loss reweighting on the digits ViT: steps to the baseline's validation loss", REWEIGHTING_CARD,
+          STEPS_TO_BASELINE, "val acc %"),
+    Study("loss_reweighting_lm_stdlib_docstrings", "loss_reweighting.py",
+          ("--task", "lm", "--corpus", "stdlib_docstrings", "--methods", "uniform", "linupper", "--threads", "1"),
+          ((0,), (1,)),
+          "LinUpper on the larger, mixed standard-library docstring corpus (600 steps = 2.3 passes)",
+          REWEIGHTING_CARD, STEPS_TO_BASELINE, "best val loss"),
+    Study("infobatch", "infobatch.py", ("--same-budget", "--threads", "2"), (FIVE,),
+          "InfoBatch on the digits ViT: samples skipped, time and accuracy, with a same-steps control",
+          INFOBATCH_CARD, FIT_TIME, "final val acc %"),
+    Study("infobatch_120_epochs", "infobatch.py", ("--epochs", "120", "--same-budget", "--threads", "1"),
+          (FIVE, NEXT_FIVE),
+          "InfoBatch on the digits ViT trained 3x longer (120 epochs, converged)", INFOBATCH_CARD, FIT_TIME,
+          "final val acc %"),
+    Study("infobatch_ablations", "infobatch.py", ("--same-budget", "--ablations", "--threads", "1"), (FIVE,),
+          "InfoBatch without rescaling, random pruning, and its data order alone (40 epochs)", INFOBATCH_CARD,
+          FIT_TIME, "final val acc %"),
+    Study("infobatch_fashion_mnist", "infobatch.py",
+          ("--task", "fashion_mnist", "--train-subset", "10000", "--epochs", "20", "--same-budget", "--threads", "1"),
+          ((0, 1), (2, 3)),
+          "InfoBatch on Fashion-MNIST (28x28 ViT, 10k training images, 10k validation)", INFOBATCH_CARD, FIT_TIME,
+          "final val acc %"),
+    Study("infobatch_fashion_mnist_40_epochs", "infobatch.py",
+          ("--task", "fashion_mnist", "--train-subset", "10000", "--epochs", "40", "--same-budget", "--threads", "1"),
+          ((0,),),
+          "InfoBatch on Fashion-MNIST at 40 epochs (one seed)", INFOBATCH_CARD, FIT_TIME, "final val acc %"),
+    Study("galore", "galore.py", ("--steps", "300", "--threads", "2"), (),
+          "GaLore on the pydoc LM: optimizer memory, update time and validation loss vs AdamW and galore_torch",
+          "docs/methods/galore.md", "state of projected matrices vs AdamW", "best val loss (step)"),
+    Study("sparcl", "sparcl.py", ("--threads", "2"), (FIVE,),
+          "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs", SPARCL_CARD,
+          SPARCL_FLOPS, "Class-IL avg acc %"),
+    Study("sparcl_ablations", "sparcl.py",
+          ("--threads", "2", "--methods", "DER++", "SparCL-DER++ 90%", "SparCL-DER++ 90%, no DDR",
+           "SparCL-DER++ 90%, no TDM"), (FIVE,),
+          "SparCL at 90% without data removal / without mask updates (static magnitude masks)", SPARCL_CARD,
+          SPARCL_FLOPS, "Class-IL avg acc %"),
+    Study("sparcl_long_tasks", "sparcl.py",
+          ("--threads", "2", "--epochs-per-task", "50", "--methods", "DER++", "SparCL-DER++ 75%", "SparCL-DER++ 90%"),
+          (FIVE,),
+          "SparCL on Split-digits with the paper's 50-epoch tasks (its schedule unscaled)", SPARCL_CARD,
+          SPARCL_FLOPS, "Class-IL avg acc %"),
+    # five more seeds of the 50-epoch tasks, for the 90% model only (hence a row of its own)
+    Study("sparcl_long_tasks_seeds_5_9", "sparcl.py",
+          ("--threads", "2", "--epochs-per-task", "50", "--methods", "DER++", "SparCL-DER++ 90%"), (NEXT_FIVE,),
+          "SparCL at 90% with the paper's 50-epoch tasks, five more seeds", SPARCL_CARD, SPARCL_FLOPS,
+          "Class-IL avg acc %"),
+)
+BENCHMARKS = {name: bench for study in REGISTRY for name, bench in study.expand().items()}
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -183,21 +210,73 @@ def header(command: list[str], quick: bool) -> str:
     return f"# command: {shlex.join(command)}\n# date: {when}\n# machine: {machine}\n# kind: {kind}\n"
 
 
-def run(name: str, quick: bool) -> float:
-    bench = BENCHMARKS[name]
-    command = [sys.executable, str(HERE / bench.script), *(("--quick",) if quick else bench.args)]
-    if bench.curves:
-        command += ["--json", os.path.relpath(LOGS / f"{name}.json", ROOT)]  # the script runs in ROOT
-    LOGS.mkdir(exist_ok=True)
+@dataclass(frozen=True)
+class Run:
+    """One benchmark process as planned: its command (run in ROOT) and the files it writes."""
+
+    name: str
+    command: tuple[str, ...]
+    log: Path
+    curves: Optional[Path]  # the --json file of a script with curves
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a call of this script runs and every path it writes."""
+
+    runs: tuple[Run, ...]
+    logs: Path
+    results: Path
+    figures: Path
+    quick: bool
+    reported: tuple[str, ...]  # the benchmarks the report lists
+
+
+def plan(only: Optional[list[str]] = None, quick: bool = False, out: Optional[Path] = None) -> Plan:
+    """The runs and output paths for ``--only``/``--quick``/``--out``; runs and writes nothing.
+
+    The committed logs folder (``LOGS``) gets the report ``RESULTS`` and the plots in ``FIGURES``; any
+    other folder gets its own ``RESULTS.md`` and ``figures/``. ``--quick`` refuses the committed folder
+    (and any folder whose report would be ``RESULTS``), and runs each script once: its ``--quick``
+    ignores the settings, so two benchmarks of one script would run the same command.
+    """
+    logs = Path(out).absolute() if out is not None else (LOGS / "quick" if quick else LOGS)
+    committed = logs.resolve() == LOGS.resolve()
+    results, figures = (RESULTS, FIGURES) if committed else (logs / "RESULTS.md", logs / "figures")
+    if quick and (committed or results.resolve() == RESULTS.resolve()):
+        raise SystemExit(f"--quick writes smoke tests only into a folder of their own, not {logs}: "
+                         f"its logs and report would replace the measured ones")
+    names = list(only or BENCHMARKS)
+    if quick:
+        scripts = {}
+        for name in names:
+            scripts.setdefault(BENCHMARKS[name].script, name)
+        names = list(scripts.values())
+    runs = []
+    for name in names:
+        bench = BENCHMARKS[name]
+        command = (sys.executable, str(HERE / bench.script), *(("--quick",) if quick else bench.args))
+        curves = logs / f"{name}.json" if bench.curves else None
+        if curves is not None:
+            command += ("--json", os.path.relpath(curves, ROOT))  # the script runs in ROOT
+        runs.append(Run(name, command, logs / f"{name}.txt", curves))
+    reported = tuple(BENCHMARKS) if not quick else tuple(
+        n for n in BENCHMARKS if n in names or (logs / f"{n}.txt").exists())
+    return Plan(tuple(runs), logs, results, figures, quick, reported)
+
+
+def run(job: Run, quick: bool) -> float:
+    """Run one planned benchmark into its log; the seconds it took."""
+    job.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(LOGS / f"{name}.txt", "w") as log:
-        shown = ["python", f"benchmarks/{bench.script}", *command[2:]]
+    with open(job.log, "w") as log:
+        shown = ["python", os.path.relpath(job.command[1], ROOT), *job.command[2:]]
         log.write(header(shown, quick))
         log.flush()
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        code = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        code = subprocess.run(job.command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     elapsed = time.perf_counter() - start
-    with open(LOGS / f"{name}.txt", "a") as log:
+    with open(job.log, "a") as log:
         log.write(f"# exit {code} after {elapsed:.0f} s\n")
     return elapsed
 
@@ -244,17 +323,18 @@ def pyplot():
     return plt
 
 
-def save(figure, filename: str) -> Path:
-    """Lay out ``figure``, write it to ``FIGURES/filename`` and free it."""
+def save(figure, filename: str, figures: Optional[Path] = None) -> Path:
+    """Lay out ``figure``, write it to ``figures/filename`` (default ``FIGURES``) and free it."""
     figure.tight_layout()
-    FIGURES.mkdir(exist_ok=True)
-    path = FIGURES / filename
+    figures = FIGURES if figures is None else figures
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / filename
     figure.savefig(path, dpi=110)
     pyplot().close(figure)
     return path
 
 
-def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
+def plot(name: str, bench: Benchmark, table: list[str], figures: Optional[Path] = None) -> Optional[Path]:
     """A PNG with the cost and the quality column of ``table`` as horizontal bars, or None."""
     plt = pyplot()
     head = cells(table[0])
@@ -272,10 +352,10 @@ def plot(name: str, bench: Benchmark, table: list[str]) -> Optional[Path]:
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
     figure.suptitle(bench.question, fontsize=9)
-    return save(figure, f"{name}.png")
+    return save(figure, f"{name}.png", figures)
 
 
-def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
+def plot_curves(name: str, runs: list[dict], figures: Optional[Path] = None) -> Optional[Path]:
     """Validation loss against cumulative training wall time, one line per method (the mean over its
     seeds), or None without curves."""
     plt = pyplot()
@@ -296,25 +376,41 @@ def plot_curves(name: str, runs: list[dict]) -> Optional[Path]:
     ax.set_xlabel("training wall time (s, steps only)")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=7)
-    return save(figure, f"{name}_curves.png")
+    return save(figure, f"{name}_curves.png", figures)
 
 
-def report() -> str:
-    parts = ["# Benchmark results", "",
-             "Written by `python benchmarks/run_all.py` from the logs in `benchmarks/logs/` (rebuild with "
-             "`--report-only`). Every figure was measured on the machine named under each table — this project's "
-             "2-core CPU machines unless it says otherwise — with every method of a table run in one process, side "
-             "by side, so ratios compare like with like; absolute times do not transfer to other hardware. The "
-             "method cards discuss each table. The GPU check (`benchmarks/gpu_check.py`: every callback on CUDA in "
-             "bf16-mixed and 16-mixed, syncs per step, 8-bit states, the 2:4 export, GaLore's peak memory) needs a CUDA "
-             "machine and is not run from here; no GPU has been lent to this project yet, so its table is not in this "
-             "file.", ""]
-    for name, bench in BENCHMARKS.items():
+def report(where: Optional[Plan] = None) -> str:
+    """The markdown report of the logs in ``where.logs`` (default: the committed logs) for ``where.results``,
+    drawing its plots into ``where.figures``; links are relative to the report's folder."""
+    where = plan() if where is None else where
+    home = where.results.parent
+
+    def link(path: Path) -> str:
+        return Path(os.path.relpath(path, home)).as_posix()
+
+    logs = Path(os.path.relpath(where.logs, ROOT)).as_posix()
+    if where.quick:
+        intro = (f"Smoke test written by `python benchmarks/run_all.py --quick` from the logs in `{logs}/`: each "
+                 "script ran once with its own `--quick` settings, so the numbers only show that it runs and "
+                 "prints its table; they mean nothing. The measured results are in `benchmarks/RESULTS.md`.")
+    else:
+        intro = (f"Written by `python benchmarks/run_all.py` from the logs in `{logs}/` (rebuild with "
+                 "`--report-only`). Every figure was measured on the machine named under each table — this "
+                 "project's 2-core CPU machines unless it says otherwise — with every method of a table run in one "
+                 "process, side by side, so ratios compare like with like; absolute times do not transfer to other "
+                 "hardware. The method cards discuss each table. The GPU check (`benchmarks/gpu_check.py`: every "
+                 "callback on CUDA in bf16-mixed and 16-mixed, syncs per step, 8-bit states, the 2:4 export, "
+                 "GaLore's peak memory) needs a CUDA machine and is not run from here; no GPU has been lent to this "
+                 "project yet, so its table is not in this file.")
+    parts = ["# Benchmark results" + (" — quick smoke test" if where.quick else ""), "", intro, ""]
+    for name in where.reported:
+        bench = BENCHMARKS[name]
+        card = f"[{Path(bench.card).name}]({link(ROOT / bench.card)})"
         parts += [f"## {name}: {bench.question}", ""]
-        log = LOGS / f"{name}.txt"
+        log = where.logs / f"{name}.txt"
         if not log.exists():
-            parts += [f"Not run yet: `python benchmarks/run_all.py --only {name}`. See [{Path(bench.card).name}]"
-                      f"(../{bench.card}) for earlier measurements.", ""]
+            again = f"python benchmarks/run_all.py{' --quick' if where.quick else ''} --only {name}"
+            parts += [f"Not run yet: `{again}`. See {card} for earlier measurements.", ""]
             continue
         text = log.read_text()
         fields, table = log_fields(text), last_table(text)
@@ -325,29 +421,40 @@ def report() -> str:
             parts += ["The log holds no table (the run failed or was cut short).", ""]
             continue
         parts += [*table, ""]
-        figure = plot(name, bench, table)
+        figure = plot(name, bench, table, where.figures)
         if figure is not None:
-            parts += [f"![{name}](figures/{figure.name})", ""]
-        runs = LOGS / f"{name}.json"
-        curves = plot_curves(name, json.loads(runs.read_text())) if runs.exists() else None
+            parts += [f"![{name}]({link(figure)})", ""]
+        runs = where.logs / f"{name}.json"
+        curves = plot_curves(name, json.loads(runs.read_text()), where.figures) if runs.exists() else None
         if curves is not None:
-            parts += [f"![{name}: validation loss against wall time](figures/{curves.name})", ""]
-        parts += [f"Discussed in [{Path(bench.card).name}](../{bench.card}).", ""]
+            parts += [f"![{name}: validation loss against wall time]({link(curves)})", ""]
+        parts += [f"Discussed in {card}.", ""]
     return "\n".join(parts)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(BENCHMARKS), default=None)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke test of each script, into a folder of its own")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the logs, figures and report (default: benchmarks/logs/, with --quick "
+                             "benchmarks/logs/quick/)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--plan", action="store_true", help="print the commands and paths; run and write nothing")
     args = parser.parse_args()
+    where = plan(args.only, args.quick, args.out)
+    if args.plan:
+        for job in where.runs:
+            print(f"{job.name}: {shlex.join(job.command)}\n    -> {job.log}")
+        print(f"report -> {where.results}, figures -> {where.figures}")
+        return
     if not args.report_only:
-        for name in args.only or list(BENCHMARKS):
-            print(f"{name}: running", flush=True)
-            print(f"{name}: {run(name, args.quick):.0f} s", flush=True)
-    RESULTS.write_text(report())
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+        for job in where.runs:
+            print(f"{job.name}: running", flush=True)
+            print(f"{job.name}: {run(job, args.quick):.0f} s", flush=True)
+    where.results.parent.mkdir(parents=True, exist_ok=True)
+    where.results.write_text(report(where))
+    print(f"wrote {os.path.relpath(where.results, ROOT)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/sparcl.py --seeds 0 1 2 3 4     # Split-digits, 5 tasks x 10 epochs, ~4 min a seed
     python benchmarks/sparcl.py --quick               # smoke test
 
-Split-digits (the BASELINES.md digits split cut into 5 tasks of 2 classes, one fit, 10 epochs a
+Split-digits (the standard digits split cut into 5 tasks of 2 classes, one fit, 10 epochs a
 task), the small CNN of ``examples/vision/continual.py`` (stem conv and head dense), SGD lr 0.03,
 batch 32, DER++ with a 200-sample buffer (α 0.1, β 0.5). Side by side in one process with the same
 seeds: fine-tuning and ER as references, dense DER++, and SparCL-DER++ at 75% and 90% sparsity
@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import add_common_arguments, mean_std  # noqa: E402
 from examples.vision.continual import ContinualClassifier, SplitDigits  # noqa: E402
 from lit_efficient import SparCL  # noqa: E402
-from lit_efficient.continual import AccuracyMatrix, average_accuracy, forgetting  # noqa: E402
+from lit_efficient.continual.metrics import AccuracyMatrix, average_accuracy, forgetting  # noqa: E402
+from lit_efficient.core.targets import select_targets  # noqa: E402
 from lit_efficient.sparsity.masks import ForwardFlops  # noqa: E402
-from lit_efficient.targets import select_targets  # noqa: E402
 
 METHODS = {  # name -> (rehearsal, SparCL options or None)
     "fine-tuning": ("none", None),
@@ -88,7 +88,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs-per-task", type=int, default=10)
-    parser.add_argument("--width", type=int, default=32, help="the CNN's stem channels (default 32; the rest scale with it)")
+    parser.add_argument("--width", type=int, default=32,
+                        help="the CNN's stem channels (default 32; the rest scale with it)")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS),
                         help="default: all but the ablations ('..., no DDR', '..., no TDM')")
     add_common_arguments(parser)
@@ -105,7 +106,8 @@ def main(argv=None) -> None:
                   f"{r['forgetting']:.2f}, FLOPs {r['flops']:.4f}, removed {r['removed']:.3f}, {r['steps']} steps, "
                   f"fit {r['fit']:.1f}s", flush=True)
     dense = {r["seed"]: r for r in results if r["name"] == "DER++"}
-    print(f"\nSplit-digits (5 tasks x 2 classes, {args.epochs_per_task} epochs a task), small CNN of width {args.width}, "
+    print(f"\nSplit-digits (5 tasks x 2 classes, {args.epochs_per_task} epochs a task), "
+          f"small CNN of width {args.width}, "
           f"buffer 200, seeds {args.seeds}, {torch.get_num_threads()} thread(s)")
     print("| method | Class-IL avg acc % | Task-IL avg acc % | Class-IL forgetting | training FLOPs vs dense DER++ "
           "| fewer FLOPs | data removed | fit time vs DER++ |")
@@ -114,8 +116,10 @@ def main(argv=None) -> None:
         runs = [r for r in results if r["name"] == name]
         fit = mean_std([r["fit"] / dense[r["seed"]]["fit"] for r in runs], digits=2) if dense else "-"
         mean_flops = sum(r["flops"] for r in runs) / len(runs)
-        print(f"| {name} | {mean_std([r['cil'] for r in runs], digits=2)} | {mean_std([r['til'] for r in runs], digits=2)} | "
-              f"{mean_std([r['forgetting'] for r in runs], digits=2)} | {mean_std([r['flops'] for r in runs], digits=4)} | "
+        print(f"| {name} | {mean_std([r['cil'] for r in runs], digits=2)} | "
+              f"{mean_std([r['til'] for r in runs], digits=2)} | "
+              f"{mean_std([r['forgetting'] for r in runs], digits=2)} | "
+              f"{mean_std([r['flops'] for r in runs], digits=4)} | "
               f"{1 / mean_flops:.1f}x | {mean_std([r['removed'] for r in runs], scale=100, digits=1)}% | {fit} |")
 
 

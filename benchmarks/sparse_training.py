@@ -1,12 +1,12 @@
 """Sparse-training benchmark: dense vs GraNet, RigL, SET, N:M (SR-STE) and Lightning's ModelPruning,
-side by side in one process, on the BASELINES.md tasks.
+side by side in one process, on the project's standard tasks.
 
     python benchmarks/sparse_training.py --tasks vit --seeds 0 1 2          # ~45 min, one thread
     python benchmarks/sparse_training.py --tasks lm --steps 200 --seeds 0 --sparsities 0.9 --update-every 20st
     python benchmarks/sparse_training.py --quick                             # smoke test, ~1 min
 
-Digits ViT: the BASELINES model and recipe (40 epochs = 920 steps, AdamW 3e-3, wd 0.05, cosine),
-targets = the 16 Linear weights inside ``blocks``. Pydoc LM: the BASELINES Llama (4 layers, width
+Digits ViT: the standard model and recipe (40 epochs = 920 steps, AdamW 3e-3, wd 0.05, cosine),
+targets = the 16 Linear weights inside ``blocks``. Pydoc LM: the standard Llama (4 layers, width
 256), AdamW 1e-3, cosine with 5% warm-up, targets = the attention/MLP Linear weights. Every method
 runs with the same seed, data order and step budget; within a seed the methods run one after the
 other, dense first, so machine noise hits all alike.
@@ -21,7 +21,7 @@ to dense, from each of our callbacks' savings rows.
 
 ModelPruning: global L1 (``l1_unstructured``) on the same weights, with the cumulative sparsity
 following the same cubic ramp by epoch, reaching the final sparsity at half of the epochs (the
-BASELINES setting: 80/90% by epoch 20 of 40).
+peer study's setting: 80/90% by epoch 20 of 40).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from benchmarks.common import Measure, add_common_arguments, mean_std, pydoc_lla
 from examples.vision.data import DigitsDataModule  # noqa: E402
 from examples.vision.vit import ViTClassifier  # noqa: E402
 from lit_efficient import SET, GraNet, NMSparsity, RigL  # noqa: E402
-from lit_efficient.monitor import EfficientCallback  # noqa: E402
-from lit_efficient.schedules import ramp  # noqa: E402
+from lit_efficient.core.callback import EfficientCallback  # noqa: E402
+from lit_efficient.core.time import ramp  # noqa: E402
 
 # -- tasks --------------------------------------------------------------------------------------
 

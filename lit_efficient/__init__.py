@@ -1,6 +1,6 @@
 """lit_efficient: efficient-training callbacks for PyTorch Lightning."""
 
-from lit_efficient.freezing import ProgressiveFreezing
+from lit_efficient.freezing import AutoFreeze, FreezeOut, LinearFreezing, ProgressiveFreezing
 from lit_efficient.lowrank.callback import GaLore
 from lit_efficient.lowrank.optim import GaLoreAdamW
 from lit_efficient.reweighting.infobatch import InfoBatch
@@ -12,4 +12,5 @@ from lit_efficient.sparsity.sparcl import SparCL
 
 __version__ = "0.1.0"
 
-__all__ = ["GaLore", "GaLoreAdamW", "GraNet", "InfoBatch", "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET", "SparCL"]
+__all__ = ["AutoFreeze", "FreezeOut", "GaLore", "GaLoreAdamW", "GraNet", "InfoBatch", "LinearFreezing",
+           "LossReweighting", "NMSparsity", "ProgressiveFreezing", "RigL", "SET", "SparCL"]

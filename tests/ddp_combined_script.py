@@ -15,7 +15,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from ddp_runner import equal_on_all_ranks  # noqa: E402
-
 from tests.sparsity.sparse_helpers import MLP, loader  # noqa: E402
 from tests.techniques import COMBINATIONS  # noqa: E402
 

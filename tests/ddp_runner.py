@@ -37,7 +37,8 @@ def run_ddp_script(script: str, args: list[str], tmp_path, timeout: int = 300) -
                               text=True, timeout=timeout)
         if proc.returncode == 0 or attempt == 1 or not any(e in proc.stderr for e in _INFRA_ERRORS):
             break
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\n"
+                                  f"stderr:\n{proc.stderr[-4000:]}")
     return json.loads(out.read_text())
 
 

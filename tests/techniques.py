@@ -3,11 +3,11 @@ combinations of them, as factories for the test-sized MLP of ``tests/sparsity/sp
 (one-batch epochs of 16 samples, 20 epochs). Times are in optimizer steps so that a checkpoint at
 step 7 falls mid-schedule."""
 
-from lit_efficient import SET, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL
+from lit_efficient import SET, AutoFreeze, FreezeOut, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, RigL
 
 
 def freezeout():
-    return ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")
+    return FreezeOut(t0=0.3, warp="linear")
 
 
 TECHNIQUES = {
@@ -16,9 +16,9 @@ TECHNIQUES = {
     "set": lambda: [SET(sparsity=0.8, update_every="3st", stop=0.9)],
     "nm": lambda: [NMSparsity(n=2, m=4)],
     "freezeout": lambda: [freezeout()],
-    "freezeout_lr_annealing": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear", lr_annealing=True)],
-    "freezeout_cached": lambda: [ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear", cache_frozen_mb=8)],
-    "adaptive": lambda: [ProgressiveFreezing(schedule="adaptive", freeze_start="2st", check_every="2st", percentile=90)],
+    "freezeout_lr_annealing": lambda: [FreezeOut(t0=0.3, warp="linear", lr_annealing=True)],
+    "freezeout_cached": lambda: [FreezeOut(t0=0.3, warp="linear", cache_frozen_mb=8)],
+    "adaptive": lambda: [AutoFreeze(freeze_start="2st", check_every="2st", percentile=90)],
     "galore": lambda: [GaLore(rank=8, update_proj_gap=3)],  # checkpoint at step 7: mid-gap, bases from step 6
     "galore_random_8bit": lambda: [GaLore(rank=8, update_proj_gap=3, projection="random", eight_bit=True)],
     "infobatch": lambda: [InfoBatch(prune_ratio=0.5)],  # one-batch epochs that shrink when pruned

@@ -8,7 +8,6 @@ import torch
 
 from benchmarks import gpu_check as gc
 
-
 # -- the command line ----------------------------------------------------------------------------
 
 def test_defaults():

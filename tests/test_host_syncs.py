@@ -21,8 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_efficient import (SET, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL,
-                           SparCL)
+from lit_efficient import SET, GaLore, GraNet, InfoBatch, LossReweighting, NMSparsity, ProgressiveFreezing, RigL, SparCL
 from tests.sparsity.sparse_helpers import MLP
 
 PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__import__("lit_efficient").__file__)))
@@ -162,9 +161,9 @@ def test_no_host_sync_in_an_ordinary_step(monkeypatch, name):
 
 def test_the_frozen_output_cache_copies_its_keys_once_per_forward(monkeypatch):
     """The keys as an accelerator computes them (on the CPU, blake2b reads the host bytes in place)."""
-    from lit_efficient import freezing_cache
+    from lit_efficient.freezing import cache
 
-    monkeypatch.setattr(freezing_cache, "row_keys", functools.partial(freezing_cache.row_keys, on_device=True))
+    monkeypatch.setattr(cache, "row_keys", functools.partial(cache.row_keys, on_device=True))
     counter = SyncCounter(monkeypatch)
     counter.steps = 0
     fit([freezeout(cache_frozen_mb=8)], counter)
@@ -174,7 +173,7 @@ def test_the_frozen_output_cache_copies_its_keys_once_per_forward(monkeypatch):
     assert max(counter.copied) <= 32 * 4, counter.copied  # the keys of the batch's 4 rows, not the rows
     # and nothing else, but reading that host copy as numpy
     assert {call.split(" at ")[1] for call in counter.calls} == {copies[0].split(" at ")[1]}, counter.calls
-    assert all(call.startswith(("cpu", "numpy")) and "freezing_cache" in call for call in counter.calls)
+    assert all(call.startswith(("cpu", "numpy")) and "freezing/cache" in call for call in counter.calls)
 
 
 def test_sparcl_makes_no_host_sync_in_an_ordinary_step(monkeypatch):
@@ -185,9 +184,9 @@ def test_sparcl_makes_no_host_sync_in_an_ordinary_step(monkeypatch):
     pl.seed_everything(0)
     watch = lambda end: Watch(counter, FIRST, LAST, end)  # noqa: E731
     sparcl = SparCL(sparsity=0.8, gradient_mask_every=30, mask_update_every=1.0)
-    trainer = pl.Trainer(max_epochs=1, callbacks=[watch(False), sparcl, watch(True)], logger=False, log_every_n_steps=1000,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer = pl.Trainer(max_epochs=1, callbacks=[watch(False), sparcl, watch(True)], logger=False,
+                         log_every_n_steps=1000, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(ContinualClassifier(method="derpp", buffer_size=50, width=8),
                 datamodule=SplitDigits(num_tasks=2, epochs_per_task=1, batch_size=8))
     assert counter.steps == 1
@@ -197,7 +196,8 @@ def test_sparcl_makes_no_host_sync_in_an_ordinary_step(monkeypatch):
 def test_the_counter_sees_a_per_step_item(monkeypatch):
     """The counter is not blind: a hook of ours that reads a tensor every step is caught (its code
     is compiled as if it lived in the package: only the file of the calling code decides)."""
-    source = "def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):\n    outputs['loss'].item()\n"
+    source = ("def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):\n"
+              "    outputs['loss'].item()\n")
     namespace: dict = {}
     exec(compile(source, os.path.join(LIBRARY, "careless.py"), "exec"), namespace)
     careless = type("Careless", (Callback,), {"on_train_batch_end": namespace["on_train_batch_end"]})

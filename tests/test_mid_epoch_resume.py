@@ -100,8 +100,8 @@ def fit(root, name, ckpt=None, extra=(), every=None, loader=None):
     savers = [ModelCheckpoint(dirpath=root / "ckpts", every_n_train_steps=every, save_top_k=-1)] if every else []
     everything = [*callbacks, *savers, *extra]
     trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=everything, logger=False, enable_progress_bar=False,
-                         enable_checkpointing=any(isinstance(c, Checkpoint) for c in everything), enable_model_summary=False,
-                         deterministic=True, default_root_dir=root)
+                         enable_checkpointing=any(isinstance(c, Checkpoint) for c in everything),
+                         enable_model_summary=False, deterministic=True, default_root_dir=root)
     trainer.fit(model, (loader or default_loader)(), ckpt_path=ckpt)
     return model, callbacks, trainer
 
@@ -225,7 +225,8 @@ def test_sparcl_with_data_removal_resumes_from_the_middle_of_an_epoch(tmp_path):
         pl.seed_everything(0)
         sparcl = SparCL(sparsity=0.75, mask_update_every=0.25, gradient_mask_every=3)
         model = ContinualClassifier(method="derpp", buffer_size=50, width=8)
-        savers = [ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=every, save_top_k=-1)] if every else []
+        savers = ([ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_train_steps=every, save_top_k=-1)]
+                  if every else [])
         trainer = pl.Trainer(max_epochs=8, callbacks=[sparcl, *savers], logger=False, enable_progress_bar=False,
                              enable_model_summary=False, enable_checkpointing=bool(savers), num_sanity_val_steps=0,
                              deterministic=True, limit_val_batches=0, default_root_dir=tmp_path)

@@ -27,8 +27,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 import lit_efficient
 from lit_efficient.cli import main
-from lit_efficient.continual import AccuracyMatrix
-from lit_efficient.monitor import EfficientCallback
+from lit_efficient.continual.metrics import AccuracyMatrix
+from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.sparsity.callback import SparseTrainingCallback
 from lit_efficient.sparsity.nm import NMSparsity, nm_group_dim, nm_mask
 from tests.sparsity.sparse_helpers import MLP, loader
@@ -129,7 +129,8 @@ def assert_invariants(callbacks, model):
             assert callback.masks.is_applied() and callback.masks.sparsity() > 0.5
         if isinstance(callback, NMSparsity):  # written into the weights at the end of fit
             for t in callback.targets:
-                assert torch.equal(t.param != 0, (t.param != 0) & nm_mask(t.param, callback.n, callback.m, nm_group_dim(t)))
+                allowed = nm_mask(t.param, callback.n, callback.m, nm_group_dim(t))
+                assert torch.equal(t.param != 0, (t.param != 0) & allowed)
 
 
 @pytest.mark.parametrize("name", sorted(ENTRIES))
@@ -161,8 +162,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, name):
 
 # -- strategies -----------------------------------------------------------------------------------
 
-REFUSED_SHARDED = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "GaLore", "LossReweighting",
-                   "InfoBatch"]  # every callback
+REFUSED_SHARDED = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "FreezeOut", "AutoFreeze",
+                   "LinearFreezing", "GaLore", "LossReweighting", "InfoBatch"]  # every callback
 
 
 class _StubTrainer:
@@ -176,7 +177,8 @@ class _StubTrainer:
 @pytest.mark.parametrize("name", REFUSED_SHARDED)
 def test_sharding_strategies_are_refused_in_setup(name, strategy):
     callback = getattr(lit_efficient, name)()
-    with pytest.raises(RuntimeError, match=f"{name} supports single-device and DDP training; {type(strategy).__name__}"):
+    refusal = f"{name} supports single-device and DDP training; {type(strategy).__name__}"
+    with pytest.raises(RuntimeError, match=refusal):
         callback.setup(_StubTrainer(strategy), MLP(), "fit")
 
 
@@ -187,7 +189,12 @@ CLI_ARGS = {  # sized for cli_models.TinyRegressor (Linear 4→8→1)
     "RigL": {"sparsity": 0.5, "update_every": "2st"},
     "SET": {"sparsity": 0.5, "update_every": "2st"},
     "NMSparsity": {"n": 2, "m": 4},
-    "ProgressiveFreezing": {"schedule": "linear", "freeze_start": 0.2, "freeze_level": 0.5, "blocks": ["net.0", "net.2"]},
+    "ProgressiveFreezing": {"schedule": "linear", "freeze_start": 0.2, "freeze_level": 0.5,
+                            "blocks": ["net.0", "net.2"]},
+    "FreezeOut": {"t0": 0.5, "warp": "linear", "blocks": ["net.0"]},  # the head (net.2) keeps training
+    "AutoFreeze": {"freeze_start": "4st", "check_every": "2st", "percentile": 90.0, "freeze_level": 0.5,
+                   "blocks": ["net.0", "net.2"]},
+    "LinearFreezing": {"freeze_start": 0.2, "freeze_level": 0.5, "blocks": ["net.0", "net.2"]},
     "LossReweighting": {"strategy": "quadratic", "warmup": "1st"},
     "InfoBatch": {"prune_ratio": 0.3},
     "GaLore": {"rank": 2, "update_proj_gap": 2},
@@ -197,7 +204,8 @@ CLI_ARGS = {  # sized for cli_models.TinyRegressor (Linear 4→8→1)
 @pytest.mark.parametrize("name", sorted(CLI_ARGS))
 def test_print_config_of_every_callback_re_runs(tmp_path, capsys, name):
     # SparCL needs a continual datamodule: its round trip is in tests/examples/test_vision_examples.py
-    model = {"class_path": "cli_models.TinyRegressor", "init_args": {"optimizer": "adamw" if name == "GaLore" else "sgd"}}
+    model = {"class_path": "cli_models.TinyRegressor",
+             "init_args": {"optimizer": "adamw" if name == "GaLore" else "sgd"}}
     config = {"model": model, "data": {"class_path": "cli_models.TinyData"},
               "trainer": {"max_epochs": 2, "limit_val_batches": 1, "logger": False, "enable_progress_bar": False,
                           "enable_model_summary": False, "default_root_dir": str(tmp_path),
@@ -233,11 +241,17 @@ BAD = {  # one invalid value for every constructor argument
     "ProgressiveFreezing": dict(schedule="sometimes", t0=0.0, warp="quartic", freeze_start="later", freeze_level=0.0,
                                 check_every="0st", percentile=0.0, blocks=[""], frozen_eval="no",
                                 tied_embeddings="share", lr_annealing="on", cache_frozen_mb=-1.0),
+    "FreezeOut": dict(t0=0.0, warp="quartic", lr_annealing="on", blocks=[""], frozen_eval="no", tied_embeddings="share",
+                      cache_frozen_mb=-1.0),
+    "AutoFreeze": dict(freeze_start="later", freeze_level=0.0, check_every="0st", percentile=0.0, blocks=[""],
+                       frozen_eval="no", tied_embeddings="share", cache_frozen_mb=-1.0),
+    "LinearFreezing": dict(freeze_start="later", freeze_level=0.0, blocks=[""], frozen_eval="no",
+                           tied_embeddings="share", cache_frozen_mb=-1.0),
     "LossReweighting": dict(strategy="top", temperature=0.0, warmup="eventually", timestep_buckets=-1, timestep_key="",
                             num_timesteps=0),
     "InfoBatch": dict(prune_ratio=1.0, delta=0.0, shuffle="yes", seed=0.5),
-    "GaLore": dict(rank=0, update_proj_gap=0, scale=0.0, proj_type="diagonal", projection="qr", target_modules=[""],
-                   exclude=[""], fira="yes", eight_bit="no", layerwise=1, seed="s"),
+    "GaLore": dict(rank=0, update_proj_gap=0, scale=0.0, proj_type="diagonal", projection="qr", include=[""],
+                   target_modules=[""], exclude=[""], fira="yes", eight_bit="no", layerwise=1, seed="s"),
     "AccuracyMatrix": dict(keys=[]),
 }
 
@@ -267,7 +281,8 @@ def test_bad_input_raises_a_value_error_naming_the_argument(name, argument):
 # one entry per way of touching the model: masks after the step (rigl), forward hooks that swap
 # weights (nm), no-grad prefixes and post-step annealing (freezing), a converted optimizer (galore),
 # a wrapped training_step and a planned loader (loss_reweighting, infobatch), and a mix of them
-COMPILED = ["rigl", "nm", "freezeout_lr_annealing", "freezeout_cached", "galore", "loss_reweighting", "infobatch", "vit_main_job"]
+COMPILED = ["rigl", "nm", "freezeout_lr_annealing", "freezeout_cached", "galore", "loss_reweighting", "infobatch",
+            "vit_main_job"]
 
 
 @pytest.mark.parametrize("name", COMPILED)

@@ -198,7 +198,7 @@ class PydocTextDataModule(LightningDataModule):
     into the tokenizer or the training blocks.
 
     Args:
-        corpus: ``"pydoc"`` (``pydoc_data.topics``, the BASELINES task) or ``"stdlib_docstrings"``
+        corpus: ``"pydoc"`` (``pydoc_data.topics``, the standard LM task) or ``"stdlib_docstrings"``
             (all standard-library docstrings, ~4x larger, for longer runs).
         vocab_size: BPE vocabulary size (>= 256, the bytes; default 2048). Must not exceed the model's.
         seq_len: tokens per sequence (default 128).
@@ -316,9 +316,9 @@ class PydocTextDataModule(LightningDataModule):
 # Docstring classification data
 # --------------------------------------------------------------------------------------------
 
-# Eight packages with >= 99 distinct docstrings each on CPython 3.10-3.13 (capped at 90 per class). http, urllib and email share a
-# vocabulary (headers, messages, requests) and asyncio/logging/unittest share one of handlers
-# and runners, so the task is learnable without being solved by a single keyword.
+# Eight packages with >= 99 distinct docstrings each on CPython 3.10-3.13 (capped at 90 per class).
+# http, urllib and email share a vocabulary (headers, messages, requests) and asyncio/logging/unittest
+# share one of handlers and runners, so the task is learnable without being solved by a single keyword.
 DEFAULT_MODULES = ["asyncio", "email", "http", "importlib", "logging", "unittest", "urllib", "xml"]
 
 

@@ -1,6 +1,6 @@
 """A small causal language model (transformers Llama or GPT-2, random init) as a LightningModule.
 
-The BASELINES "pydoc LM" task: a 4.2M-parameter Llama on ``pydoc_data.topics``, AdamW lr 1e-3,
+The project's standard "pydoc LM" task: a 4.2M-parameter Llama on ``pydoc_data.topics``, AdamW lr 1e-3,
 cosine with 5% warm-up over 600 steps. From the repository root::
 
     lit-efficient fit --config examples/nlp/lm_pydoc.yaml
@@ -27,7 +27,8 @@ from examples.nlp.common import attached_datamodule, decay_groups
 IGNORE_INDEX = -100
 
 
-def sequence_losses(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence next-token cross-entropy.
 
     ``logits[:, t]`` predicts ``labels[:, t + 1]``. Returns ``(losses, counts)``: the mean loss
@@ -62,9 +63,10 @@ class CausalLM(LightningModule):
         num_heads: attention heads (default 4); must divide ``hidden_size``.
         max_position_embeddings: longest sequence (default 128).
         tie_word_embeddings: share the input embedding with the output head. ``None`` (default)
-            takes the architecture's convention: untied for llama (as in BASELINES), tied for gpt2.
+            takes the architecture's convention: untied for llama (as in the standard task), tied for gpt2.
         dropout: dropout in the decoder (default 0.0; gpt2 would otherwise use 0.1).
-        lr: peak AdamW learning rate (default 1e-3; 3e-3 is too high on pydoc, see BASELINES).
+        lr: peak AdamW learning rate (default 1e-3; 3e-3 is too high on pydoc: best val loss 4.599
+            against 4.391 at 1e-3 over 600 steps, measured in this project's peer study).
         weight_decay: AdamW decay on weight matrices only (default 0.1).
         warmup_fraction: linear warm-up fraction of all optimizer steps (default 0.05).
         min_lr_ratio: the cosine ends at this fraction of ``lr`` (default 0.0).

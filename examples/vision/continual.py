@@ -1,6 +1,6 @@
 """Continual learning on Split-digits: 5 tasks of 2 classes, a small CNN, ER or DER++ rehearsal.
 
-``SplitDigits`` cuts the digits task of ``BASELINES.md`` (same 1437/360 split) into tasks of
+``SplitDigits`` cuts the digits task of ``examples/vision/data.py`` (same 1437/360 split) into tasks of
 classes (0, 1), (2, 3), …, (8, 9), presented one after another in one fit
 (:class:`lit_efficient.continual.ContinualDataModule`). ``ContinualClassifier`` trains a small
 CNN with SGD on the current task plus a replay term from a reservoir buffer (``"er"``, ``"derpp"``
@@ -30,7 +30,8 @@ from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
 from examples.vision.data import DigitsDataModule
-from lit_efficient.continual import ContinualDataModule, ReservoirBuffer, rehearsal_loss
+from lit_efficient.continual.rehearsal import ReservoirBuffer, rehearsal_loss
+from lit_efficient.continual.tasks import ContinualDataModule
 
 
 class SplitDigits(ContinualDataModule):
@@ -42,14 +43,15 @@ class SplitDigits(ContinualDataModule):
         epochs_per_task: epochs of each task (default 10).
         batch_size: batch size (default 32).
         seed: seed of the training shuffle.
-        split_seed: seed of the train/validation permutation (BASELINES.md: 0).
+        split_seed: seed of the train/validation permutation (the standard task's: 0).
     """
 
     def __init__(self, num_tasks: int = 5, classes_per_task: int = 2, epochs_per_task: int = 10, batch_size: int = 32,
                  seed: int = 0, split_seed: int = 0) -> None:
         super().__init__(num_tasks, epochs_per_task, batch_size, seed)
         if not 1 <= classes_per_task or num_tasks * classes_per_task > 10:
-            raise ValueError(f"`num_tasks` × `classes_per_task` must be at most 10 labels; got {num_tasks} × {classes_per_task}")
+            raise ValueError(f"`num_tasks` × `classes_per_task` must be at most 10 labels; "
+                             f"got {num_tasks} × {classes_per_task}")
         self.classes_per_task, self.split_seed = classes_per_task, split_seed
         self._train: Optional[list[TensorDataset]] = None
         self._val: Optional[list[TensorDataset]] = None

@@ -1,6 +1,6 @@
 """Image data for the vision examples: scikit-learn's bundled digits (no download, ever).
 
-``DigitsDataModule`` reproduces the digits task of ``BASELINES.md`` exactly: ``load_digits``
+``DigitsDataModule`` is the project's standard digits task, exactly: ``load_digits``
 pixels divided by 16 as float ``1x8x8`` images in ``[0, 1]``, split by
 ``torch.randperm(1797, generator=torch.Generator().manual_seed(split_seed))`` into the first
 1437 samples for training and the last 360 for validation, batches of 64 shuffled by a seeded
@@ -28,7 +28,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
 DIGITS_SIZE = 1797
-DIGITS_TRAIN = 1437  # the remaining 360 are validation (BASELINES.md)
+DIGITS_TRAIN = 1437  # the remaining 360 are validation
 _NATIVE_SIZE = {"digits": 8, "mnist": 28, "fashion_mnist": 28, "cifar10": 32}
 
 

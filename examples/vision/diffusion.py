@@ -20,7 +20,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from lightning.pytorch import LightningModule
 
 from examples.common import total_training_steps, warmup_cosine
-from lit_efficient.monitor import tensorboard_writer
+from lit_efficient.core.logs import tensorboard_writer
 
 
 class DDPMDigits(LightningModule):
@@ -56,14 +56,16 @@ class DDPMDigits(LightningModule):
         if len(channels) < 2 or any(c < 8 or c % 8 for c in channels):
             raise ValueError(f"`channels` needs >= 2 levels, each a multiple of 8 (GroupNorm of 8); got {channels}")
         if sample_size % 2 ** (len(channels) - 1):
-            raise ValueError(f"`sample_size` {sample_size} must be divisible by 2^(levels-1) = {2 ** (len(channels) - 1)}")
+            raise ValueError(f"`sample_size` {sample_size} must be divisible by "
+                             f"2^(levels-1) = {2 ** (len(channels) - 1)}")
         if lr <= 0:
             raise ValueError(f"`lr` must be > 0; got {lr}")
         if sample_every_n_epochs < 0:
             raise ValueError(f"`sample_every_n_epochs` must be >= 0; got {sample_every_n_epochs}")
         if not 1 <= num_inference_steps <= num_train_timesteps:
             raise ValueError(
-                f"`num_inference_steps` must be in [1, num_train_timesteps={num_train_timesteps}]; got {num_inference_steps}"
+                f"`num_inference_steps` must be in [1, num_train_timesteps={num_train_timesteps}]; "
+                f"got {num_inference_steps}"
             )
         self.save_hyperparameters()
         down = ["DownBlock2D"] * len(channels)

@@ -1,4 +1,4 @@
-"""A timm Vision Transformer classifier as a LightningModule: the digits ViT of BASELINES.md.
+"""A timm Vision Transformer classifier as a LightningModule: the project's standard digits ViT.
 
 The defaults are the test-sized 8x8 digits ViT (patch 2, width 64, 4 blocks, 4 heads, ~0.14M
 parameters; AdamW lr 3e-3, weight decay 0.05, cosine over all steps). The network is
@@ -76,7 +76,7 @@ class ViTClassifier(LightningModule):
             num_heads=num_heads,
             mlp_ratio=mlp_ratio,
         )
-        # micro average = plain accuracy, the figure BASELINES.md reports (torchmetrics defaults to macro)
+        # micro average = plain accuracy, the figure every benchmark reports (torchmetrics defaults to macro)
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 

@@ -7,8 +7,9 @@ parameter groups and hyperparameters; the targeted matrices of each group are ma
 as they were, and the schedulers are rebound to the new optimizer. Lightning then checkpoints
 and restores the GaLore state like any optimizer's (a resume keeps the same subspace).
 
-Targets come from the shared ``targets.py`` rules (``"all-linear"``, globs, ``re:`` regexes);
-embeddings, the output head, norms and biases stay on plain AdamW by default.
+Targets come from the shared ``targets.py`` rules (``include``/``exclude``: ``"all-linear"``, globs,
+``re:`` regexes; ``target_modules``, Hugging Face's word, is accepted for ``include``); embeddings,
+the output head, norms and biases stay on plain AdamW by default.
 
 Gradient accumulation, clipping (Lightning clips the full gradient before the optimizer step,
 hence before projection), bf16 mixed precision and DDP (gradients are averaged before the step,
@@ -28,11 +29,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 from typing_extensions import override
 
+from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.checks import check_bool, check_int
+from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.lightning_internals import inner_schedulers, mark_step_tracked, replace_method, restore_method
+from lit_efficient.core.logs import step_logs_due
+from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.targets import ALL_LINEAR, select_targets, validate_patterns
+from lit_efficient.core.time import step_interval
 from lit_efficient.lowrank.optim import GaLoreAdamW, check_galore_group, state_bytes
-from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, ProjType, Projection
-from lit_efficient.monitor import EfficientCallback, SavingsRow, step_logs_due
-from lit_efficient.schedules import check_bool, check_int
-from lit_efficient.targets import refuse_sharded_strategies, select_targets, validate_patterns
+from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, Projection, ProjType
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
 
@@ -43,11 +49,12 @@ class GaLore(EfficientCallback):
     Args:
         rank: rank r of the projection (> 0, at most the smaller dimension of every target;
             the paper uses d_model/4 to d_model/2 for pre-training, 4–8 for fine-tuning).
-        update_proj_gap: optimizer steps between basis refreshes (default 200).
+        update_proj_gap: optimizer steps between basis refreshes (default 200): an int or a time
+            spec in steps (``"200st"``, ``"200ba"``); fractions of the run and epochs are refused.
         scale: α, the update scale (default 0.25 for pre-training; 2–4 for fine-tuning).
         proj_type: ``"std"`` (default), ``"reverse_std"``, ``"left"``, ``"right"`` or ``"full"``.
         projection: ``"svd"`` (default), ``"randomized_svd"`` or ``"random"`` (APOLLO-style).
-        target_modules: module patterns to project (default ``"all-linear"``: every Linear but the
+        include: module patterns to project (default None: ``"all-linear"``, every Linear but the
             head and embedding-tied layers); a list of globs, names or ``re:`` regexes.
         exclude: module patterns never to project.
         fira: add back the out-of-subspace gradient, scaled, with Fira's norm-growth limiter.
@@ -56,6 +63,12 @@ class GaLore(EfficientCallback):
             refused with gradient accumulation, gradient clipping, multi-process training and a
             GradScaler (16-mixed: its overflow steps could not be skipped).
         seed: seed of the random projections (identical on every rank).
+        target_modules: alias of ``include`` (Hugging Face PEFT's and ``galore-torch``'s name);
+            giving both with different selections is a ValueError. After construction both
+            attributes hold the resolved selection, so the callback rebuilds from its attributes.
+
+    Every argument reads back as the attribute of the same name (``update_proj_gap`` as the int it
+    resolved to).
 
     Logged under ``efficient/galore/``: ``optimizer_state_bytes`` and ``adamw_state_bytes`` (what
     AdamW would hold for the same parameters) and their ``state_ratio``, ``refresh_seconds``
@@ -68,27 +81,41 @@ class GaLore(EfficientCallback):
     def __init__(
         self,
         rank: int = 128,
-        update_proj_gap: int = 200,
+        update_proj_gap: Union[int, str] = 200,
         scale: float = 0.25,
         proj_type: ProjType = "std",
         projection: Projection = "svd",
-        target_modules: Union[str, list[str], None] = "all-linear",
+        include: Union[str, list[str], None] = None,
         exclude: Optional[list[str]] = None,
         fira: bool = False,
         eight_bit: bool = False,
         layerwise: bool = False,
         seed: int = 0,
+        target_modules: Union[str, list[str], None] = None,
     ) -> None:
-        self.group_options = {"rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
-                              "projection": projection, "fira": check_bool(fira, "fira"),
-                              "eight_bit": check_bool(eight_bit, "eight_bit"), "seed": check_int(seed, "seed")}
+        self.rank = rank
+        self.update_proj_gap = step_interval(update_proj_gap, "update_proj_gap")
+        self.scale = scale
+        self.proj_type = proj_type
+        self.projection = projection
+        self.fira = check_bool(fira, "fira")
+        self.eight_bit = check_bool(eight_bit, "eight_bit")
+        self.seed = check_int(seed, "seed")
         check_galore_group({**self.group_options, "params": []})  # ValueErrors naming the argument
         if eight_bit:
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError as err:
                 raise ValueError("`eight_bit=True` needs bitsandbytes (`pip install bitsandbytes`)") from err
-        self.target_modules = validate_patterns(target_modules, "target_modules") or None
+        includes = validate_patterns(include, "include")
+        aliased = validate_patterns(target_modules, "target_modules")
+        if include is not None and target_modules is not None and set(includes) != set(aliased):
+            raise ValueError(f"`include`={includes} and `target_modules`={aliased} select different modules; "
+                             "`target_modules` is an alias of `include`: give one of them")
+        # errors at setup name the argument the user wrote
+        self._include_argument = "target_modules" if include is None and target_modules is not None else "include"
+        self.include = includes or aliased or [ALL_LINEAR]
+        self.target_modules = self.include  # the alias reads back the same selection (no conflict on rebuild)
         self.exclude = validate_patterns(exclude, "exclude") or None
         self.layerwise = check_bool(layerwise, "layerwise")
         self.targets: list = []
@@ -96,6 +123,13 @@ class GaLore(EfficientCallback):
         self._hooks: list = []
         self._original_configure = None
         self._seen_refreshes = 0
+
+    @property
+    def group_options(self) -> dict[str, Any]:
+        """The GaLoreAdamW group keys this callback sets on every converted group."""
+        return {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
+                "proj_type": self.proj_type, "projection": self.projection, "fira": self.fira,
+                "eight_bit": self.eight_bit, "seed": self.seed}
 
     # -- converting the module's optimizer --------------------------------------------------------
 
@@ -117,29 +151,26 @@ class GaLore(EfficientCallback):
             if problems:
                 raise ValueError("GaLore(layerwise=True) steps each matrix inside backward, before gradients could be "
                                  "accumulated, clipped, averaged across processes or unscaled and checked for an fp16 "
-                                 f"overflow: it cannot run with {', '.join(problems)}. Use layerwise=False (or bf16-mixed).")
+                                 f"overflow: it cannot run with {', '.join(problems)}. "
+                                 "Use layerwise=False (or bf16-mixed).")
             if not pl_module.automatic_optimization:
                 raise ValueError("GaLore(layerwise=True) needs automatic optimization")
-        self.targets = select_targets(pl_module, self.target_modules, self.exclude, kinds=("linear",),
-                                      include_argument="target_modules")
-        rank = self.group_options["rank"]
+        self.targets = select_targets(pl_module, self.include, self.exclude, kinds=("linear",),
+                                      include_argument=self._include_argument)
+        rank = self.rank
         small = [f"{t.name} {tuple(t.param.shape)}" for t in self.targets if rank > min(t.param.shape)]
         if small:
             raise ValueError(f"`rank`={rank} is larger than these targeted matrices allow: {', '.join(small)}; "
                              "lower `rank` or leave them out with `exclude`")
-        self._original_configure = pl_module.configure_optimizers
-        original = self._original_configure
-
-        def configure_optimizers() -> Any:
-            return self.convert(original())
-
-        pl_module.configure_optimizers = configure_optimizers
+        original = pl_module.configure_optimizers
+        self._original_configure = replace_method(pl_module, "configure_optimizers", lambda: self.convert(original()))
         super().setup(trainer, pl_module, stage)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
-            pl_module.__dict__.pop("configure_optimizers", None)
+            restore_method(pl_module, "configure_optimizers", self._original_configure)
+            self._original_configure = None
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []
@@ -168,8 +199,8 @@ class GaLore(EfficientCallback):
                 new = replaced.get(id(obj.optimizer))
                 if new is not None:
                     obj.optimizer = new
-                    _mark_step_tracked(new)
-                for inner in getattr(obj, "_schedulers", []):  # SequentialLR, ChainedScheduler
+                    mark_step_tracked(new)
+                for inner in inner_schedulers(obj):  # SequentialLR, ChainedScheduler
                     rebind(inner)
             elif isinstance(obj, dict):
                 for v in obj.values():
@@ -188,8 +219,9 @@ class GaLore(EfficientCallback):
         if not isinstance(optimizer, _CONVERTIBLE):
             raise ValueError(f"GaLore rebuilds an AdamW/Adam optimizer; `configure_optimizers` returned "
                              f"{type(optimizer).__name__}. Return torch.optim.AdamW, or build GaLoreAdamW yourself.")
-        if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW) and any(
-                g.get("weight_decay", 0) and not g.get("decoupled_weight_decay", False) for g in optimizer.param_groups):
+        l2_decay = any(g.get("weight_decay", 0) and not g.get("decoupled_weight_decay", False)
+                       for g in optimizer.param_groups)
+        if isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW) and l2_decay:
             rank_zero_warn("GaLore: the module's Adam has L2 weight decay; GaLoreAdamW decays decoupled (AdamW-style)")
         for group in optimizer.param_groups:
             for flag in ("amsgrad", "maximize"):
@@ -254,7 +286,7 @@ class GaLore(EfficientCallback):
             adamw = self.adamw_state_bytes()
             self.log_metrics(pl_module, {
                 "optimizer_state_bytes": float(ours), "adamw_state_bytes": float(adamw),
-                "state_ratio": ours / max(1, adamw), "rank": float(self.group_options["rank"]),
+                "state_ratio": ours / max(1, adamw), "rank": float(self.rank),
                 "refresh_seconds": sum(o.refresh_seconds for o in self.optimizers),
             })
 
@@ -268,24 +300,9 @@ class GaLore(EfficientCallback):
             SavingsRow(self.technique, "optimizer state", f"{ours / 2**20:.2f} MiB vs {adamw / 2**20:.2f} MiB AdamW",
                        ours / max(1, adamw), "AdamW"),
             SavingsRow(self.technique, "state of projected matrices",
-                       f"{projected / 2**20:.2f} MiB, rank {self.group_options['rank']}",
+                       f"{projected / 2**20:.2f} MiB, rank {self.rank}",
                        projected / max(1, projected_adamw), "AdamW"),
         ]
-
-
-def _mark_step_tracked(optimizer: torch.optim.Optimizer) -> None:
-    """Let torch's schedulers see ``optimizer.step`` as tracked (they patch the optimizer they were
-    built with; ours replaced it), so they do not warn that step order is wrong."""
-    step = optimizer.step
-    if getattr(step, "_wrapped_by_lr_sched", False):
-        return
-
-    def tracked(*args: Any, **kwargs: Any) -> Any:
-        optimizer._opt_called = True
-        return step(*args, **kwargs)
-
-    tracked._wrapped_by_lr_sched = True
-    optimizer.step = tracked
 
 
 __all__ = ["GaLore", "PROJECTIONS", "PROJ_TYPES"]

@@ -21,6 +21,11 @@ of R mapped back. Decoupled weight decay is applied at full rank, before the upd
 and ints only, so ``torch.load(weights_only=True)`` reads checkpoints and a resume keeps the same
 subspace. With ``eight_bit=True`` the moments are stored blockwise-quantized to 8 bits
 (bitsandbytes' dynamic maps, on CPU too).
+
+Layout: constants and group validation; the 8-bit codec; one small function per variant concern
+(moments in fp32 or 8 bits, the Adam direction, the basis per projection kind, the update mapped
+back per variant: GaLore, APOLLO, Fira's residual); the optimizer class, which only dispatches
+between them and keeps the bookkeeping; memory accounting.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from lit_efficient.monitor import synchronize
-from lit_efficient.schedules import check_int
+from lit_efficient.core.checks import check_int
+from lit_efficient.core.device import synchronize
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -49,9 +54,12 @@ from lit_efficient.lowrank.projector import (
     svd_bases,
 )
 
+Bases = tuple[Optional[Tensor], Optional[Tensor]]  # (P, Q); None on a side that is not projected
+
 GALORE_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projection": "svd", "fira": False,
                    "eight_bit": False, "seed": 0}
 BLOCK = 256  # elements per 8-bit quantization block (bitsandbytes' optimizers use 256 too)
+FIRA_GROWTH = 1.01  # Fira's limiter: the residual's norm may grow at most 1% per step
 _CODES: dict[tuple[bool, str], Tensor] = {}
 
 
@@ -71,6 +79,9 @@ def check_galore_group(group: dict[str, Any]) -> None:
     for i, p in enumerate(group["params"]):
         if (projected is None or projected[i]) and p.dim() == 2 and rank > min(p.shape):
             raise ValueError(f"`rank`={rank} is larger than a {tuple(p.shape)} matrix allows (at most {min(p.shape)})")
+
+
+# -- 8-bit codec -----------------------------------------------------------------------------------
 
 
 def _code(signed: bool, device: torch.device) -> Tensor:
@@ -96,6 +107,94 @@ def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCK)
 
 
+# -- moments of the projected gradient -------------------------------------------------------------
+
+
+def init_moments(state: dict[str, Any], low_shape: tuple[int, int], device: torch.device, eight_bit: bool) -> None:
+    """Zero Adam moments of the projected shape: fp32 ``exp_avg``/``exp_avg_sq``, or with ``eight_bit``
+    their codes and per-block scales (``exp_avg_q``/``exp_avg_absmax``, ``exp_avg_sq_q``/``exp_avg_sq_absmax``)."""
+    if eight_bit:
+        zeros = torch.zeros(low_shape, device=device)
+        state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(zeros, signed=True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(zeros, signed=False)
+    else:
+        state["exp_avg"] = torch.zeros(low_shape, device=device)
+        state["exp_avg_sq"] = torch.zeros(low_shape, device=device)
+
+
+def _adam_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, low: Tensor, betas: tuple[float, float]) -> None:
+    """Adam's moment recurrences, in place (shared by the fp32 and 8-bit storage)."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(low, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+
+
+def moments_fp32(state: dict[str, Any], low: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """GaLore (arXiv 2403.03507): Adam's moments of the projected gradient ``low``, kept in fp32 and
+    updated in place; returns (exp_avg, exp_avg_sq)."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    _adam_moments_(exp_avg, exp_avg_sq, low, betas)
+    return exp_avg, exp_avg_sq
+
+
+def moments_8bit(state: dict[str, Any], low: Tensor, betas: tuple[float, float]) -> tuple[Tensor, Tensor]:
+    """8-bit GaLore (arXiv 2403.03507; blockwise quantization of 8-bit Adam, arXiv 2110.02861):
+    dequantize the moments to fp32, update them as :func:`moments_fp32` does, quantize them back
+    into the state; returns this step's fp32 moments (the direction uses them, not the codes)."""
+    shape = low.shape
+    exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(shape)
+    exp_avg_sq = dequantize_8bit(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False).view(shape)
+    _adam_moments_(exp_avg, exp_avg_sq, low, betas)
+    state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
+    state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
+    return exp_avg, exp_avg_sq
+
+
+def adam_direction(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[float, float],
+                   eps: float) -> tuple[Tensor, float]:
+    """(m/(√v + ε√bc2), c): the Adam direction in the projected space and the bias correction c left
+    to apply to it. Adam's corrections folded into one factor: m̂/(√v̂ + ε) = c · m/(√v + ε√bc2),
+    c = √bc2/bc1, so each variant applies c where it is cheapest."""
+    beta1, beta2 = betas
+    root_bc2 = math.sqrt(1 - beta2**step)
+    correction = root_bc2 / (1 - beta1**step)
+    return exp_avg / exp_avg_sq.sqrt().add_(eps * root_bc2), correction
+
+
+# -- the basis, per projection kind ----------------------------------------------------------------
+
+
+def random_projection_bases(state: dict[str, Any], group: dict[str, Any], shape: tuple[int, int], side: str,
+                            device: torch.device, due: bool) -> Bases:
+    """APOLLO (arXiv 2412.05270): seeded Gaussian bases, regenerated every step from a seed that
+    changes at each refresh (``basis_seed``, the only state): nothing else is stored."""
+    if due:
+        state["basis_seed"] = int(group["seed"]) * 1_000_003 + state["step"] * 7919 + state["index"]
+    return random_bases(shape, group["rank"], side, state["basis_seed"], device)
+
+
+def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, index: int) -> Bases:
+    """GaLore (arXiv 2403.03507): a new basis from the top-``rank`` singular subspace of the fp32
+    gradient (``svd`` or ``randomized_svd``). A failed decomposition keeps ``old``; with no basis
+    yet, it falls back to a random orthonormal one seeded by the matrix ``index``."""
+    shape = tuple(grad.shape)
+    try:
+        return svd_bases(grad, rank, side, method)
+    except (torch.linalg.LinAlgError, RuntimeError) as err:
+        # stacklevel 4: the warning points at the optimizer's step, past this function and the update
+        if old[0] is None and old[1] is None:  # nothing to keep yet: a seeded random orthonormal basis
+            warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); using a random basis until the "
+                          "next refresh", stacklevel=4)
+            p_, q_ = random_bases(shape, rank, side, index, grad.device)
+            return (None if p_ is None else torch.linalg.qr(p_)[0],
+                    None if q_ is None else torch.linalg.qr(q_.T)[0].T)
+        warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis", stacklevel=4)
+        return old
+
+
+# -- the update mapped back, per variant -----------------------------------------------------------
+
+
 def channel_scale(direction: Tensor, low: Tensor, side: str) -> Tensor:
     """Per-channel ‖direction‖/‖low‖ along the dimension the projection keeps (rows for a right
     projection, columns for a left one; one number for ``full``), shaped to broadcast on G."""
@@ -104,6 +203,37 @@ def channel_scale(direction: Tensor, low: Tensor, side: str) -> Tensor:
     if side == "left":
         return (direction.norm(dim=0) / low.norm(dim=0).clamp(min=1e-8)).unsqueeze(0)
     return direction.norm() / low.norm().clamp(min=1e-8)
+
+
+def galore_update(direction: Tensor, bases: Bases) -> Tensor:
+    """GaLore (arXiv 2403.03507): the projected Adam direction mapped back to the full matrix
+    (its bias correction is left to the step's scalar factor)."""
+    return project_back(direction, *bases)
+
+
+def apollo_update(grad: Tensor, direction: Tensor, low: Tensor, correction: float, side: str) -> Tensor:
+    """APOLLO (arXiv 2412.05270): the raw full-rank gradient scaled channel-wise by how much Adam
+    changed the norm of each projected channel (``direction`` is consumed: corrected in place)."""
+    return grad * channel_scale(direction.mul_(correction), low, side)
+
+
+def fira_residual(state: dict[str, Any], grad: Tensor, low: Tensor, direction: Tensor, correction: float,
+                  bases: Bases, side: str) -> Tensor:
+    """Fira (arXiv 2410.01623): the part of the gradient outside the subspace, scaled channel-wise
+    like APOLLO, with the norm-growth limiter (at most ``FIRA_GROWTH``× the previous step's norm,
+    kept as ``fira_norm``)."""
+    residual = (grad - project_back(low, *bases)) * channel_scale(direction * correction, low, side)
+    norm = residual.norm()
+    previous = state.get("fira_norm")
+    if previous is not None:  # the limiter is decided on the device: no host sync
+        limit = FIRA_GROWTH * previous.to(norm.device)
+        residual.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
+        norm = torch.where(norm > limit, limit, norm)  # as before: a NaN norm does not stick
+    state["fira_norm"] = norm.detach().clone()
+    return residual
+
+
+# -- the optimizer ---------------------------------------------------------------------------------
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -121,6 +251,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
             changing its groups, so learning-rate schedulers stay valid.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (weight decay 0.01).
     """
+
+    # group lists aligned with group["params"], shrunk by whoever removes parameters
+    # (lit_efficient.core.protocols.PerParameterOptions)
+    per_parameter_options: tuple[str, ...] = ("projected",)
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
@@ -169,7 +303,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         and low-rank moments cannot be zeroed entry by entry. Unprojected state is left alone
         (its entries can be zeroed directly)."""
         state = self.state.get(p)
-        if not state or "step" not in state or isinstance(state.get("exp_avg"), Tensor) and state["exp_avg"].shape == p.shape:
+        if not state or "step" not in state:
+            return
+        if isinstance(state.get("exp_avg"), Tensor) and state["exp_avg"].shape == p.shape:  # plain AdamW state
             return
         self.state[p] = {"index": state["index"]} if "index" in state else {}
 
@@ -244,30 +380,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, group["eps"])
             torch._foreach_addcdiv_(chosen, exp_avgs, denom, value=-lr / (1 - beta1**step))
 
-    def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str):
-        """The current (P, Q), refreshed every ``update_proj_gap`` steps."""
+    def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str) -> Bases:
+        """The current (P, Q), refreshed every ``update_proj_gap`` steps, by the projection kind's function."""
         shape, rank = tuple(p.shape), group["rank"]
         due = state["step"] % group["update_proj_gap"] == 0
         if group["projection"] == "random":
-            if due:
-                state["basis_seed"] = int(group["seed"]) * 1_000_003 + state["step"] * 7919 + state["index"]
-            return random_bases(shape, rank, side, state["basis_seed"], grad.device)
+            return random_projection_bases(state, group, shape, side, grad.device, due)
         old = (state.get("basis_left"), state.get("basis_right"))
         if due or (old[0] is None and old[1] is None):
             synchronize(grad.device)  # a refresh step: the clock times the decomposition, not queued work
             start = time.perf_counter()
-            try:
-                new = svd_bases(grad, rank, side, group["projection"])
-            except (torch.linalg.LinAlgError, RuntimeError) as err:
-                if old[0] is None and old[1] is None:  # nothing to keep yet: a seeded random orthonormal basis
-                    warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); using a random basis until the "
-                                  "next refresh", stacklevel=3)
-                    p_, q_ = random_bases(shape, rank, side, state["index"], grad.device)
-                    new = (None if p_ is None else torch.linalg.qr(p_)[0], None if q_ is None else torch.linalg.qr(q_.T)[0].T)
-                else:
-                    warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis",
-                                  stacklevel=3)
-                    new = old
+            new = svd_refresh(grad, rank, side, group["projection"], old, state["index"])
             synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1
@@ -280,58 +403,36 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return state.get("basis_left"), state.get("basis_right")
 
     def _galore_update(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """One projected step of ``p``: basis, moments, direction and the variant's update, each from
+        its own function above; then decoupled weight decay and the step itself."""
         grad = p.grad.float()
         side = projection_side(tuple(p.shape), group["proj_type"])
-        low_shape = projected_shape(tuple(p.shape), group["rank"], side)
         if "step" not in state:
             state["step"] = 0
             if "index" not in state:  # distinct seeds per matrix, the same on every rank
                 state["index"] = self.matrix_index(p)
-            if group["eight_bit"]:
-                zeros = torch.zeros(low_shape, device=p.device)
-                state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(zeros, signed=True)
-                state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(zeros, signed=False)
-            else:
-                state["exp_avg"] = torch.zeros(low_shape, device=p.device)
-                state["exp_avg_sq"] = torch.zeros(low_shape, device=p.device)
-        left, right = self._bases(p, group, state, grad, side)
-        low = project(grad, left, right)
-        beta1, beta2 = group["betas"]
+            init_moments(state, projected_shape(tuple(p.shape), group["rank"], side), p.device, group["eight_bit"])
+        bases = self._bases(p, group, state, grad, side)
+        low = project(grad, *bases)
         state["step"] += 1
-        step, lr = state["step"], group["lr"]
-        if group["eight_bit"]:
-            exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(low_shape)
-            exp_avg_sq = dequantize_8bit(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False).view(low_shape)
+        moments = moments_8bit if group["eight_bit"] else moments_fp32
+        exp_avg, exp_avg_sq = moments(state, low, group["betas"])
+        direction, correction = adam_direction(exp_avg, exp_avg_sq, state["step"], group["betas"], group["eps"])
+        if group["projection"] == "random":
+            update, factor = apollo_update(grad, direction, low, correction, side), 1.0
+        elif group["fira"]:
+            update = galore_update(direction, bases)
+            residual = fira_residual(state, grad, low, direction, correction, bases, side)
+            update, factor = update.mul_(correction).add_(residual), 1.0
         else:
-            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(low, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-        if group["eight_bit"]:
-            state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
-            state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
-        # Adam's bias corrections folded into one factor: m̂/(√v̂ + ε) = c · m/(√v + ε√bc2), c = √bc2/bc1
-        root_bc2 = math.sqrt(1 - beta2**step)
-        correction = root_bc2 / (1 - beta1**step)
-        direction = exp_avg / exp_avg_sq.sqrt().add_(group["eps"] * root_bc2)
-        if group["projection"] == "random":  # APOLLO: scale the raw gradient channel-wise
-            update = grad * channel_scale(direction.mul_(correction), low, side)
-            factor = 1.0
-        else:
-            update, factor = project_back(direction, left, right), correction
-            if group["fira"]:
-                residual = (grad - project_back(low, left, right)) * channel_scale(direction * correction, low, side)
-                norm = residual.norm()
-                previous = state.get("fira_norm")
-                if previous is not None:  # norm-growth limiter, decided on the device: no host sync
-                    limit = 1.01 * previous.to(norm.device)
-                    residual.mul_(torch.where(norm > limit, limit / norm, torch.ones_like(norm)))
-                    norm = torch.where(norm > limit, limit, norm)  # as before: a NaN norm does not stick
-                state["fira_norm"] = norm.detach().clone()
-                update = update.mul_(correction).add_(residual)
-                factor = 1.0
+            update, factor = galore_update(direction, bases), correction
+        lr = group["lr"]
         if group["weight_decay"]:
             p.mul_(1 - lr * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-lr * group["scale"] * factor)
+
+
+# -- memory accounting -----------------------------------------------------------------------------
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Optional[Iterable[Tensor]] = None) -> int:

@@ -78,7 +78,8 @@ def svd_bases(grad: Tensor, rank: int, side: str, method: Projection) -> tuple[O
     return p, q
 
 
-def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int, device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int,
+                 device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Gaussian (P, Q) with entries N(0, 1/r), identical wherever ``seed`` is (all DDP ranks)."""
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     m, n = shape

@@ -11,7 +11,7 @@ final ``1 − delta`` of the epochs use all data (annealing). Pruned samples are
 the saving is real: fewer batches per epoch.
 
 How it plugs into Lightning without changing the module or datamodule: the training dataloader
-follows the epoch's planned order (:mod:`lit_efficient.reweighting.planned_order`), which is how
+follows the epoch's planned order (:mod:`lit_efficient.data.planned_order`), which is how
 each per-sample loss finds its dataset index; epochs get shorter, so step-interval LR schedulers
 are advanced by the skipped steps and a schedule built on ``estimated_stepping_batches`` still
 ends at the end.
@@ -20,6 +20,7 @@ ends at the end.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -28,13 +29,17 @@ from torch import Tensor
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
-from lit_efficient.monitor import SavingsRow
-from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback
-from lit_efficient.reweighting.planned_order import PlannedOrder, reduced_across_ranks
-from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
+from lit_efficient.core.checks import check_bool, check_fraction, check_int
+from lit_efficient.core.distributed import reduced_across_ranks
+from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.seeding import epoch_generator
+from lit_efficient.core.time import Time, TimeSpec
+from lit_efficient.data.planned_order import PlannedOrder
+from lit_efficient.data.sample_losses import NonfiniteCount, SampleLossCallback
 
 
-def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def infobatch_plan(scores: Tensor, seen: Tensor, prune_ratio: float,
+                   generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """One epoch's plan: which samples to keep, and each sample's loss multiplier.
 
     Well-learned samples are those ``seen`` with score below the mean score of the seen samples;
@@ -65,6 +70,48 @@ def steps_owed(done: int, full: int, planned: int) -> int:
     return (done * full) // planned - done if planned else 0
 
 
+@dataclass
+class PrunedEpochClock:
+    """Full-data time in a run whose epochs are pruned, from one epoch's plan.
+
+    An epoch that would take ``full`` optimizer steps on all data takes ``planned`` as pruned: its
+    steps are spread over the full epoch's (:func:`steps_owed`), so after optimizer step ``step``
+    the run stands at ``step + skipped(step)`` in full-data steps, and step-wise LR schedulers are
+    given the steps owed on top of the real ones.
+    """
+
+    epoch: int = -1  # the epoch measured (-1: none yet)
+    start: int = 0  # global step at its start
+    full: int = 0  # its optimizer steps on all data
+    planned: int = 0  # its optimizer steps as planned
+    skipped_before: int = 0  # steps skipped in the epochs before it
+    scheduler_steps: int = 0  # extra LR-scheduler steps given in it
+
+    def open(self, epoch: int, start: int, full: int, planned: int) -> None:
+        if self.epoch >= 0:
+            self.skipped_before += self.full - self.planned
+        self.epoch, self.start, self.full, self.planned, self.scheduler_steps = epoch, start, full, planned, 0
+
+    def done(self, step: int) -> int:
+        """Optimizer steps of this epoch done by optimizer step ``step``."""
+        return min(max(0, step - self.start), self.planned)
+
+    def skipped(self, step: int) -> int:
+        return 0 if self.epoch < 0 else self.skipped_before + steps_owed(self.done(step), self.full, self.planned)
+
+    def scheduler_steps_owed(self, step: int) -> int:
+        return steps_owed(self.done(step), self.full, self.planned) - self.scheduler_steps
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"extra_scheduler_steps": self.scheduler_steps,  # the keys of checkpoints from before this class
+                "clock": [self.epoch, self.start, self.full, self.planned, self.skipped_before]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        clock = state.get("clock", [-1, 0, 0, 0, 0])  # absent from checkpoints before the clock existed
+        self.epoch, self.start, self.full, self.planned, self.skipped_before = map(int, clock)
+        self.scheduler_steps = int(state["extra_scheduler_steps"])
+
+
 class InfoBatch(PlannedOrder, SampleLossCallback):
     r"""Loss-based dynamic data pruning with unbiased rescaling (InfoBatch, ICLR 2024).
 
@@ -76,8 +123,10 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     Args:
         prune_ratio: fraction of the well-learned samples skipped each epoch, in [0, 1)
             (default 0.5, the paper's).
-        delta: fraction of the epochs that prune, in (0, 1]; the last ``1 − delta`` use all data
-            (default 0.875, the paper's).
+        delta: when pruning stops, as a time spec in epochs or a fraction of the run: ``0.875``
+            (default, the paper's) prunes the first 87.5% of the epochs and uses all data in the
+            rest; ``"35ep"`` prunes the first 35 epochs. InfoBatch plans whole epochs, so optimizer
+            steps (``"st"``) are refused.
         shuffle: shuffle each epoch's order (default: as the original training dataloader did).
         seed: seed of the pruning draws and of the shuffling (identical on all ranks).
 
@@ -88,10 +137,16 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     technique = "infobatch"
 
-    def __init__(self, prune_ratio: float = 0.5, delta: float = 0.875, shuffle: Optional[bool] = None,
+    def __init__(self, prune_ratio: float = 0.5, delta: TimeSpec = 0.875, shuffle: Optional[bool] = None,
                  seed: int = 0) -> None:
         self.prune_ratio = check_fraction(prune_ratio, "prune_ratio")
-        self.delta = check_fraction(delta, "delta", high_open=False, low_open=True)
+        self.delta = delta
+        self._pruning_until = Time.parse(delta, "delta")
+        if self._pruning_until.unit == "st":
+            raise ValueError(f"`delta`={delta!r}: InfoBatch plans whole epochs; give epochs ('35ep') or a fraction "
+                             "of the run (0.875)")
+        if self._pruning_until.value == 0:
+            raise ValueError(f"`delta` must be positive (some epochs must prune); got {delta!r}")
         self.shuffle = None if shuffle is None else check_bool(shuffle, "shuffle")
         self.seed = check_int(seed, "seed")
         self.init_planned_order()
@@ -103,11 +158,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.multipliers = torch.zeros(0)
         self.samples_forwarded = 0  # planned sample visits, over all finished and current epochs
         self.samples_full = 0
-        self.steps_in_epoch = 0
-        self.extra_scheduler_steps = 0
-        # the full-data clock other callbacks' schedules read (see skipped_steps)
-        self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned = -1, 0, 0, 0
-        self.skipped_before = 0  # steps skipped in the epochs before clock_epoch
+        self.clock = PrunedEpochClock()  # the full-data clock other callbacks' schedules read
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
         self._multipliers_on: Optional[Tensor] = None  # this epoch's multipliers on the losses' device
@@ -150,7 +201,10 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.plan_epoch = -1
 
     def pruning_epochs(self, max_epochs: int) -> int:
-        return int(self.delta * max_epochs)
+        """How many leading epochs prune (the rest use all data)."""
+        if self._pruning_until.unit == "ep":
+            return min(max_epochs, int(self._pruning_until.value))
+        return int(self._pruning_until.value * max_epochs)
 
     def prepare_epoch(self, epoch: int, max_epochs: int) -> None:
         """Plan ``epoch``: prune (before the annealing epochs) and order the samples."""
@@ -166,7 +220,6 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.set_plan(order, epoch)
         self.samples_forwarded += order.numel()
         self.samples_full += self.num_samples
-        self.steps_in_epoch = self.extra_scheduler_steps = 0
 
     # -- the losses -------------------------------------------------------------------------------
 
@@ -184,7 +237,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             got = "none" if indices is None else indices.numel()
             raise ValueError(f"InfoBatch expected this batch to hold samples [b*B, (b+1)*B) of its sampler's order "
                              f"({got} samples) but `sample_losses` has {losses.numel()}: the training DataLoader must "
-                             "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
+                             "batch its sampler's indices in order (no custom batch_sampler or collate that drops "
+                             "samples)")
         # the epoch's sums live on the losses' device: no host copy (and no sync) per step
         device = losses.device
         if self.epoch_sum.device != device:
@@ -202,9 +256,6 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.finish_batch()
-        if (batch_idx + 1) % trainer.accumulate_grad_batches and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            return  # no optimizer step on this micro-batch
-        self.steps_in_epoch += 1
         self.catch_up_schedulers(trainer)
 
     @override
@@ -213,17 +264,14 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     def open_epoch(self, trainer: "pl.Trainer") -> None:
         """Start this epoch's full-data clock (once; a resume inside the epoch brought it along)."""
-        if trainer.current_epoch == self.clock_epoch:
-            return
-        if self.clock_epoch >= 0:
-            self.skipped_before += self.clock_full - self.clock_planned
-        self.clock_epoch, self.clock_start = trainer.current_epoch, trainer.global_step
-        self.clock_full = self.optimizer_steps(self.num_samples, trainer)
-        self.clock_planned = self.optimizer_steps(self.order.numel(), trainer)
+        if trainer.current_epoch != self.clock.epoch:
+            self.clock.open(trainer.current_epoch, trainer.global_step,
+                            full=self.optimizer_steps(self.num_samples, trainer),
+                            planned=self.optimizer_steps(self.order.numel(), trainer))
 
     def full_epoch_steps(self, trainer: "pl.Trainer") -> Optional[int]:
         """Optimizer steps of an epoch on all data: what every schedule's run length counts
-        (:meth:`lit_efficient.schedules.TrainingLength.from_trainer`), whatever this epoch prunes.
+        (:meth:`lit_efficient.core.time.TrainingLength.from_trainer`), whatever this epoch prunes.
         None before the loader exists, or when Lightning limits the batches of an epoch itself."""
         if not self.num_samples or trainer.limit_train_batches != 1.0 or trainer.overfit_batches:
             return None
@@ -231,24 +279,20 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
 
     def skipped_steps(self, step: int) -> int:
         """Optimizer steps that pruning has skipped by optimizer step ``step``: full-data time is
-        ``step`` plus this (:func:`lit_efficient.schedules.run_position`). Read from the step and
+        ``step`` plus this (:func:`lit_efficient.core.clock.run_position`). Read from the step and
         this epoch's plan alone, so it is the same whenever in a step a callback asks."""
-        if self.clock_epoch < 0:
-            return 0
-        done = min(max(0, step - self.clock_start), self.clock_planned)
-        return self.skipped_before + steps_owed(done, self.clock_full, self.clock_planned)
+        return self.clock.skipped(step)
 
     def catch_up_schedulers(self, trainer: "pl.Trainer") -> None:
         """Advance step-interval LR schedulers so this epoch covers a full epoch's worth of schedule."""
-        full, planned = self.clock_full, self.clock_planned  # this epoch's, counted at its start
-        owed = steps_owed(min(self.steps_in_epoch, planned), full, planned) - self.extra_scheduler_steps
+        owed = self.clock.scheduler_steps_owed(trainer.global_step)
         if owed <= 0:
-            return
+            return  # no optimizer step on this micro-batch, or none owed
         for config in trainer.lr_scheduler_configs:
             if config.interval == "step" and not isinstance(config.scheduler, ReduceLROnPlateau):
                 for _ in range(owed // max(1, config.frequency) if config.frequency > 1 else owed):
                     config.scheduler.step()
-        self.extra_scheduler_steps += owed
+        self.clock.scheduler_steps += owed
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -284,8 +328,8 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         full = self.samples_full - self.num_samples
         if full <= 0:
             return []
-        return [SavingsRow(self.technique, "samples forwarded", f"{forwarded} of {full} ({1 - forwarded / full:.1%} skipped)",
-                           forwarded / full, "full data")]
+        shown = f"{forwarded} of {full} ({1 - forwarded / full:.1%} skipped)"
+        return [SavingsRow(self.technique, "samples forwarded", shown, forwarded / full, "full data")]
 
     # -- checkpoint -------------------------------------------------------------------------------
 
@@ -298,8 +342,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             "epoch_count": reduced_across_ranks(self._trainer, self.epoch_count), "order": self.order.clone(),
             "multipliers": self.multipliers.clone(), "plan_epoch": self.plan_epoch, "shuffle": self.shuffle,
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
-            "steps_in_epoch": self.steps_in_epoch, "extra_scheduler_steps": self.extra_scheduler_steps,
-            "clock": [self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before],
+            **self.clock.state_dict(),
             **self.planned_position(),
         }
 
@@ -310,11 +353,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self._multipliers_on = None
         self.num_samples = self.scores.numel()
         self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
-        self.samples_forwarded, self.samples_full = int(state_dict["samples_forwarded"]), int(state_dict["samples_full"])
-        self.steps_in_epoch = int(state_dict["steps_in_epoch"])
-        self.extra_scheduler_steps = int(state_dict["extra_scheduler_steps"])
-        clock = state_dict.get("clock", [-1, 0, 0, 0, 0])  # absent from checkpoints before the clock existed
-        self.clock_epoch, self.clock_start, self.clock_full, self.clock_planned, self.skipped_before = map(int, clock)
+        self.samples_forwarded = int(state_dict["samples_forwarded"])
+        self.samples_full = int(state_dict["samples_full"])
+        self.clock.load_state_dict(state_dict)
         self.restore_planned_position(state_dict)
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1 and trainer.global_rank != 0:

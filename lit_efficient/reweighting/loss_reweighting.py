@@ -30,9 +30,12 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.monitor import SavingsRow, log_histogram, step_logs_due
-from lit_efficient.reweighting.contract import NonfiniteCount, SampleLossCallback, gather_samples
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_int
+from lit_efficient.core.checks import check_int
+from lit_efficient.core.distributed import gather_samples
+from lit_efficient.core.logs import log_histogram, step_logs_due
+from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.time import Time, TimeSpec, TrainingLength
+from lit_efficient.data.sample_losses import NonfiniteCount, SampleLossCallback
 
 Strategy = Literal["linupper", "quadratic", "extremes", "uniform"]
 STRATEGIES: tuple[str, ...] = ("linupper", "quadratic", "extremes", "uniform")
@@ -99,7 +102,8 @@ def reweight(losses: Tensor, strategy: Strategy = "linupper", temperature: float
 
 def check_temperature(temperature: float) -> float:
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"`temperature` must be a positive number (float('inf') for the plain mean); got {temperature!r}")
+        raise ValueError(f"`temperature` must be a positive number (float('inf') for the plain mean); "
+                         f"got {temperature!r}")
     return float(temperature)
 
 
@@ -148,7 +152,8 @@ class LossReweighting(SampleLossCallback):
         if not isinstance(timestep_key, str) or not timestep_key:
             raise ValueError(f"`timestep_key` must be a non-empty key of training_step's output; got {timestep_key!r}")
         if timestep_buckets > num_timesteps:
-            raise ValueError(f"`timestep_buckets` ({timestep_buckets}) must not exceed `num_timesteps` ({num_timesteps})")
+            raise ValueError(f"`timestep_buckets` ({timestep_buckets}) must not exceed "
+                             f"`num_timesteps` ({num_timesteps})")
         self.timestep_buckets, self.timestep_key, self.num_timesteps = timestep_buckets, timestep_key, num_timesteps
         self.warmup_steps = 0
         self._last_weights: Optional[Tensor] = None

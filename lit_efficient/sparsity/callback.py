@@ -1,47 +1,37 @@
-"""What every unstructured sparse-training callback does the same way (GraNet, RigL, SET).
+"""The periodic dynamic-sparse schedule of GraNet, RigL and SET, on the masked-training base.
 
-Targets are chosen in ``setup`` and get their mask buffers there, before Lightning restores a
-checkpoint, so the state-dict keys never change. Initial masks are drawn at ``on_fit_start``
-unless a checkpoint already brought them. After each optimizer step the masks are applied to
-weights and optimizer state; on update steps the subclass's :meth:`update` changes them. Dense
-gradients for growth are read in ``on_before_optimizer_step``, where Lightning has unscaled them
-(AMP) and DDP has averaged them, so every rank sees the same values and draws the same masks.
+What every masked-training callback shares (targets and mask buffers at ``setup``, applying the
+masks after each optimizer step, dense gradients, deferred updates on overflow steps, FLOPs
+accounting, savings, state) is :class:`lit_efficient.sparsity.masked.MaskedTraining`. This module
+adds when and from what the masks change: random initial masks with an ERK or uniform layer
+``distribution``, and an update every ``update_every`` (a time spec resolved at ``on_train_start``,
+with the subclass's own time specs in :meth:`SparseTrainingCallback.resolve_schedule`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lit_efficient.composition import Claim, weight_claim
-from lit_efficient.monitor import EfficientCallback, SavingsRow, bar_image, log_image
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, check_fraction, check_int, is_due
-from lit_efficient.sparsity.masks import (
-    ForwardFlops,
-    SparseMasks,
-    erk_densities,
-    keep_counts,
-    random_mask,
-    uniform_densities,
-)
-from lit_efficient.targets import refuse_sharded_strategies, select_targets, validate_patterns
+from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
+from lit_efficient.sparsity.masked import MaskedTraining
+from lit_efficient.sparsity.masks import erk_densities, keep_counts, random_mask, uniform_densities
 
 Distribution = Literal["erk", "uniform"]
-SPARSE_KINDS = ("linear", "conv", "embedding")
 
 
-class SparseTrainingCallback(EfficientCallback):
-    """Base of the unstructured sparse-training callbacks (see the module docstring).
+class SparseTrainingCallback(MaskedTraining):
+    """Base of the periodic dynamic-sparse callbacks (see the module docstring).
 
     Args:
         sparsity: final fraction of targeted weights that are zero, in [0, 1).
         update_every: time between mask updates (a time spec; default ``"100st"``).
         distribution: per-layer densities, ``"erk"`` (default) or ``"uniform"``.
         include: module-name patterns to sparsify (default: every linear/conv layer except the
-            stem and the head; see :mod:`lit_efficient.targets`).
+            stem and the head; see :mod:`lit_efficient.core.targets`).
         exclude: module-name patterns never to sparsify.
         seed: seed of every random choice (identical on all ranks).
     """
@@ -55,56 +45,16 @@ class SparseTrainingCallback(EfficientCallback):
         exclude: Optional[list[str]] = None,
         seed: int = 0,
     ) -> None:
-        self.sparsity = check_fraction(sparsity, "sparsity")
+        super().__init__(sparsity, include, exclude, seed)
         self.update_every = Time.parse(update_every, "update_every")
         if self.update_every.value == 0:
             raise ValueError("`update_every` must be positive")
         if distribution not in ("erk", "uniform"):
             raise ValueError(f"`distribution` must be 'erk' or 'uniform'; got {distribution!r}")
         self.distribution = distribution
-        self.include = validate_patterns(include, "include") or None
-        self.exclude = validate_patterns(exclude, "exclude") or None
-        self.seed = check_int(seed, "seed")
-        self.masks: Optional[SparseMasks] = None
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.initialized = False
-        self.updates = 0
-        self.last_applied_step = -1
-        self.flops: Optional[ForwardFlops] = None
-        self.density_steps = 0.0  # sum over optimizer steps of the FLOPs ratio: training FLOPs
-        self.counted_steps = 0
-        self._grad_scores: Optional[list[torch.Tensor]] = None
-        self._frozen_layers: Optional[list[bool]] = None
         self._every = 1
-        self.update_deferred = False  # an update fell on an overflow step: it runs after the next finite one
-        self._update_now = False
 
-    # -- set-up -------------------------------------------------------------------------------
-    @override
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        if stage != "fit":
-            return
-        refuse_sharded_strategies(trainer, type(self).__name__, "masks could not be applied to whole weights")
-        targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
-        self.masks = SparseMasks(targets)
-        self.flops = ForwardFlops(targets)
-        super().setup(trainer, pl_module, stage)
-
-    @override
-    def claims(self) -> list[Claim]:
-        return [weight_claim(t.name, t.param) for t in self.masks.targets] if self.masks is not None else []
-
-    @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        assert self.masks is not None
-        self.masks.recount()  # a checkpoint may have brought the masks
-        if not self.initialized:
-            self.masks.set_masks(self.initial_masks(), self.optimizer(trainer))
-            self.initialized = True
-        self.masks.apply(self.optimizer(trainer))
-        if self.flops is not None and not self.flops.measured:
-            self.flops.attach()
-
+    # -- the schedule -------------------------------------------------------------------------
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         length = TrainingLength.from_trainer(trainer)
@@ -114,6 +64,7 @@ class SparseTrainingCallback(EfficientCallback):
     def resolve_schedule(self, length: TrainingLength) -> None:
         """Resolve the subclass's time specs to steps (override)."""
 
+    @override
     def initial_masks(self) -> list[torch.Tensor]:
         """Random masks at :meth:`initial_density` with the configured layer distribution."""
         assert self.masks is not None
@@ -126,78 +77,10 @@ class SparseTrainingCallback(EfficientCallback):
     def initial_density(self) -> float:
         return 1.0 - self.sparsity
 
-    @staticmethod
-    def optimizer(trainer: "pl.Trainer") -> Optional[torch.optim.Optimizer]:
-        return trainer.optimizers[0] if trainer.optimizers else None
-
-    # -- every step ---------------------------------------------------------------------------
+    @override
     def is_update_step(self, step: int) -> bool:
         """Whether the masks change after optimizer step ``step`` (override to bound it)."""
         return is_due(step, self._every, start=self._every)
-
-    def update_window_open(self, step: int) -> bool:
-        """Whether an update put off by an overflow step may still run after step ``step`` (override)."""
-        return True
-
-    @override
-    def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
-        step = trainer.global_step + 1
-        self._update_now, self._grad_scores = False, None
-        if self.update_deferred and not self.update_window_open(step):
-            self.update_deferred = False  # the window of updates closed while it waited: dropped
-        if self.masks is None or not (self.update_deferred or self.is_update_step(step)):
-            return
-        # no mask update from an fp16 overflow step (inf/NaN gradients, skipped by the GradScaler)
-        self.update_deferred = not self.gradients_finite(optimizer, "the mask update", step)
-        if self.update_deferred:
-            return
-        self._update_now = True
-        # layers frozen for this step (ProgressiveFreezing) keep their masks; read here, before any
-        # callback's on_train_batch_end could change the frozen set, so callback order does not matter
-        self._frozen_layers = [not p.requires_grad for p in self.masks.params]
-        # dense gradients, already unscaled (AMP) and averaged (DDP) here
-        self._grad_scores = [
-            torch.zeros_like(p) if p.grad is None else p.grad.detach().abs().clone() for p in self.masks.params
-        ]
-
-    @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
-        if self.masks is None or trainer.global_step == self.last_applied_step:
-            return  # no optimizer step since the last call (gradient accumulation)
-        if self.flops is not None and self.flops.measured:
-            self.flops.detach()
-        step = trainer.global_step
-        self.last_applied_step = step
-        optimizer = self.optimizer(trainer)
-        self.masks.apply(optimizer)
-        update, self._update_now = self._update_now, False
-        self.account_step(dense_gradient=update and getattr(self, "growth", None) == "gradient")
-        if update:
-            stats = self.update(step, optimizer, self._grad_scores)
-            self._grad_scores = None
-            self.updates += 1
-            self.log_update(trainer, pl_module, stats)
-
-    def account_step(self, dense_gradient: bool = False) -> None:
-        """Add this step's training FLOPs (fwd + bwd, relative to dense) to the running mean."""
-        assert self.masks is not None
-        ratio = self.flops.ratio(self.masks.layer_densities()) if self.flops is not None else self.masks.density()
-        if dense_gradient:  # growth by gradient needs the dense weight gradient: 1 of the 3 matmuls
-            ratio = (2 * ratio + 1) / 3
-        self.density_steps += ratio
-        self.counted_steps += 1
-
-    def update(self, step: int, optimizer, grad_scores: Optional[list[torch.Tensor]]) -> dict[str, float]:
-        """Change the masks after optimizer step ``step``; return statistics to log (override).
-
-        Layers in :meth:`frozen_layers` must keep their masks."""
-        raise NotImplementedError
-
-    def frozen_layers(self) -> list[bool]:
-        """Per target, whether it was frozen (no gradient, not in the optimizer) in this update's step."""
-        assert self.masks is not None
-        frozen = self._frozen_layers
-        return list(frozen) if frozen is not None else [not p.requires_grad for p in self.masks.params]
 
     def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str, optimizer) -> list[torch.Tensor]:
         """Scores for regrowth: |dense gradient|, |momentum| (first moment) or uniform random."""
@@ -210,61 +93,12 @@ class SparseTrainingCallback(EfficientCallback):
             for p in params:
                 state = optimizer.state.get(p, {})
                 buf = state.get("exp_avg", state.get("momentum_buffer"))
-                scores.append(buf.detach().abs().float() if isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.is_floating_point() else torch.zeros_like(p, dtype=torch.float32))
+                usable = isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.is_floating_point()
+                scores.append(buf.detach().abs().float() if usable else torch.zeros_like(p, dtype=torch.float32))
             return scores
         if grad_scores is None:
             return [torch.zeros_like(p, dtype=torch.float32) for p in params]
         return grad_scores
-
-    # -- reporting ----------------------------------------------------------------------------
-    def log_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stats: dict[str, float]) -> None:
-        assert self.masks is not None
-        densities = self.masks.layer_densities()
-        metrics: dict[str, Any] = {"sparsity": self.masks.sparsity(), "updates": float(self.updates), **stats}
-        metrics.update({f"layer_density/{name}": d for name, d in zip(self.masks.names(), densities)})
-        if self.flops is not None and self.flops.measured:
-            metrics["inference_flops_ratio"] = self.flops.ratio(densities)
-            metrics["training_flops_ratio"] = self.density_steps / max(1, self.counted_steps)
-        self.log_metrics(pl_module, metrics)
-        log_image(trainer, self.technique, "layer_density", bar_image(densities))
-
-    @override
-    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
-        if self.masks is None:
-            return []
-        rows = [SavingsRow(self.technique, "weights of targeted layers", f"{self.masks.sparsity():.1%} zero")]
-        if self.flops is not None and self.flops.measured:
-            inference = self.flops.ratio(self.masks.layer_densities())
-            training = self.density_steps / max(1, self.counted_steps)
-            rows.append(SavingsRow(self.technique, "inference FLOPs (targeted layers)", f"{inference:.3f} of dense", inference))
-            rows.append(SavingsRow(self.technique, "training FLOPs (targeted layers, fwd+bwd)", f"{training:.3f} of dense", training))
-        return rows
-
-    # -- state --------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "initialized": self.initialized,
-            "updates": self.updates,
-            "last_applied_step": self.last_applied_step,
-            "generator": self.generator.get_state(),
-            "density_steps": self.density_steps,
-            "counted_steps": self.counted_steps,
-            "flops": [f for f in self.flops.flops] if self.flops is not None else None,
-            "update_deferred": self.update_deferred,
-        }
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.initialized = bool(state_dict["initialized"])
-        self.updates = int(state_dict["updates"])
-        self.last_applied_step = int(state_dict["last_applied_step"])
-        self.generator.set_state(state_dict["generator"])
-        self.density_steps = float(state_dict["density_steps"])
-        self.counted_steps = int(state_dict["counted_steps"])
-        self.update_deferred = bool(state_dict.get("update_deferred", False))
-        if self.flops is not None and state_dict.get("flops") is not None:
-            self.flops.flops = list(state_dict["flops"])
 
 
 __all__ = ["SparseTrainingCallback"]

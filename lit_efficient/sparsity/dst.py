@@ -22,8 +22,8 @@ from typing import ClassVar, Literal, Optional
 import torch
 from typing_extensions import override
 
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, ramp
-from lit_efficient.schedules import check_fraction
+from lit_efficient.core.checks import check_fraction
+from lit_efficient.core.time import Time, TimeSpec, TrainingLength, ramp
 from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback
 from lit_efficient.sparsity.masks import drop_and_grow
 
@@ -50,7 +50,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
         drop_schedule: ``"cosine"`` (default) decays the drop fraction to zero at ``stop``;
             ``"constant"`` keeps it at ``drop_fraction``.
         distribution: layer densities, ``"erk"`` (default) or ``"uniform"``.
-        include, exclude: module-name patterns (see :mod:`lit_efficient.targets`).
+        include, exclude: module-name patterns (see :mod:`lit_efficient.core.targets`).
         seed: seed of the random choices (identical on all ranks).
     """
 

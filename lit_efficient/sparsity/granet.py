@@ -18,8 +18,8 @@ from typing import Literal, Optional
 import torch
 from typing_extensions import override
 
-from lit_efficient.schedules import Time, TimeSpec, TrainingLength, ramp
-from lit_efficient.schedules import check_fraction
+from lit_efficient.core.checks import check_fraction
+from lit_efficient.core.time import Time, TimeSpec, TrainingLength, ramp
 from lit_efficient.sparsity.callback import Distribution, SparseTrainingCallback
 from lit_efficient.sparsity.masks import drop_and_grow, global_magnitude_masks
 
@@ -51,7 +51,7 @@ class GraNet(SparseTrainingCallback):
             ``final_regrow_fraction`` (default 0.005) at the end of training.
         growth: regrowth criterion, ``"gradient"`` (default), ``"momentum"`` or ``"random"``.
         distribution: layer densities of the initial random masks, ``"erk"`` (default) or ``"uniform"``.
-        include, exclude: module-name patterns (see :mod:`lit_efficient.targets`).
+        include, exclude: module-name patterns (see :mod:`lit_efficient.core.targets`).
         seed: seed of the random choices (identical on all ranks).
     """
 
@@ -134,7 +134,8 @@ class GraNet(SparseTrainingCallback):
         if keep < before:
             masks.set_masks(global_magnitude_masks(masks.params, masks.masks, keep, fixed=frozen), optimizer)
             pruned = before - keep
-        fraction = regrow_fraction_at(self.position(step), self._total, self.regrow_fraction, self.final_regrow_fraction)
+        fraction = regrow_fraction_at(self.position(step), self._total, self.regrow_fraction,
+                                      self.final_regrow_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
             m if f else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)

@@ -21,7 +21,8 @@ from typing import Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_efficient.targets import Target
+from lit_efficient.core.protocols import RestartableState
+from lit_efficient.core.targets import Target
 
 MASK_BUFFER = "sparsity_mask"
 
@@ -55,7 +56,8 @@ def erk_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float
         dense.update(over)
 
 
-def keep_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float], total_density: Optional[float] = None) -> list[int]:
+def keep_counts(shapes: Sequence[Sequence[int]], densities: Sequence[float],
+                total_density: Optional[float] = None) -> list[int]:
     """Whole numbers of weights to keep per layer for ``densities``.
 
     With ``total_density`` the counts are adjusted (largest remainders first) so that they add up
@@ -136,7 +138,8 @@ def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor,
     dropped = topk_mask(-magnitude, count)
     kept = mask & ~dropped
     closed = kept if regrow_dropped else mask
-    candidates = torch.where(closed, torch.full_like(weight, -float("inf"), dtype=torch.float32), grow_scores.detach().float())
+    closed_score = torch.full_like(weight, -float("inf"), dtype=torch.float32)
+    candidates = torch.where(closed, closed_score, grow_scores.detach().float())
     return kept | topk_mask(candidates, count)
 
 
@@ -232,7 +235,7 @@ class SparseMasks:
     """Boolean masks on a list of targets, applied to weights and optimizer state.
 
     Args:
-        targets: the weights to sparsify (from :func:`lit_efficient.targets.select_targets`).
+        targets: the weights to sparsify (from :func:`lit_efficient.core.targets.select_targets`).
     """
 
     def __init__(self, targets: Sequence[Target]) -> None:
@@ -302,9 +305,8 @@ class SparseMasks:
             target.param.masked_fill_(grown, 0)
             zero_optimizer_state(optimizer, target.param, grown)
             grown_counts.append(int(grown.sum()))
-            restart = getattr(optimizer, "restart_state", None)
-            if grown_counts[-1] and restart is not None:  # projected state (GaLore): no entry-wise zeroing
-                restart(target.param)
+            if grown_counts[-1] and isinstance(optimizer, RestartableState):  # no entry-wise zeroing (GaLore)
+                optimizer.restart_state(target.param)
             mask.copy_(new)
         self.recount()
         self.apply(optimizer)

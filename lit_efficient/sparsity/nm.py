@@ -25,10 +25,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_efficient.composition import Claim, weight_claim
-from lit_efficient.monitor import EfficientCallback, SavingsRow
-from lit_efficient.schedules import check_bool, check_int
-from lit_efficient.targets import Target, refuse_sharded_strategies, select_targets, validate_patterns
+from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.checks import check_bool, check_int
+from lit_efficient.core.clock import StepWatch
+from lit_efficient.core.composition import Claim, weight_claim
+from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.lightning_internals import swap_parameter
+from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.targets import Target, select_targets, validate_patterns
 
 NM_KINDS = ("linear", "conv")
 
@@ -58,7 +62,7 @@ class NMSparsity(EfficientCallback):
         decay: the sparse-refined decay λ_w on pruned weights, ≥ 0 (default 2e-4, the paper's);
             0 gives the plain straight-through estimator.
         include: module-name patterns to sparsify (default: every Linear/Conv layer except the
-            stem and the head; see :mod:`lit_efficient.targets`). Every targeted layer's
+            stem and the head; see :mod:`lit_efficient.core.targets`). Every targeted layer's
             reduction dimension must be divisible by ``m``.
         exclude: module-name patterns never to sparsify.
         export_semi_structured: at the end of ``fit``, convert 2:4 Linear weights to
@@ -94,7 +98,7 @@ class NMSparsity(EfficientCallback):
         self._dense: dict[int, nn.Parameter] = {}  # target index -> its dense weight, during a forward
         self._last_masks: dict[int, Tensor] = {}  # target index -> mask of its latest training forward
         self._previous_masks: dict[int, Tensor] = {}  # masks at the previous optimizer step (flip rate)
-        self._last_step = -1
+        self._steps = StepWatch()
         self._flips: Union[Tensor, float] = 0.0  # fraction of mask entries changed at the last step
 
     @property
@@ -149,20 +153,19 @@ class NMSparsity(EfficientCallback):
         dim = nm_group_dim(target)
 
         def sparsify(module: nn.Module, args):
-            dense = module._parameters["weight"]
+            dense = module.weight
             mask = nm_mask(dense, self.n, self.m, dim)
             if module.training and torch.is_grad_enabled():
                 self._last_masks[index] = mask
             # value W⊙M, gradient straight through to the dense W (W − W·¬M is exact in floating point)
             sparse = dense - (dense * ~mask).detach()
-            self._dense[index] = dense
-            module._parameters["weight"] = sparse  # swapped back by the forward hook
+            self._dense[index] = swap_parameter(module, "weight", sparse)  # swapped back by the forward hook
 
         return sparsify
 
     def _restore_hook(self, index: int):
         def restore(module: nn.Module, args, output):
-            module._parameters["weight"] = self._dense.pop(index)
+            swap_parameter(module, "weight", self._dense.pop(index))
 
         return restore
 
@@ -187,10 +190,10 @@ class NMSparsity(EfficientCallback):
         self._flips = changed / total if total else 0.0
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self._last_step:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                           batch_idx) -> None:
+        if not self._steps.stepped(trainer):
             return  # no optimizer step since the last call (gradient accumulation)
-        self._last_step = trainer.global_step
         # mask flips between consecutive steps: high early, settling as SR-STE's decay works
         self.log_metrics(pl_module, {"mask_flip_rate": self._flips, "sparsity": 1.0 - self.density})
 
@@ -269,9 +272,12 @@ class NMSparsity(EfficientCallback):
         # gradient stays dense
         training = (2 * inference + 1) / 3
         return [
-            SavingsRow(self.technique, "weights of targeted layers", f"{self.n}:{self.m} ({1 - self.density:.1%} zero)"),
-            SavingsRow(self.technique, "inference FLOPs (targeted layers, N:M kernels)", f"{inference:.3f} of dense", inference),
-            SavingsRow(self.technique, "training FLOPs (targeted layers, N:M kernels)", f"{training:.3f} of dense", training),
+            SavingsRow(self.technique, "weights of targeted layers",
+                       f"{self.n}:{self.m} ({1 - self.density:.1%} zero)"),
+            SavingsRow(self.technique, "inference FLOPs (targeted layers, N:M kernels)",
+                       f"{inference:.3f} of dense", inference),
+            SavingsRow(self.technique, "training FLOPs (targeted layers, N:M kernels)",
+                       f"{training:.3f} of dense", training),
         ]
 
 

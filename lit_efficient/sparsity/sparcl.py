@@ -22,15 +22,21 @@ each switchable on its own:
   most forgotten, so they are removed last). At ``removal_points`` of each task
   the samples with the fewest events are removed, ``removal_fraction`` of the task's data in
   total; removed samples are never loaded again in that task (the loader follows a planned
-  order, :mod:`lit_efficient.reweighting.planned_order`).
+  order, :mod:`lit_efficient.data.planned_order`).
 
 Tasks come from the datamodule (:mod:`lit_efficient.continual`): SparCL refuses to run without
 ``num_tasks``/``epochs_per_task``. For data removal ``training_step`` returns, besides its loss,
 ``"sample_correct"``: one bool per sample of the batch (prediction == label).
 
-Masks come from the shared engine (:mod:`lit_efficient.sparsity.masks`); every random choice is
-seeded and every score is computed from DDP-averaged gradients or all-reduced records, so all
-ranks hold the same masks and the same removed samples.
+SparCL is composed of two parts and nothing else: the schedule-free masked-training base
+(:class:`lit_efficient.sparsity.masked.MaskedTraining`: targets and mask buffers, masks applied
+after each optimizer step, dense gradients, deferred updates on overflow steps, FLOPs, state, on
+the mask engine of :mod:`lit_efficient.sparsity.masks`), whose update steps SparCL names itself
+(each task's exploration epochs), and the planned-order loader
+(:class:`lit_efficient.data.planned_order.PlannedOrder`) for data removal. It does not build on the
+periodic schedule of GraNet, RigL and SET. Every random choice is seeded and every score is
+computed from DDP-averaged gradients or all-reduced records, so all ranks hold the same masks and
+the same removed samples.
 """
 
 from __future__ import annotations
@@ -44,11 +50,15 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.continual import TaskProgress, require_task_progress, task_of_epoch
-from lit_efficient.monitor import SavingsRow
-from lit_efficient.reweighting.planned_order import PlannedOrder, reduced_across_ranks
-from lit_efficient.schedules import check_bool, check_fraction, check_int, epoch_generator
-from lit_efficient.sparsity.callback import SparseTrainingCallback
+from lit_efficient.core.checks import check_bool, check_fraction
+from lit_efficient.core.distributed import reduced_across_ranks
+from lit_efficient.core.lightning_internals import is_last_batch
+from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.seeding import epoch_generator
+from lit_efficient.core.tasks import TaskProgress, require_task_progress, task_epochs, task_of_epoch, task_time
+from lit_efficient.core.time import step_interval
+from lit_efficient.data.planned_order import PlannedOrder
+from lit_efficient.sparsity.masked import MaskedTraining
 from lit_efficient.sparsity.masks import count_true, drop_and_grow, keep_counts, topk_mask, uniform_densities
 
 CORRECT_CONTRACT = ('`training_step` must return "sample_correct": a 1-D bool tensor, one entry per sample of the '
@@ -106,12 +116,7 @@ def removal_choice(events: Tensor, learned: Tensor, removed: Tensor, count: int,
     return topk_mask(-key, count) & present
 
 
-def task_epochs(fraction: float, epochs_per_task: int) -> int:
-    """A fraction of a task in whole epochs (at least 1)."""
-    return max(1, int(round(fraction * epochs_per_task)))
-
-
-class SparCL(PlannedOrder, SparseTrainingCallback):
+class SparCL(PlannedOrder, MaskedTraining):
     """Sparse continual learning (SparCL, NeurIPS 2022): TDM + DGM + DDR on any rehearsal method.
 
     Args:
@@ -123,18 +128,19 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
             DGM (the weight mask's zeros count), in [0, 1) (default 0.8).
         removal_fraction: fraction of each task's training samples removed by DDR, in [0, 1)
             (default 0.3).
-        mask_update_every: TDM period as a fraction of a task, in (0, 1] (default 0.1: 5 of 50 epochs).
-        mask_fixed_from: fraction of each task after which masks stay fixed, in (0, 1]
-            (default 0.9: epoch 45 of 50).
+        mask_update_every: TDM period within each task: a fraction of the task in (0, 1] or epochs
+            (``"5ep"``) (default 0.1: 5 of 50 epochs).
+        mask_fixed_from: when in each task the masks stay fixed: a fraction of the task in (0, 1] or
+            epochs (``"45ep"``) (default 0.9: epoch 45 of 50).
         score_lambda: λ of the TDM score ``|w| + λ|g|``, ≥ 0 (default 0.5).
         explore_fraction: how far below the target density each TDM update prunes before
             regrowing, as a fraction of the layer, in [0, 1) (default 0.01).
-        gradient_mask_every: optimizer steps between DGM mask refreshes within an epoch, ≥ 1
-            (default 30; each epoch starts with a fresh one).
-        removal_points: fractions of each task at whose end DDR removes samples, each in (0, 1)
-            (default ``[0.1, 0.2, 0.3, 0.4]``: epochs 5, 10, 15, 20 of 50); each removes an equal
-            share of ``removal_fraction``.
-        include, exclude: module-name patterns of the layers to sparsify (see :mod:`lit_efficient.targets`).
+        gradient_mask_every: optimizer steps between DGM mask refreshes within an epoch: an int ≥ 1
+            or steps (``"30st"``) (default 30; each epoch starts with a fresh one).
+        removal_points: the points of each task at whose end DDR removes samples, each a fraction
+            of the task in (0, 1) or epochs (``"5ep"``) (default ``[0.1, 0.2, 0.3, 0.4]``: epochs 5,
+            10, 15, 20 of 50); each removes an equal share of ``removal_fraction``.
+        include, exclude: module-name patterns of the layers to sparsify (see :mod:`lit_efficient.core.targets`).
         seed: seed of every random choice (identical on all ranks).
 
     Logged under ``efficient/sparcl/``: ``sparsity``, per-layer densities and a density image at
@@ -144,7 +150,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     """
 
     technique = "sparcl"
-    growth = "random"
+    growth = "random"  # TDM regrows at random: no step reads a dense weight gradient for growth
 
     def __init__(
         self,
@@ -164,20 +170,24 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         exclude: Optional[list[str]] = None,
         seed: int = 0,
     ) -> None:
-        super().__init__(sparsity, "1st", "uniform", include, exclude, seed)
+        super().__init__(sparsity, include, exclude, seed)
         self.tdm, self.dgm, self.ddr = check_bool(tdm, "tdm"), check_bool(dgm, "dgm"), check_bool(ddr, "ddr")
         self.gradient_sparsity = check_fraction(gradient_sparsity, "gradient_sparsity")
         self.removal_fraction = check_fraction(removal_fraction, "removal_fraction")
-        self.mask_update_every = check_fraction(mask_update_every, "mask_update_every", high_open=False, low_open=True)
-        self.mask_fixed_from = check_fraction(mask_fixed_from, "mask_fixed_from", high_open=False, low_open=True)
+        # times within each task: fractions of it (the paper's) or epochs ("5ep"); read back as given
+        self.mask_update_every, self.mask_fixed_from = mask_update_every, mask_fixed_from
+        self._update_every = task_time(mask_update_every, "mask_update_every")
+        self._fixed_from = task_time(mask_fixed_from, "mask_fixed_from")
         if isinstance(score_lambda, bool) or not isinstance(score_lambda, (int, float)) or not score_lambda >= 0:
             raise ValueError(f"`score_lambda` must be a number >= 0; got {score_lambda!r}")
         self.score_lambda = float(score_lambda)
         self.explore_fraction = check_fraction(explore_fraction, "explore_fraction")
-        self.gradient_mask_every = check_int(gradient_mask_every, "gradient_mask_every", 1)
+        self.gradient_mask_every = step_interval(gradient_mask_every, "gradient_mask_every")
         if isinstance(removal_points, (str, bytes)) or not removal_points:
-            raise ValueError(f"`removal_points` must be a non-empty list of fractions of a task; got {removal_points!r}")
-        self.removal_points = sorted(check_fraction(p, "removal_points", low_open=True) for p in removal_points)
+            raise ValueError("`removal_points` must be a non-empty list of fractions of a task; "
+                             f"got {removal_points!r}")
+        self._removal_points = [task_time(p, "removal_points", below_one=True) for p in removal_points]
+        self.removal_points = list(removal_points)
         self.shuffle: Optional[bool] = None
         self.init_planned_order()
         # task and data-removal records (of the current task's training set)
@@ -233,14 +243,14 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
     def is_tdm_epoch(self, progress: TaskProgress) -> bool:
         """Whether the masks change at the end of this epoch (an exploration epoch of the task)."""
         done = progress.epoch_in_task + 1
-        every = task_epochs(self.mask_update_every, progress.epochs_per_task)
+        every = task_epochs(self._update_every, progress.epochs_per_task)
         return (self.tdm and self.sparsity > 0 and done % every == 0
-                and done < task_epochs(self.mask_fixed_from, progress.epochs_per_task))
+                and done < task_epochs(self._fixed_from, progress.epochs_per_task))
 
     def removal_count(self, progress: TaskProgress) -> int:
         """Samples DDR removes at the end of this epoch of the task (0 if not a removal point)."""
         done = progress.epoch_in_task + 1
-        points = [task_epochs(p, progress.epochs_per_task) for p in self.removal_points]
+        points = sorted(task_epochs(p, progress.epochs_per_task) for p in self._removal_points)
         total = int(round(self.removal_fraction * self.num_samples))
         count = 0
         for i, point in enumerate(points):
@@ -277,7 +287,7 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
                              batch_idx: int) -> None:
         self.open_epoch(trainer, pl_module)
         progress = self._progress
-        last = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        last = is_last_batch(trainer)
         self._update_due = bool(last) and self.is_tdm_epoch(progress)
         if self.ddr:
             self._batch_indices = self.start_batch()
@@ -291,7 +301,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         step, epoch = trainer.global_step, trainer.current_epoch
         # refreshed at each epoch's first step (so a new task never trains through the last task's
         # gradient mask) and every `gradient_mask_every` steps within the epoch, as the reference does
-        if not self.grad_masks or epoch != self.grad_mask_epoch or step - self.grad_mask_step >= self.gradient_mask_every:
+        due = step - self.grad_mask_step >= self.gradient_mask_every
+        if not self.grad_masks or epoch != self.grad_mask_epoch or due:
             if not self.gradients_finite(optimizer, "the gradient mask refresh", step + 1):
                 return  # an overflow step (skipped by the GradScaler): the refresh is still due on the next one
             self.grad_masks = [
@@ -318,7 +329,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         forward = self.flops.ratio(densities) if self.flops is not None else self.masks.density()
         if self.dgm and self.grad_masks:
             grad_densities = [n / g.numel() for n, g in zip(self._grad_nonzeros, self.grad_masks)]
-            weight_grad = self.flops.ratio(grad_densities) if self.flops is not None else sum(grad_densities) / len(grad_densities)
+            weight_grad = (self.flops.ratio(grad_densities) if self.flops is not None
+                           else sum(grad_densities) / len(grad_densities))
         else:
             weight_grad = forward
         self.grad_density_steps += weight_grad
@@ -375,7 +387,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self.set_plan(order, epoch)
 
     @override
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch, batch_idx) -> None:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
+                           batch_idx) -> None:
         if self.ddr:
             self.finish_batch()
             self.record_visits(outputs)
@@ -385,13 +398,14 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         correct = outputs.get("sample_correct") if isinstance(outputs, Mapping) else None
         indices = self._batch_indices
         if not isinstance(correct, Tensor) or correct.dim() != 1:
-            raise ValueError(f"SparCL's data removal counts forgetting events: {CORRECT_CONTRACT}. Got "
-                             f"{type(correct).__name__ if correct is None or not isinstance(correct, Tensor) else tuple(correct.shape)}"
+            got = type(correct).__name__ if not isinstance(correct, Tensor) else tuple(correct.shape)
+            raise ValueError(f"SparCL's data removal counts forgetting events: {CORRECT_CONTRACT}. Got {got}"
                              " (or pass ddr=False)")
         if indices is None or indices.numel() != correct.numel():
-            raise ValueError(f"SparCL expected this batch to hold {0 if indices is None else indices.numel()} samples of its "
-                             f"planned order but `sample_correct` has {correct.numel()}: the training DataLoader must "
-                             "batch its sampler's indices in order (no custom batch_sampler or collate that drops samples)")
+            expected = 0 if indices is None else indices.numel()
+            raise ValueError(f"SparCL expected this batch to hold {expected} samples of its planned order but "
+                             f"`sample_correct` has {correct.numel()}: the training DataLoader must batch its "
+                             "sampler's indices in order (no custom batch_sampler or collate that drops samples)")
         # the epoch's visits live on the predictions' device: no host copy (and no sync) per step
         device = correct.device
         if self.visit.device != device:
@@ -472,7 +486,8 @@ class SparCL(PlannedOrder, SparseTrainingCallback):
         self._grad_nonzeros = count_true(self.grad_masks)
         self.grad_mask_step = int(state_dict["grad_mask_step"])
         self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
-        self.full_steps, self.grad_density_steps = int(state_dict["full_steps"]), float(state_dict["grad_density_steps"])
+        self.full_steps = int(state_dict["full_steps"])
+        self.grad_density_steps = float(state_dict["grad_density_steps"])
         self.opened_epoch = int(state_dict.get("opened_epoch", self.plan_epoch))
         self.restore_planned_position(state_dict)
         if "closed_epoch" not in state_dict and bool((self.visit < 0).all()):

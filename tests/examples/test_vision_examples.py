@@ -150,7 +150,8 @@ def test_freezing_overlays(tmp_path, base, overlay):
     assert len(freezing.blocks) >= 2 and cli.trainer.global_step == 2
 
 
-@pytest.mark.parametrize("base,overlay", [("vit_digits.yaml", "loss_reweighting.yaml"), ("vit_digits.yaml", "infobatch.yaml"),
+@pytest.mark.parametrize("base,overlay", [("vit_digits.yaml", "loss_reweighting.yaml"),
+                                          ("vit_digits.yaml", "infobatch.yaml"),
                                           ("ddpm_digits.yaml", "loss_reweighting_ddpm.yaml"),
                                           ("ddpm_digits.yaml", "infobatch.yaml")])
 def test_reweighting_overlays(tmp_path, base, overlay):
@@ -178,7 +179,7 @@ def test_galore_overlay_trains_the_vit(tmp_path):
 
 def test_continual_config_round_trips_and_the_sparcl_overlay_trains(tmp_path, capsys):
     from lit_efficient import SparCL
-    from lit_efficient.continual import AccuracyMatrix
+    from lit_efficient.continual.metrics import AccuracyMatrix
 
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(VISION / "continual_digits.yaml"), "--config",
@@ -196,7 +197,7 @@ def test_continual_config_round_trips_and_the_sparcl_overlay_trains(tmp_path, ca
 
 @pytest.mark.parametrize("base", ["vit_digits.yaml", "ddpm_digits.yaml"])
 def test_combined_main_jobs_round_trip_and_train(tmp_path, capsys, base):
-    from lit_efficient.monitor import EfficientCallback
+    from lit_efficient.core.callback import EfficientCallback
 
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(VISION / base), "--config", str(VISION / "combined" / base), "--print_config"])

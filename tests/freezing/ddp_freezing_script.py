@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_freezing import ViTModule, image_loader  # noqa: E402
+from test_progressive import ViTModule, image_loader  # noqa: E402
 
 from lit_efficient import ProgressiveFreezing  # noqa: E402
 

@@ -12,8 +12,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_efficient import ProgressiveFreezing
-from lit_efficient.freezing import discover_blocks
-from tests.freezing.test_freezing import make_trainer
+from lit_efficient.freezing.blocks import discover_blocks
+from tests.freezing.test_progressive import make_trainer
 
 
 class Block(nn.Module):
@@ -217,7 +217,8 @@ def test_resume_after_block_0_froze_matches_the_uninterrupted_run(tmp_path, case
         pl.seed_everything(0)
         module = make_module()
         freezing = ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")  # after steps 4, 7, 10
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=6, save_top_k=-1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=6, save_top_k=-1,
+                                save_on_train_epoch_end=True)
         trainer = make_trainer(tmp_path, [freezing, saver], -1, max_epochs=12, deterministic=True,
                                enable_checkpointing=True)
         trainer.fit(module, loader(data, n=8, batch=8), ckpt_path=ckpt)  # one-batch epochs: the data order restores

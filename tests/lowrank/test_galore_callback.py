@@ -2,6 +2,8 @@
 learning on a Llama-style LM and a timm ViT, the per-layer mode, clipping, bad input. Resume is in
 test_resume_every_technique.py, DDP in test_galore_ddp.py."""
 
+import inspect
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -11,6 +13,7 @@ from examples.nlp.lm import CausalLM
 from examples.vision.data import DigitsDataModule
 from examples.vision.vit import ViTClassifier
 from lit_efficient import GaLore, GaLoreAdamW
+from lit_efficient.core.time import Time
 from tests.sparsity.sparse_helpers import MLP, loader, trainer
 
 
@@ -124,11 +127,59 @@ def test_clipping_and_accumulation_work_in_the_ordinary_mode(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(rank=0), "rank"), (dict(rank=40), "larger than"), (dict(update_proj_gap=0), "update_proj_gap"),
     (dict(proj_type="diag"), "proj_type"), (dict(projection="qr"), "projection"),
-    (dict(target_modules=["nothing.here"]), "target_modules"),
+    (dict(target_modules=["nothing.here"]), "`target_modules`"), (dict(include=["nothing.here"]), "`include`"),
 ])
 def test_bad_input_is_refused_before_training(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         trainer(tmp_path, [GaLore(**kwargs)], 2).fit(MLP(), loader(32, 8))
+
+
+def selected(tmp_path, callback):
+    """The names ``callback`` targets on the test MLP (its ``setup`` alone, no training)."""
+    model = MLP()
+    callback.setup(trainer(tmp_path, [callback], 1), model, "fit")
+    callback.teardown(None, model, "fit")
+    return [t.name for t in callback.targets]
+
+
+def test_include_and_its_alias_target_modules_select_the_same_matrices(tmp_path):
+    chosen = ["net.0", "re:net\\.[24]"]
+    by_include, by_alias = GaLore(rank=4, include=chosen), GaLore(rank=4, target_modules=chosen)
+    assert selected(tmp_path, by_include) == selected(tmp_path, by_alias) == ["net.0", "net.2", "net.4"]
+    assert by_include.include == by_include.target_modules == by_alias.include == by_alias.target_modules == chosen
+    assert selected(tmp_path, GaLore(rank=4, include="net.2", target_modules=["net.2"])) == ["net.2"]  # same: fine
+    assert GaLore(rank=4).include == GaLore(rank=4).target_modules == ["all-linear"]  # the default, either name
+    with pytest.raises(ValueError, match="`include`.*`target_modules`"):
+        GaLore(rank=4, include=["net.0"], target_modules=["net.2"])
+
+
+def test_every_argument_reads_back_and_rebuilds_the_same_callback():
+    """LightningCLI and the settings table read each constructor argument back by its name."""
+    callback = GaLore(rank=4, update_proj_gap="7st", scale=2.0, proj_type="left", projection="random",
+                      target_modules=["net.0"], exclude=["net.4"], fira=True, layerwise=True, seed=3)
+    names = list(inspect.signature(GaLore.__init__).parameters)[1:]
+    values = {name: getattr(callback, name) for name in names}
+    assert values["update_proj_gap"] == 7 and values["include"] == values["target_modules"] == ["net.0"]
+    rebuilt = GaLore(**values)
+    assert {name: getattr(rebuilt, name) for name in names} == values
+
+
+def test_update_proj_gap_accepts_steps():
+    assert GaLore(rank=4, update_proj_gap="5st").update_proj_gap == 5
+    assert GaLore(rank=4, update_proj_gap="5st").group_options["update_proj_gap"] == 5
+    assert GaLore(rank=4, update_proj_gap=5).update_proj_gap == 5
+    try:
+        batches = Time.parse("5ba", "update_proj_gap")
+    except ValueError:
+        pytest.skip("lit_efficient.core.time does not parse Composer's 'ba' yet")
+    if batches.unit == "st":
+        assert GaLore(rank=4, update_proj_gap="5ba").update_proj_gap == 5
+
+
+@pytest.mark.parametrize("spec", ["0.5dur", "2ep", "1.5ep", "5 steps", "0st", 2.5, True])
+def test_update_proj_gap_other_than_steps_is_refused_naming_it(spec):
+    with pytest.raises(ValueError, match="`update_proj_gap`"):
+        GaLore(rank=4, update_proj_gap=spec)
 
 
 def test_only_adam_optimizers_are_converted(tmp_path):
@@ -173,7 +224,8 @@ def test_half_precision_weights_resume_bit_exactly(tmp_path, precision="bf16-tru
     def run(ckpt=None):
         pl.seed_everything(0)
         model = MLP()
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1,
+                                save_on_train_epoch_end=True)
         t = pl.Trainer(max_epochs=8, precision=precision, callbacks=[GaLore(rank=8, update_proj_gap=3), saver],
                        logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
         t.fit(model, loader(16, 16), ckpt_path=ckpt)  # one-batch epochs: the data order restores exactly

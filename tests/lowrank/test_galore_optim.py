@@ -184,18 +184,66 @@ def test_failed_svd_keeps_the_previous_basis(monkeypatch):
 
 @pytest.mark.parametrize("options", [dict(), dict(projection="randomized_svd"), dict(projection="random"),
                                      dict(fira=True), dict(eight_bit=True),
-                                     dict(proj_type="full", scale=10.0)])  # the r×r core holds singular values: bigger steps
+                                     dict(proj_type="full", scale=10.0)])  # r×r core: singular values, bigger steps
 def test_each_variant_fits_a_low_rank_regression(options):
     torch.manual_seed(0)
     target = torch.randn(48, 4) @ torch.randn(4, 24)
     w = torch.nn.Parameter(torch.zeros(48, 24))
     opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 10, "scale": 1.0, **options}], lr=5e-2,
                       weight_decay=0.0)
-    start = float(((w - target) ** 2).mean())
+    start = float(((w.detach() - target) ** 2).mean())
     for _ in range(150):
         w.grad = (w.detach() - target)
         opt.step()
     assert float(((w - target) ** 2).mean()) < 0.2 * start
+
+
+VARIANT_FUNCTIONS = ("moments_fp32", "moments_8bit", "svd_refresh", "random_projection_bases", "galore_update",
+                     "apollo_update", "fira_residual")
+
+
+@pytest.mark.parametrize("options,expected", [
+    (dict(), {"moments_fp32", "svd_refresh", "galore_update"}),
+    (dict(projection="randomized_svd"), {"moments_fp32", "svd_refresh", "galore_update"}),
+    (dict(eight_bit=True), {"moments_8bit", "svd_refresh", "galore_update"}),
+    (dict(fira=True), {"moments_fp32", "svd_refresh", "galore_update", "fira_residual"}),
+    (dict(fira=True, eight_bit=True), {"moments_8bit", "svd_refresh", "galore_update", "fira_residual"}),
+    (dict(projection="random"), {"moments_fp32", "random_projection_bases", "apollo_update"}),
+    (dict(projection="random", eight_bit=True), {"moments_8bit", "random_projection_bases", "apollo_update"}),
+])
+def test_the_optimizer_dispatches_to_each_variant_function(monkeypatch, options, expected):
+    """Each variant lives in its own function; the optimizer picks exactly the ones its group asks
+    for (their results are checked by the round-trip, regression and half-precision tests above)."""
+    called = set()
+
+    def spy(name, function):
+        def wrapped(*args, **kwargs):
+            called.add(name)
+            return function(*args, **kwargs)
+        return wrapped
+
+    for name in VARIANT_FUNCTIONS:
+        monkeypatch.setattr(galore_optim, name, spy(name, getattr(galore_optim, name)))
+    w = matrix()
+    run(GaLoreAdamW([{"params": [w], "rank": 6, "update_proj_gap": 2, **options}]), [w], steps=3)
+    assert called == expected
+
+
+def test_fira_limits_the_residual_norm_growth():
+    """Fira's limiter: a residual whose norm jumps is scaled to 1.01× the previous step's norm."""
+    torch.manual_seed(0)
+    grad = torch.randn(48, 24)
+    p, q = svd_bases(grad, 6, "right", "svd")
+    low = project(grad, p, q)
+    direction = torch.randn_like(low)
+    state = {}
+    first = galore_optim.fira_residual(state, grad, low, direction, 1.0, (p, q), "right")
+    assert float(state["fira_norm"]) == pytest.approx(float(first.norm()))
+    bigger = galore_optim.fira_residual(state, grad, low, direction, 10.0, (p, q), "right")  # 10× the norm
+    assert float(bigger.norm()) == pytest.approx(1.01 * float(first.norm()), rel=1e-5)
+    assert float(state["fira_norm"]) == pytest.approx(1.01 * float(first.norm()), rel=1e-5)
+    smaller = galore_optim.fira_residual(state, grad, low, direction, 0.5, (p, q), "right")
+    assert float(smaller.norm()) == pytest.approx(0.5 * float(first.norm()), rel=1e-5)  # shrinking is not limited
 
 
 def test_non_2d_parameters_and_groups_without_rank_get_plain_adamw():
@@ -215,7 +263,8 @@ def test_non_2d_parameters_and_groups_without_rank_get_plain_adamw():
 
 
 @pytest.mark.parametrize("group,match", [
-    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=25), "larger"), (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
+    (dict(rank=0), "rank"), (dict(rank=-2), "rank"), (dict(rank=25), "larger"),
+    (dict(rank=4, update_proj_gap=0), "update_proj_gap"),
     (dict(rank=4, proj_type="diagonal"), "proj_type"), (dict(rank=4, projection="qr"), "projection"),
     (dict(rank=4, scale=0.0), "scale"),
 ])

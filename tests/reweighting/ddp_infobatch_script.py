@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 from lit_efficient import InfoBatch  # noqa: E402
-from tests.reweighting.test_infobatch import CountingDataset  # noqa: E402
 from tests.ddp_runner import gathered  # noqa: E402
+from tests.reweighting.test_infobatch import CountingDataset  # noqa: E402
 from tests.sparsity.sparse_helpers import MLP  # noqa: E402
 
 

@@ -156,9 +156,17 @@ class ScalarLoss(MLP):
         return super().training_step(batch, batch_idx)["loss"]
 
 
+def test_delta_takes_a_time_spec_in_epochs_or_a_fraction_of_the_run():
+    assert InfoBatch(delta=0.75).pruning_epochs(8) == InfoBatch(delta="6ep").pruning_epochs(8) == 6
+    assert InfoBatch(delta="0.75dur").pruning_epochs(8) == 6
+    assert InfoBatch(delta="20ep").pruning_epochs(8) == 8  # past the end: every epoch prunes
+    assert InfoBatch(delta="6ep").delta == "6ep"  # read back as given (LightningCLI round trip)
+
+
 def test_bad_input_is_refused(tmp_path):
     for kwargs, match in ((dict(prune_ratio=1.0), "prune_ratio"), (dict(prune_ratio=-0.1), "prune_ratio"),
-                          (dict(delta=0.0), "delta"), (dict(delta=1.5), "delta"), (dict(shuffle="yes"), "shuffle")):
+                          (dict(delta=0.0), "delta"), (dict(delta=1.5), "delta"), (dict(delta="0ep"), "delta"),
+                          (dict(delta="30st"), "delta"), (dict(shuffle="yes"), "shuffle")):
         with pytest.raises(ValueError, match=match):
             InfoBatch(**kwargs)
     with pytest.raises(ValueError, match="max_epochs"):

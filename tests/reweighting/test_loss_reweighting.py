@@ -38,7 +38,8 @@ def test_weights_match_hand_computed_values(strategy, f, r):
 def test_normalisation_by_hand_and_per_group():
     torch.testing.assert_close(normalise_losses(LOSSES), torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64))
     groups = torch.tensor([0, 0, 1, 1, 1])  # {0, 1} -> -1, 1 ; {2, 3, 4} -> -1, 0, 1
-    torch.testing.assert_close(normalise_losses(LOSSES, groups), torch.tensor([-1.0, 1.0, -1.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(normalise_losses(LOSSES, groups),
+                               torch.tensor([-1.0, 1.0, -1.0, 0.0, 1.0], dtype=torch.float64))
     assert torch.equal(normalise_losses(torch.full((3,), 2.5)), torch.zeros(3, dtype=torch.float64))  # all equal
 
 
@@ -236,7 +237,8 @@ def test_tensorboard_shows_weights_and_statistics(tmp_path):
     ess = float(metrics["efficient/loss_reweighting/effective_sample_size"])
     assert 0.3 < ess < 1.0
     assert 1.0 < float(metrics["efficient/loss_reweighting/max_min_weight_ratio"]) <= math.exp(2) * 1.0001
-    assert "efficient/loss_reweighting/loss_weighted" in metrics and "efficient/loss_reweighting/loss_unweighted" in metrics
+    assert "efficient/loss_reweighting/loss_weighted" in metrics
+    assert "efficient/loss_reweighting/loss_unweighted" in metrics
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})

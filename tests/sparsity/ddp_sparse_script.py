@@ -11,9 +11,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ddp_runner import equal_on_all_ranks  # noqa: E402
 from sparse_helpers import MLP, loader  # noqa: E402
 
+from ddp_runner import equal_on_all_ranks  # noqa: E402
 from lit_efficient import SET, GraNet, NMSparsity, RigL  # noqa: E402
 from lit_efficient.sparsity.nm import nm_group_dim, nm_mask  # noqa: E402
 

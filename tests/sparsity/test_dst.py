@@ -32,7 +32,8 @@ def test_constant_density_and_updates_stop_at_stop(tmp_path, cls):
     assert all(c == counts[1] for c in counts.values()), "every layer keeps its number of active weights"
     total = sum(sparse.masks.sizes())
     assert sum(counts[1]) == round(0.2 * total)
-    changed = [s for s in range(2, 33) if any(not torch.equal(a, b) for a, b in zip(record.masks[s - 1], record.masks[s]))]
+    changed = [s for s in range(2, 33)
+               if any(not torch.equal(a, b) for a, b in zip(record.masks[s - 1], record.masks[s]))]
     assert changed == [4, 8, 12, 16]  # every 4 steps, none from step 20 on (the fraction is 0 there)
     assert sparse.updates == 4
 
@@ -70,7 +71,8 @@ def test_set_with_a_constant_drop_fraction_replaces_the_same_share_every_update(
     assert fractions == [0.25] * 3 and sparse.updates == 3
 
 
-@pytest.mark.parametrize("kwargs, argument", [({"sparsity": 1.0}, "sparsity"), ({"drop_fraction": 1.0}, "drop_fraction"),
+@pytest.mark.parametrize("kwargs, argument", [({"sparsity": 1.0}, "sparsity"),
+                                              ({"drop_fraction": 1.0}, "drop_fraction"),
                                               ({"drop_schedule": "linear"}, "drop_schedule"),
                                               ({"stop": "later"}, "stop"), ({"update_every": -1}, "update_every")])
 def test_bad_arguments(kwargs, argument):

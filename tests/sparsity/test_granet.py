@@ -69,7 +69,8 @@ def test_resume_mid_schedule_matches_the_uninterrupted_run(tmp_path):
         pl.seed_everything(0)
         granet = GraNet(sparsity=0.8, prune_end="30st", update_every="5st", growth="gradient")
         model = MLP()
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=17, save_top_k=-1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=17, save_top_k=-1,
+                                save_on_train_epoch_end=True)
         t = trainer(tmp_path, [granet, saver], -1, max_epochs=40, deterministic=True,
                     enable_checkpointing=True)
         t.fit(model, loader(n=16, batch=16), ckpt_path=ckpt)  # one-batch epochs: data order restores exactly

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from lit_efficient.core.targets import select_targets
 from lit_efficient.sparsity.masks import (
     MASK_BUFFER,
     SparseMasks,
@@ -14,12 +15,12 @@ from lit_efficient.sparsity.masks import (
     uniform_densities,
     zero_optimizer_state,
 )
-from lit_efficient.targets import select_targets
 
 
 def mlp():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.Linear(32, 4))
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32),
+                         nn.Linear(32, 4))
 
 
 SHAPES = [(64, 16), (64, 64), (32, 64), (8, 3, 3, 3), (128, 128)]
@@ -166,7 +167,8 @@ def test_forward_flops_measured_per_layer():
     assert probe.flops == [2.0 * 4 * 8 * 25 * 27, 2.0 * 4 * 10 * 200, 2.0 * 4 * 2 * 10]
     assert not model[0]._forward_hooks
     total = sum(probe.flops)
-    assert probe.ratio([0.5, 0.1, 1.0]) == pytest.approx((0.5 * probe.flops[0] + 0.1 * probe.flops[1] + probe.flops[2]) / total)
+    expected = (0.5 * probe.flops[0] + 0.1 * probe.flops[1] + probe.flops[2]) / total
+    assert probe.ratio([0.5, 0.1, 1.0]) == pytest.approx(expected)
 
 
 def test_global_magnitude_masks_keeps_largest_active_across_layers():

@@ -5,8 +5,8 @@ from sparse_helpers import MLP, loader, trainer
 from torch import nn
 
 from lit_efficient import NMSparsity
+from lit_efficient.core.targets import select_targets
 from lit_efficient.sparsity.nm import nm_group_dim, nm_mask
-from lit_efficient.targets import select_targets
 
 
 def groups_of(tensor, m, dim):
@@ -129,7 +129,8 @@ def test_resume_matches_the_uninterrupted_run(tmp_path):
     def run(ckpt=None):
         pl.seed_everything(0)
         model = MLP()
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=5, save_top_k=-1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=5, save_top_k=-1,
+                                save_on_train_epoch_end=True)
         t = trainer(tmp_path, [NMSparsity(), saver], -1, max_epochs=12, deterministic=True, enable_checkpointing=True)
         t.fit(model, loader(n=16, batch=16), ckpt_path=ckpt)
         return model

@@ -13,8 +13,26 @@ from examples.vision.data import DigitsDataModule
 from lit_efficient import SparCL
 from lit_efficient.sparsity.sparcl import gradient_mask, removal_choice, tdm_update, update_forgetting
 
-
 # -- pure functions ----------------------------------------------------------------------------------
+
+def test_times_within_a_task_take_fractions_or_epochs_and_intervals_take_steps():
+    from lit_efficient.core.tasks import TaskProgress
+
+    by_fraction = SparCL(sparsity=0.5, mask_update_every=0.2, mask_fixed_from=0.8, removal_points=[0.1, 0.3])
+    by_epochs = SparCL(sparsity=0.5, mask_update_every="2ep", mask_fixed_from="8ep", removal_points=["1ep", "3ep"],
+                       gradient_mask_every="30st")
+    assert by_epochs.gradient_mask_every == 30 and by_epochs.mask_update_every == "2ep"  # read back as given
+    for callback in (by_fraction, by_epochs):
+        callback.num_samples = 100
+    for epoch in range(10):
+        progress = TaskProgress(0, epoch, 10, 1)
+        assert by_fraction.is_tdm_epoch(progress) == by_epochs.is_tdm_epoch(progress)
+        assert by_fraction.removal_count(progress) == by_epochs.removal_count(progress)
+    with pytest.raises(ValueError, match="`gradient_mask_every`"):
+        SparCL(sparsity=0.5, gradient_mask_every="2ep")
+    with pytest.raises(ValueError, match="`removal_points`"):
+        SparCL(sparsity=0.5, removal_points=["10st"])
+
 
 def test_tdm_update_drops_the_lowest_scores_and_regrows_only_where_it_was_inactive():
     weight = torch.tensor([[5.0, 0.1, 3.0, 0.0], [0.0, 2.0, 0.0, 4.0]])
@@ -190,8 +208,9 @@ def test_each_part_switches_off():
 def test_resume_in_the_middle_of_a_task_matches_the_uninterrupted_run(tmp_path):
     def run(ckpt=None):
         sparcl = SparCL(sparsity=0.75, gradient_mask_every=2)
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1, save_on_train_epoch_end=True)
-        # one-batch epochs: Lightning restores the data order exactly only then (PITFALLS.md)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=1, save_top_k=-1,
+                                save_on_train_epoch_end=True)
+        # one-batch epochs: Lightning restores the data order exactly only then
         model, _, trainer = fit(sparcl, tasks=2, epochs=6, batch_size=512, ckpt=ckpt, root=tmp_path, callbacks=[saver])
         return model, sparcl, trainer
 
@@ -230,6 +249,25 @@ def test_bad_arguments_name_themselves(kwargs, name):
         SparCL(**kwargs)
 
 
+def test_sparcl_is_the_masked_training_base_plus_the_planned_order_not_the_periodic_schedule():
+    import inspect
+
+    from lit_efficient import RigL
+    from lit_efficient.data.planned_order import PlannedOrder
+    from lit_efficient.sparsity.callback import SparseTrainingCallback
+    from lit_efficient.sparsity.masked import MaskedTraining
+
+    parameters = inspect.signature(SparCL.__init__).parameters
+    assert "update_every" not in parameters and "distribution" not in parameters
+    assert not issubclass(SparCL, SparseTrainingCallback)
+    assert issubclass(SparCL, MaskedTraining) and issubclass(SparCL, PlannedOrder)
+    sparcl = SparCL()
+    assert not hasattr(sparcl, "update_every") and not hasattr(sparcl, "distribution")
+    # the periodic schedule stays where GraNet, RigL and SET need it
+    assert issubclass(RigL, SparseTrainingCallback) and issubclass(SparseTrainingCallback, MaskedTraining)
+    assert {"update_every", "distribution"} <= set(inspect.signature(RigL.__init__).parameters)
+
+
 def test_no_task_information_is_refused_before_training():
     trainer = pl.Trainer(max_epochs=1, callbacks=[SparCL()], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
@@ -254,7 +292,7 @@ def test_tensorboard_shows_the_accuracy_matrix_sparsity_gradients_and_removed_da
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lit_efficient.continual import AccuracyMatrix
+    from lit_efficient.continual.metrics import AccuracyMatrix
 
     pl.seed_everything(0)
     logger = TensorBoardLogger(tmp_path, name="tb")

@@ -25,7 +25,8 @@ def build(kind):
     if kind == "vit":
         from timm.models.vision_transformer import VisionTransformer
 
-        return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=32, depth=2, num_heads=2)
+        return VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=4, embed_dim=32, depth=2,
+                                 num_heads=2)
     if kind == "resnet":
         from timm.models.resnet import BasicBlock, ResNet
 
@@ -65,7 +66,10 @@ class Wrapper(pl.LightningModule):
 
 def data(kind):
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 64, (16, 16), generator=g) if kind in ("gpt2", "llama") else torch.rand(16, 1, 8, 8, generator=g)
+    if kind in ("gpt2", "llama"):
+        x = torch.randint(0, 64, (16, 16), generator=g)
+    else:
+        x = torch.rand(16, 1, 8, 8, generator=g)
     return DataLoader(TensorDataset(x), batch_size=8)
 
 

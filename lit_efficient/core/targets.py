@@ -33,14 +33,20 @@ from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import nn
 
 Patterns = Union[str, Sequence[str], None]
+
+
 KINDS: tuple[str, ...] = ("linear", "conv", "embedding")
+
+
 ALL_LINEAR = "all-linear"
 
+
 _STEM_NAMES = ("patch_embed", "stem", "conv_in")
+
+
 _HEAD_NAMES = ("head", "lm_head", "classifier", "conv_out")
 
 
@@ -61,7 +67,8 @@ def module_kind(module: nn.Module) -> Optional[str]:
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D is a linear layer with weight (in, out); checked by name so that
     # transformers stays optional.
-    return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
+    weight = getattr(module, "weight", None)
+    return type(module).__name__ == "Conv1D" and weight is not None and weight.dim() == 2
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,32 +299,3 @@ def select_targets(
 def target_summary(targets: Sequence[Target]) -> str:
     """One line per target: name, kind, shape — for logs and error messages."""
     return "\n".join(f"{t.name} ({t.kind}, {tuple(t.param.shape)})" for t in targets)
-
-
-def refuse_sharded_strategies(trainer, technique: str, reason: str) -> None:
-    """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed) for ``technique``, because
-    ``reason`` (it needs each weight whole on every rank, or it is untested there). Call from ``setup``."""
-    strategy = trainer.strategy
-    # DeepSpeedStrategy subclasses DDPStrategy but partitions parameters and optimizer state
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-        raise RuntimeError(
-            f"{technique} supports single-device and DDP training; {type(trainer.strategy).__name__}"
-            f" shards or wraps parameters, so {reason}"
-        )
-
-
-__all__ = [
-    "ALL_LINEAR",
-    "KINDS",
-    "Target",
-    "default_exemptions",
-    "fqn_matches",
-    "in_subtree",
-    "match_modules",
-    "module_kind",
-    "no_match_message",
-    "refuse_sharded_strategies",
-    "select_targets",
-    "target_summary",
-    "validate_patterns",
-]

@@ -21,7 +21,7 @@ where every callback sees the same value):
    N:M-masked weights.
 2. after ``training_step``: LossReweighting, InfoBatch and SparCL multiply their per-sample
    multipliers (a product, so their order does not matter) into the loss before backward
-   (:mod:`lit_efficient.reweighting.contract`).
+   (:mod:`lit_efficient.data.sample_losses`).
 3. before the optimizer step (gradients unscaled and DDP-averaged): sparse callbacks read dense
    gradients for growth and note which of their layers are frozen; SparCL masks gradients;
    NMSparsity adds its decay; adaptive freezing measures gradient norms.
@@ -34,7 +34,7 @@ where every callback sees the same value):
    cannot be zeroed entry by entry; ProgressiveFreezing then freezes blocks due for the next step.
 
 Every schedule runs on one clock: full-data optimizer steps
-(:func:`lit_efficient.schedules.run_position`). InfoBatch's pruned epochs are shorter, and it
+(:func:`lit_efficient.core.clock.run_position`). InfoBatch's pruned epochs are shorter, and it
 advances step-wise LR schedulers to keep them on that clock; the other callbacks read the same
 position, so ``stop=0.75`` or FreezeOut's freeze times still fall at the same fraction of the
 epochs, and the freezing schedule completes although the run takes fewer optimizer steps.
@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Hashable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from lit_efficient.monitor import EfficientCallback
+    from lit_efficient.core.callback import EfficientCallback
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,3 @@ def check_composition(callbacks: list["EfficientCallback"]) -> None:
             if owner is not callback:
                 raise ValueError(f"{type(owner).__name__} and {type(callback).__name__} both need {claim.what}: "
                                  f"{claim.why}")
-
-
-__all__ = ["Claim", "SAMPLE_ORDER", "check_composition", "weight_claim"]

@@ -1,17 +1,19 @@
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_efficient.schedules import Time, TrainingLength, interpolate, is_due, parse_time, progress, ramp
+from lit_efficient.core.time import Time, TrainingLength, interpolate, is_due, parse_time, progress, ramp
 
 
 @pytest.mark.parametrize(
     "spec, value, unit",
     [(0.5, 0.5, "dur"), (1, 1.0, "dur"), (0, 0.0, "dur"), ("0.25dur", 0.25, "dur"), ("500st", 500, "st"),
-     ("2ep", 2, "ep"), ("1.5ep", 1.5, "ep"), (" 10 st ", 10, "st")],
+     ("2ep", 2, "ep"), ("1.5ep", 1.5, "ep"), (" 10 st ", 10, "st"),
+     ("500ba", 500, "st")],  # Composer's "ba" is an alias of "st"
 )
 def test_parse(spec, value, unit):
     t = parse_time(spec, "start")
@@ -21,7 +23,8 @@ def test_parse(spec, value, unit):
 @pytest.mark.parametrize(
     "spec, fragment",
     [("500", "must be"), ("5 steps", "must be"), (1.5, "[0, 1]"), ("1.2dur", "[0, 1]"), (-0.1, "non-negative"),
-     (500, "ambiguous"), ("2.5st", "whole number"), (None, "must be"), (True, "must be"), (float("nan"), "finite")],
+     (500, "ambiguous"), ("2.5st", "whole number"), ("2.5ba", "whole number"), (None, "must be"), (True, "must be"),
+     (float("nan"), "finite")],
 )
 def test_parse_errors_name_the_argument(spec, fragment):
     with pytest.raises(ValueError, match="`prune_end`") as err:
@@ -75,6 +78,16 @@ def test_from_trainer_counts_optimizer_steps(tmp_path, accumulate, per_epoch):
     assert model.seen.total_steps == 4 * per_epoch == trainer.global_step
 
 
+def test_an_endless_run_has_no_length():
+    # Lightning answers max_steps (-1) for an endless loader: a fraction of such a run must fail, not resolve to -1
+    endless = SimpleNamespace(estimated_stepping_batches=-1, num_training_batches=float("inf"),
+                              accumulate_grad_batches=1, callbacks=[], max_epochs=1, max_steps=-1)
+    length = TrainingLength.from_trainer(endless)
+    assert length.total_steps is None
+    with pytest.raises(ValueError, match="run length is unknown"):
+        length.steps(0.5, "freeze_start")
+
+
 def test_ramps_hit_endpoints_exactly():
     for kind in ("linear", "cubic", "cosine"):
         assert ramp(kind, 0, 10, 110, 0.0, 0.9) == 0.0
@@ -99,3 +112,26 @@ def test_ramp_values():
 def test_is_due():
     assert [s for s in range(0, 30) if is_due(s, 10, start=5, end=25)] == [5, 15, 25]
     assert not is_due(3, 0)
+
+
+def test_step_intervals_take_ints_or_steps_and_refuse_run_fractions():
+    from lit_efficient.core.time import step_interval
+
+    assert step_interval(30, "every") == step_interval("30st", "every") == step_interval("30ba", "every") == 30
+    for bad, fragment in ((0, "int >= 1"), ("0st", "int >= 1"), (0.5, "int >= 1"), ("2ep", "in epochs"),
+                          ("0.5dur", "a fraction of the run"), (True, "int >= 1")):
+        with pytest.raises(ValueError, match="`every`") as err:
+            step_interval(bad, "every")
+        assert fragment in str(err.value)
+
+
+def test_times_within_a_task_are_fractions_or_epochs_of_it():
+    from lit_efficient.core.tasks import task_epochs, task_time
+
+    assert task_epochs(task_time(0.1, "at"), 50) == task_epochs(task_time("5ep", "at"), 50) == 5
+    assert task_epochs(task_time(0.001, "at"), 50) == 1  # at least one epoch
+    for bad in (0.0, "0ep", "10st", 1.5):
+        with pytest.raises(ValueError, match="`at`"):
+            task_time(bad, "at")
+    with pytest.raises(ValueError, match=r"\(0, 1\)"):
+        task_time(1.0, "at", below_one=True)

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lit_efficient.targets import (
+from lit_efficient.core.targets import (
     default_exemptions,
     fqn_matches,
     match_modules,
@@ -36,8 +36,8 @@ def tiny_unet():
     from diffusers import UNet2DModel
 
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8)
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8)
 
 
 class Wrapper(nn.Module):
@@ -70,17 +70,20 @@ def test_patterns_match_at_module_boundaries():
     assert not fqn_matches("model.blocks.0.mlp.fc10", "blocks.*.fc1")
     assert not fqn_matches("xblocks.0", "blocks.0")
     # include overrides the default exemptions: the user asked for the head and the patch embedding
-    assert names(select_targets(wrapped, include=["head", "patch_embed.proj"])) == ["model.patch_embed.proj", "model.head"]
+    assert names(select_targets(wrapped, include=["head", "patch_embed.proj"])) == [
+        "model.patch_embed.proj", "model.head"]
 
 
 def test_exclude_kinds_and_regex():
     vit = tiny_vit()
     assert names(select_targets(vit, exclude=["blocks.*.attn.*"])) == [
         "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
-    assert names(select_targets(vit, include=["re:blocks\\.1\\.mlp\\.fc[12]"])) == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert names(select_targets(vit, include=["re:blocks\\.1\\.mlp\\.fc[12]"])) == [
+        "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     assert names(select_targets(vit, include=["*"], kinds=["conv"])) == ["patch_embed.proj"]
     # naming a module names its whole subtree
-    assert names(select_targets(vit, include=["blocks.1"], exclude=["blocks.1.attn"])) == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert names(select_targets(vit, include=["blocks.1"], exclude=["blocks.1.attn"])) == [
+        "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
 
 
 def test_resnet_and_convnext_exempt_stem_and_head():
@@ -182,7 +185,7 @@ def test_refuse_sharded_strategies_refuses_sharding_strategies():
 
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy
 
-    from lit_efficient.targets import refuse_sharded_strategies
+    from lit_efficient.core.distributed import refuse_sharded_strategies
 
     for ok in (SingleDeviceStrategy("cpu"), DDPStrategy()):
         refuse_sharded_strategies(SimpleNamespace(strategy=ok), "GraNet", "masks need whole weights")

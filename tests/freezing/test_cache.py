@@ -11,8 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_efficient import ProgressiveFreezing
-from lit_efficient.freezing_cache import row_keys
-from tests.freezing.test_freezing import LMModule, UNetModule, ViTModule, image_loader, make_trainer
+from lit_efficient.freezing.cache import row_keys
+from tests.freezing.test_progressive import LMModule, UNetModule, ViTModule, image_loader, make_trainer
 
 
 def shuffled(dataset, batch=8):

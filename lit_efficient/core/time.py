@@ -3,7 +3,7 @@
 A *time spec* says when something happens, in one of three units:
 
 * a fraction of the run: ``0.5`` or ``"0.5dur"`` (must lie in [0, 1]);
-* optimizer steps: ``"500st"`` (an int >= 0);
+* optimizer steps: ``"500st"`` (an int >= 0), or ``"500ba"`` (Composer's word for the same);
 * epochs: ``"2ep"`` (may be fractional: ``"1.5ep"``).
 
 Specs are parsed (and rejected with a message naming the argument) in a callback's ``__init__``
@@ -23,18 +23,28 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, Union
 
-import torch
+from lit_efficient.core.protocols import ShortensEpochs
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
 
+
 TimeSpec = Union[int, float, str]
+
+
 TimeUnit = Literal["dur", "st", "ep"]
+
+
 RampKind = Literal["linear", "cubic", "cosine"]
+
+
 RAMP_KINDS: tuple[str, ...] = ("linear", "cubic", "cosine")
 
-_SPEC_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(dur|st|ep)\s*$")
-_FORMS = "a fraction of the run in [0, 1] (0.5 or '0.5dur'), optimizer steps ('500st') or epochs ('2ep')"
+
+_SPEC_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(dur|st|ba|ep)\s*$")
+
+
+_FORMS = "a fraction of the run in [0, 1] (0.5 or '0.5dur'), optimizer steps ('500st' or '500ba') or epochs ('2ep')"
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Time:
             if match is None:
                 raise ValueError(f"`{argument}` must be {_FORMS}; got {spec!r}")
             value, unit = float(match.group(1)), match.group(2)
+            unit = "st" if unit == "ba" else unit  # Composer's batches are our optimizer steps
         else:
             raise ValueError(f"`{argument}` must be {_FORMS}; got {type(spec).__name__} {spec!r}")
         if not math.isfinite(value) or value < 0:
@@ -123,12 +134,12 @@ class TrainingLength:
         ends past that point in full-data time, so fractions of the run fall early by the steps
         the pruning skipped."""
         total = trainer.estimated_stepping_batches  # also sets up the train dataloader
-        total_steps = None if total is None or not math.isfinite(total) else int(total)
+        total_steps = None if total is None or not math.isfinite(total) or total < 0 else int(total)  # -1: endless
         per_epoch: Optional[int] = None
         batches = trainer.num_training_batches
         if batches is not None and math.isfinite(batches) and batches > 0:
             per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-        full = [c.full_epoch_steps(trainer) for c in trainer.callbacks if callable(getattr(c, "full_epoch_steps", None))]
+        full = [c.full_epoch_steps(trainer) for c in trainer.callbacks if isinstance(c, ShortensEpochs)]
         full = [steps for steps in full if steps is not None]
         if full and trainer.max_epochs is not None and trainer.max_epochs > 0:
             per_epoch = full[0]
@@ -140,66 +151,6 @@ class TrainingLength:
     def steps(self, spec: TimeSpec, argument: str = "time") -> int:
         """Parse and resolve ``spec`` to optimizer steps."""
         return Time.parse(spec, argument).to_steps(self, argument)
-
-
-def run_position(trainer: "pl.Trainer", step: int) -> int:
-    """Where optimizer step ``step`` lies in the run, counted in full-data optimizer steps.
-
-    Fractions and epochs of the run resolve to full-data steps (:class:`TrainingLength`). A
-    data-pruning callback (InfoBatch) makes epochs shorter, so ``global_step`` never gets there; it
-    reports the steps its pruning has skipped by ``step`` (``skipped_steps(step)``), and every
-    schedule reads its position here: on the same clock as the LR schedule InfoBatch advances, so
-    ``stop=0.75`` still means three quarters of the epochs. Without such a callback this is ``step``.
-    """
-    return step + sum(c.skipped_steps(step) for c in trainer.callbacks if callable(getattr(c, "skipped_steps", None)))
-
-
-def epoch_generator(seed: int, epoch: int, offset: int = 0) -> torch.Generator:
-    """A generator seeded by ``seed`` and ``epoch`` alone: the same draws for that epoch on every
-    rank and after any resume (``offset`` separates independent draws of one epoch)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch + offset)
-
-
-def host_int(value: torch.Tensor) -> int:
-    """``int(value)`` of a one-element tensor that lives on the host, such as a CPU generator's draw:
-    no device to wait for (the sync-counting test exempts this helper, and only this one)."""
-    if value.device.type != "cpu":
-        raise ValueError(f"host_int reads host tensors only; this one is on {value.device}")
-    return int(value)
-
-
-def pinned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` in page-locked host memory when a CUDA device exists: a copy of it (or of a slice
-    of it) to the device with ``non_blocking=True`` then does not wait for the stream, as a copy
-    from ordinary (pageable) memory does."""
-    return tensor.pin_memory() if torch.cuda.is_available() and not tensor.is_pinned() else tensor
-
-
-def check_fraction(value: float, argument: str, low: float = 0.0, high: float = 1.0, high_open: bool = True,
-                   low_open: bool = False) -> float:
-    """``value`` as a float if it lies in the interval (closed unless ``*_open``); else a ValueError naming ``argument``."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    above = number and (low < value if low_open else low <= value)
-    below = number and (value < high if high_open else value <= high)
-    if not (above and below):
-        raise ValueError(f"`{argument}` must lie in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}; "
-                         f"got {value!r}")
-    return float(value)
-
-
-def check_int(value: int, argument: str, minimum: Optional[int] = None) -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``; else a ValueError naming ``argument``."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"`{argument}` must be an int{bound}; got {value!r}")
-    return value
-
-
-def check_bool(value: bool, argument: str) -> bool:
-    """``value`` if it is True or False (not 1, "yes" ...); else a ValueError naming ``argument``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"`{argument}` must be True or False; got {value!r}")
-    return value
 
 
 def check_ramp_kind(kind: str, argument: str = "schedule") -> str:
@@ -245,16 +196,21 @@ def is_due(step: int, every: int, start: int = 0, end: Optional[int] = None) -> 
     return (step - start) % every == 0
 
 
-__all__ = [
-    "RAMP_KINDS",
-    "Time",
-    "TimeSpec",
-    "TrainingLength",
-    "check_fraction",
-    "check_ramp_kind",
-    "interpolate",
-    "is_due",
-    "parse_time",
-    "progress",
-    "ramp",
-]
+def step_interval(spec: TimeSpec, argument: str) -> int:
+    """An interval of real optimizer steps (``update_proj_gap``, ``gradient_mask_every``): an int >= 1
+    or a time spec in steps (``"200st"``, ``"200ba"``). A fraction of the run or epochs is refused,
+    naming ``argument``: such intervals count the optimizer's own steps, whatever the run's length."""
+    if isinstance(spec, bool) or not isinstance(spec, (int, str, Time)):
+        raise ValueError(f"`{argument}` must be an int >= 1 or optimizer steps ('200st'); got {spec!r}")
+    if isinstance(spec, int):
+        steps = spec
+    else:
+        parsed = Time.parse(spec, argument)
+        if parsed.unit != "st":
+            what = "a fraction of the run" if parsed.unit == "dur" else "in epochs"
+            raise ValueError(f"`{argument}`={spec!r} is {what}; it is an interval of optimizer steps: give an int "
+                             "or a step count such as '200st'")
+        steps = int(parsed.value)
+    if steps < 1:
+        raise ValueError(f"`{argument}` must be an int >= 1 or optimizer steps ('200st'); got {spec!r}")
+    return steps

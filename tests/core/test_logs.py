@@ -6,16 +6,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_efficient.monitor import (
-    EfficientCallback,
-    SavingsRow,
-    bar_image,
-    format_savings_table,
-    log_histogram,
-    log_image,
-    metric_key,
-    tensorboard_writer,
-)
+from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.logs import bar_image, log_histogram, log_image, metric_key, tensorboard_writer
+from lit_efficient.core.savings import SavingsRow, format_savings_table
 
 
 class Regression(pl.LightningModule):
@@ -122,10 +115,12 @@ def test_bar_image():
 def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, monkeypatch):
     calls = []
     original = pl.LightningModule.log
-    monkeypatch.setattr(pl.LightningModule, "log", lambda self, name, *a, **k: (calls.append(name), original(self, name, *a, **k)))
+    monkeypatch.setattr(pl.LightningModule, "log",
+                        lambda self, name, *a, **k: (calls.append(name), original(self, name, *a, **k)))
     logger = TensorBoardLogger(tmp_path, name="tb")
-    trainer = pl.Trainer(max_steps=8, callbacks=[Probe()], logger=logger, log_every_n_steps=4, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(max_steps=8, callbacks=[Probe()], logger=logger, log_every_n_steps=4,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
     trainer.fit(Regression())
     # two metrics on steps 4 and 8 only, each self.log call being ~1 ms of a CPU step
     assert calls.count("efficient/probe/step_seen") == 2 and len(calls) == 4

@@ -8,13 +8,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_efficient import ProgressiveFreezing
-from lit_efficient.freezing import (
-    adaptive_frozen_prefix,
-    discover_blocks,
-    freezeout_times,
-    linear_frozen_count,
-    remove_from_optimizer,
-)
+from lit_efficient.freezing.blocks import discover_blocks
+from lit_efficient.freezing.freezer import remove_from_optimizer
+from lit_efficient.freezing.schedules import adaptive_frozen_prefix, freezeout_times, linear_frozen_count
 
 
 # -- pure functions -------------------------------------------------------------------------------
@@ -57,7 +53,8 @@ def tiny_models():
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     return {
-        "vit": VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3, num_heads=2),
+        "vit": VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=10, embed_dim=32, depth=3,
+                                 num_heads=2),
         "resnet": ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10),
         "convnext": timm.create_model("convnext_atto", pretrained=False, num_classes=10),
         "unet": UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
@@ -163,7 +160,8 @@ def test_frozen_prefix_stays_bit_identical_and_leaves_the_optimizer(tmp_path, op
     trained = [n for n in params if n not in frozen]
     assert all(id(params[n]) in optimizer_ids for n in trained)
     assert not torch.equal(snaps.weights[10]["model.head.weight"], snaps.weights[16]["model.head.weight"])
-    assert not torch.equal(snaps.weights[10]["model.blocks.3.mlp.fc1.weight"], snaps.weights[16]["model.blocks.3.mlp.fc1.weight"])
+    fc1 = "model.blocks.3.mlp.fc1.weight"
+    assert not torch.equal(snaps.weights[10][fc1], snaps.weights[16][fc1])
     trainer.optimizers[0].state_dict()
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 4  # stepped every epoch, groups intact
 
@@ -247,7 +245,8 @@ def test_resume_mid_schedule_matches_the_uninterrupted_run(tmp_path):
         pl.seed_everything(0)
         module = ViTModule(drop_rate=0.0)  # Lightning does not restore the global RNG that dropout draws from
         freezing = ProgressiveFreezing(schedule="freezeout", t0=0.3, warp="linear")
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=9, save_top_k=-1, save_on_train_epoch_end=True)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpts", every_n_epochs=9, save_top_k=-1,
+                                save_on_train_epoch_end=True)
         trainer = make_trainer(tmp_path, [freezing, saver], -1, max_epochs=16, deterministic=True,
                                enable_checkpointing=True)
         trainer.fit(module, image_loader(n=8, batch=8), ckpt_path=ckpt)  # one-batch epochs
@@ -280,7 +279,8 @@ class LMModule(pl.LightningModule):
             self.model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
         else:
             self.model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                                      num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2))
+                                                      num_hidden_layers=3, num_attention_heads=2,
+                                                      num_key_value_heads=2))
 
     def training_step(self, batch, batch_idx):
         (ids,) = batch
@@ -346,7 +346,8 @@ class UNetModule(pl.LightningModule):
         torch.manual_seed(0)
         self.unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
                                 norm_num_groups=8, layers_per_block=1,
-                                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+                                down_block_types=("DownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "UpBlock2D"))
 
     def training_step(self, batch, batch_idx):
         x, _ = batch
@@ -411,7 +412,7 @@ def test_tensorboard_and_savings(tmp_path):
 
 
 def test_freezeout_lr_annealing_scales_each_blocks_step(tmp_path):
-    from lit_efficient.freezing import freezeout_lr_factor
+    from lit_efficient.freezing.schedules import freezeout_lr_factor
 
     assert freezeout_lr_factor(0, 10) == 1.0 and freezeout_lr_factor(5, 10) == pytest.approx(0.5)
     assert freezeout_lr_factor(10, 10) == 0.0 and freezeout_lr_factor(12, 10) == 0.0
@@ -425,7 +426,8 @@ def test_freezeout_lr_annealing_scales_each_blocks_step(tmp_path):
 
     class Grads(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            grads[trainer.global_step] = {n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+            grads[trainer.global_step] = {n: p.grad.clone() for n, p in pl_module.named_parameters()
+                                          if p.grad is not None}
 
     module = SGDModule(drop_rate=0.0)
     make_trainer(tmp_path, [freezing, Grads(), snaps], 16).fit(module, image_loader())
@@ -434,7 +436,8 @@ def test_freezeout_lr_annealing_scales_each_blocks_step(tmp_path):
     step = snaps.weights[4][name] - snaps.weights[3][name]
     torch.testing.assert_close(step, -0.05 * freezeout_lr_factor(3, 8) * grads[3][name], rtol=1e-4, atol=1e-7)
     head = "model.head.weight"  # not in a block: full steps
-    torch.testing.assert_close(snaps.weights[4][head] - snaps.weights[3][head], -0.05 * grads[3][head], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(snaps.weights[4][head] - snaps.weights[3][head], -0.05 * grads[3][head],
+                               rtol=1e-4, atol=1e-7)
     with pytest.raises(ValueError, match="`lr_annealing`"):
         ProgressiveFreezing(schedule="linear", lr_annealing=True)
 
@@ -449,7 +452,8 @@ def test_reduce_lr_on_plateau_keeps_working_after_freezing(tmp_path):
         def configure_optimizers(self):
             opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=0, factor=0.5)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "train_loss", "interval": "step"}}
+            schedule = {"scheduler": plateau, "monitor": "train_loss", "interval": "step"}
+            return {"optimizer": opt, "lr_scheduler": schedule}
 
     freezing = ProgressiveFreezing(schedule="linear", freeze_start=0.0, freeze_level=0.75)
     trainer = make_trainer(tmp_path, [freezing], 12)

@@ -19,18 +19,16 @@ Lightning knows it resumes exactly.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.pytorch.trainer.states import RunningStage
-from lightning.pytorch.utilities.data import _update_dataloader
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from lit_efficient.composition import SAMPLE_ORDER, Claim
-from lit_efficient.schedules import pinned
+from lit_efficient.core.composition import SAMPLE_ORDER, Claim
+from lit_efficient.core.device import pinned
+from lit_efficient.core.lightning_internals import with_sampler, wrap_train_dataloader
 
 
 class PlannedOrderSampler(DistributedSampler):
@@ -60,16 +58,6 @@ class PlannedOrderSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return math.ceil(self.owner.order.numel() / self.num_replicas)
-
-
-def reduced_across_ranks(trainer: Optional["pl.Trainer"], tensor: Tensor, op: str = "sum") -> Tensor:
-    """A copy of ``tensor`` (this rank's records of the planned epoch) reduced over every rank with
-    ``op`` (``"sum"`` or ``"max"``), on the CPU; ``tensor`` itself is left alone. Every rank must call it."""
-    copy = tensor.detach().clone()
-    if trainer is not None and trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-        copy = copy.to(trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu"))
-        dist.all_reduce(copy, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return copy.cpu()
 
 
 def _restored_with_the_callback(state: dict[str, Any]) -> None:
@@ -106,7 +94,7 @@ class PlannedOrder:
         self.started_batches = self.trained_batches = 0
         self.plan_epoch = -1  # the epoch ``order`` was planned for
         self.closed_epoch = -1  # the last epoch whose end was processed
-        self._source_wrapped: Optional[tuple[Any, str]] = None
+        self._unwrap_source: Optional[Callable[[], None]] = None
         self._batch_size = 1
         self._drop_last = False
 
@@ -145,25 +133,14 @@ class PlannedOrder:
 
     def follow_planned_order(self, trainer: "pl.Trainer") -> None:
         """Make the training dataloader draw from a :class:`PlannedOrderSampler` of this callback."""
-        name = type(self).__name__
-        source = trainer.fit_loop._data_source
-        instance = source.instance
-        if isinstance(instance, (pl.LightningModule, pl.LightningDataModule)):
-            original = getattr(instance, source.name)
-            setattr(instance, source.name, lambda: self.planned_dataloader(original(), trainer))
-            self._source_wrapped = (instance, source.name)
-        elif isinstance(instance, DataLoader):
-            source.instance = self.planned_dataloader(instance, trainer)
-        else:
-            raise ValueError(f"{name} needs one training DataLoader (or a module/datamodule whose "
-                             f"`train_dataloader` returns one); got {type(instance).__name__}")
+        self._unwrap_source = wrap_train_dataloader(trainer, lambda loader: self.planned_dataloader(loader, trainer),
+                                                    type(self).__name__)
         trainer.reload_dataloaders_every_n_epochs = 1  # epochs change length: Lightning recounts each one
 
     def stop_following(self) -> None:
-        if self._source_wrapped is not None:
-            instance, attribute = self._source_wrapped
-            instance.__dict__.pop(attribute, None)
-            self._source_wrapped = None
+        if self._unwrap_source is not None:
+            self._unwrap_source()
+            self._unwrap_source = None
 
     def planned_dataloader(self, loader: Any, trainer: "pl.Trainer") -> DataLoader:
         """``loader`` rebuilt to draw its samples from a :class:`PlannedOrderSampler`."""
@@ -182,7 +159,7 @@ class PlannedOrder:
         self._batch_size, self._drop_last = loader.batch_size, loader.drop_last
         self.dataset_ready(size, trainer)
         sampler = PlannedOrderSampler(loader.dataset, self, trainer.world_size, trainer.global_rank)
-        planned = _update_dataloader(loader, sampler, mode=RunningStage.TRAINING)
+        planned = with_sampler(loader, sampler)
         # Lightning's stateful-loader protocol, so that it knows a mid-epoch checkpoint resumes exactly.
         # The position itself travels with the callback's state, restored before the loader is built
         # (and possibly moved on to a new plan since), so what Lightning hands back is not needed.
@@ -210,6 +187,3 @@ class PlannedOrder:
         local = math.ceil(samples / trainer.world_size)
         batches = local // self._batch_size if self._drop_last else math.ceil(local / self._batch_size)
         return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
-
-
-__all__ = ["PlannedOrder", "PlannedOrderSampler", "reduced_across_ranks"]

@@ -33,6 +33,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from lit_efficient.core.lightning_internals import replace_method, restore_method
+
 
 def _tensor_part(output: Any) -> Optional[torch.Tensor]:
     """The tensor a block passes on: the output itself, or the first element of a tuple whose other
@@ -50,7 +52,7 @@ def _like(tail: Optional[tuple], tensor: torch.Tensor) -> Any:
     return tensor if tail is None else (tensor, *tail)
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
     return [item for item in _flatten(value, []) if isinstance(item, torch.Tensor)]
 
 
@@ -72,8 +74,14 @@ def _flatten(value: Any, out: list) -> list:
 
 
 _PRIME = 2_147_483_647  # 2**31 - 1
+
+
 _LANES = 4  # independent hashes of every row: 4 x 31 bits
+
+
 _CHUNK = 4096  # 16-bit words hashed at a time: rows x 4 x 4096 int64 of scratch, whatever the row's size
+
+
 _COEFFICIENTS: dict[str, torch.Tensor] = {}  # per device: (4, n) coefficients for word positions 0..n-1
 
 
@@ -204,8 +212,8 @@ class FrozenOutputCache:
         self.nbytes = sum(_row_bytes(row) for row in self.previous.values())
         for module in modules:
             index = len(self.modules)
-            self._originals.append((module, module.__dict__.get("forward")))
-            module.forward = functools.partial(self._forward, index, module.forward)
+            own = replace_method(module, "forward", functools.partial(self._forward, index, module.forward))
+            self._originals.append((module, own))
             self.modules.append(module)
         self.start, self._plan = None, None
         if not self._for_good:
@@ -217,10 +225,7 @@ class FrozenOutputCache:
     def remove(self) -> None:
         """Give every module its own forward back."""
         for module, own in self._originals:
-            if own is None:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = own
+            restore_method(module, "forward", own)
         self._originals, self.modules = [], []
         self.clear()
 
@@ -270,7 +275,7 @@ class FrozenOutputCache:
             self.row_hits += len(rows)
             return torch.stack(rows)
         batch = len(keys)
-        if any(t.dim() and t.shape[0] == batch for t in _tensors((args[1:], kwargs))):
+        if any(t.dim() and t.shape[0] == batch for t in tensors_in((args[1:], kwargs))):
             return None  # e.g. a padding mask: rows cannot be run apart (would need slicing it); store them
         moving = [i for i, row in enumerate(rows) if row is None and keys[i] in self.previous]
         unseen = [i for i, row in enumerate(rows) if row is None and keys[i] not in self.previous]
@@ -320,9 +325,11 @@ class FrozenOutputCache:
         start = last
         while start > 0:  # walk back while each module feeds the next, same shape, same other arguments
             before, out_before = inputs[start - 1], tensors[start - 1]
-            passes_through = out_before is not None and out_before.shape == before.shape and out_before.dtype == before.dtype
+            passes_through = (out_before is not None and out_before.shape == before.shape
+                              and out_before.dtype == before.dtype)
             same_extras = len(extras[start]) == len(extras[start - 1]) and all(
-                a is b or (not isinstance(a, torch.Tensor) and a == b) for a, b in zip(extras[start], extras[start - 1]))
+                a is b or (not isinstance(a, torch.Tensor) and a == b)
+                for a, b in zip(extras[start], extras[start - 1]))
             if not (passes_through and inputs[start] is out_before and same_extras):
                 break
             start -= 1

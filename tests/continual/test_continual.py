@@ -7,15 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from examples.vision.continual import ContinualClassifier, SplitDigits
-from lit_efficient.continual import (
-    AccuracyMatrix,
-    ReservoirBuffer,
-    average_accuracy,
-    forgetting,
-    matrix_image,
-    rehearsal_loss,
-    task_of_epoch,
-)
+from lit_efficient.continual.metrics import AccuracyMatrix, average_accuracy, forgetting, matrix_image
+from lit_efficient.continual.rehearsal import ReservoirBuffer, rehearsal_loss
+from lit_efficient.core.tasks import task_of_epoch
 
 
 def test_task_of_epoch():

@@ -31,18 +31,21 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.distributed import _gather_all_tensors
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.monitor import EfficientCallback
-from lit_efficient.targets import refuse_sharded_strategies
+from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.lightning_internals import replace_method, restore_method
 
 CONTRACT = ('`training_step` must return {"loss": losses.mean(), "sample_losses": losses}, with `losses` a 1-D '
             "tensor of one loss per sample (for a language model: each sequence's mean token loss)")
+
+
 _REDUCERS = "_lit_efficient_sample_loss_callbacks"
+
+
 _ORIGINAL = "_lit_efficient_original_training_step"
 
 
@@ -93,8 +96,7 @@ def attach(trainer: "pl.Trainer", pl_module: "pl.LightningModule", callback: Sam
             return reduce_sample_losses(trainer, pl_module, original(*args, **kwargs), callbacks)
 
         pl_module.__dict__[_REDUCERS] = callbacks
-        pl_module.__dict__[_ORIGINAL] = original
-        pl_module.training_step = training_step
+        pl_module.__dict__[_ORIGINAL] = replace_method(pl_module, "training_step", training_step)
     if callback not in callbacks:
         callbacks.append(callback)
     # the order of the trainer's callbacks, whatever order setup ran in
@@ -111,8 +113,7 @@ def detach(pl_module: "pl.LightningModule", callback: SampleLossCallback) -> Non
         callbacks.remove(callback)
     if not callbacks:
         del pl_module.__dict__[_REDUCERS]
-        del pl_module.__dict__[_ORIGINAL]
-        del pl_module.training_step  # the instance attribute; the class method shows again
+        restore_method(pl_module, "training_step", pl_module.__dict__.pop(_ORIGINAL))
 
 
 def check_contract(output: Any, names: str) -> Tensor:
@@ -178,19 +179,3 @@ class NonfiniteCount:
                 rank_zero_warn(f"{self.technique}: {count} sample loss(es) were NaN/inf and were left out of the "
                                "weighted loss (multiplier 0). Check the model's numerics (fp16 overflow, log of 0) "
                                "if this persists.")
-
-
-def gather_samples(trainer: "pl.Trainer", values: Tensor) -> tuple[Tensor, int]:
-    """All ranks' 1-D ``values`` concatenated in global-rank order, and where this rank's begin.
-
-    Ranks may hold different numbers of samples. Without a process group this is ``values``, 0.
-    """
-    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return values, 0
-    parts = _gather_all_tensors(values.contiguous())
-    offset = sum(p.numel() for p in parts[: trainer.global_rank])
-    return torch.cat(parts), offset
-
-
-__all__ = ["CONTRACT", "NonfiniteCount", "SampleLossCallback", "attach", "check_contract", "detach", "gather_samples",
-           "reduce_sample_losses"]

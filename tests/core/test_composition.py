@@ -16,7 +16,7 @@ from lit_efficient import (
     RigL,
     SparCL,
 )
-from lit_efficient.composition import check_composition
+from lit_efficient.core.composition import check_composition
 from lit_efficient.sparsity.masks import MASK_BUFFER
 from tests.sparsity.sparse_helpers import MLP, loader
 
@@ -102,7 +102,8 @@ def test_freezing_with_rigl_leaves_frozen_layers_masks_and_weights_alone(tmp_pat
         def on_train_batch_end(self, trainer, pl_module, *args):
             layer = pl_module.net[2]
             if self.snapshot is None and not layer.weight.requires_grad:
-                self.snapshot = (layer.weight.detach().clone(), getattr(layer, MASK_BUFFER).clone(), trainer.global_step)
+                self.snapshot = (layer.weight.detach().clone(), getattr(layer, MASK_BUFFER).clone(),
+                                 trainer.global_step)
 
     probe = Probe()
     model, _ = fit(tmp_path, [freezing, rigl, probe], max_steps=16)

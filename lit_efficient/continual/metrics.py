@@ -1,0 +1,104 @@
+"""The accuracy matrix of a continual run: the accuracy on every task after each task, with
+average accuracy and forgetting.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.logs import log_image
+from lit_efficient.core.tasks import task_progress
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+def average_accuracy(matrix: Tensor, after_task: Optional[int] = None) -> float:
+    """Mean accuracy over tasks ``0..t`` after training task ``t`` (default: the last row filled)."""
+    t = _last_row(matrix) if after_task is None else after_task
+    return float(matrix[t, : t + 1].mean()) if t >= 0 else float("nan")
+
+
+def forgetting(matrix: Tensor, after_task: Optional[int] = None) -> float:
+    """Mean over tasks ``j < t`` of (best accuracy on ``j`` after learning it, before task ``t``) −
+    (accuracy on ``j`` after task ``t``)."""
+    t = _last_row(matrix) if after_task is None else after_task
+    if t < 1:
+        return 0.0
+    drops = [float(matrix[j:t, j].max() - matrix[t, j]) for j in range(t)]
+    return sum(drops) / len(drops)
+
+
+def _last_row(matrix: Tensor) -> int:
+    filled = (~torch.isnan(matrix)).any(dim=1).nonzero().flatten()
+    return int(filled[-1]) if filled.numel() else -1
+
+
+def matrix_image(matrix: Tensor) -> Tensor:
+    """A 3×H×W image of an accuracy matrix in [0, 100] (bright = accurate, blue = not yet trained)."""
+    values = (matrix.nan_to_num(-1.0) / 100).clamp(min=0)
+    untrained = torch.isnan(matrix)
+    image = torch.stack([values, values, torch.where(untrained, torch.full_like(values, 0.4), values)])
+    return image.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)
+
+
+class AccuracyMatrix(EfficientCallback):
+    """Records ``R[i, j]``, the validation accuracy on task ``j`` after training task ``i``.
+
+    The module logs one accuracy per task, as a fraction, under ``"<key>/task<j>"`` (e.g.
+    ``val/acc_cil/task3``);
+    at the end of each task's last epoch this callback reads them into one matrix per key and
+    reports the average accuracy over the tasks seen and the forgetting, as scalars
+    (``efficient/continual/<key>/average``, ``.../forgetting``) and as a TensorBoard image.
+
+    Args:
+        keys: metric prefixes to read (default Class-IL and Task-IL accuracy).
+    """
+
+    technique = "continual"
+
+    def __init__(self, keys: Sequence[str] = ("val/acc_cil", "val/acc_til")) -> None:
+        if isinstance(keys, str) or not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError(f"`keys` must be a non-empty list of metric prefixes; got {keys!r}")
+        self.keys = list(keys)
+        self.matrices: dict[str, Tensor] = {}
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        progress = task_progress(trainer)
+        if progress is None:
+            raise ValueError("AccuracyMatrix needs a datamodule with `num_tasks` and `epochs_per_task`")
+        n = progress.num_tasks
+        for key in self.keys:
+            if key not in self.matrices or self.matrices[key].shape != (n, n):
+                self.matrices[key] = torch.full((n, n), float("nan"))
+        super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        progress = task_progress(trainer)
+        if trainer.sanity_checking or progress is None or not progress.is_last_epoch:
+            return
+        scalars = {}
+        for key, matrix in self.matrices.items():
+            for j in range(progress.num_tasks):
+                value = trainer.callback_metrics.get(f"{key}/task{j}")
+                if value is not None:
+                    matrix[progress.task, j] = float(value) * 100.0  # logged as a fraction
+            scalars[f"efficient/continual/{key}/average"] = average_accuracy(matrix, progress.task)
+            scalars[f"efficient/continual/{key}/forgetting"] = forgetting(matrix, progress.task)
+            log_image(trainer, self.technique, f"{key}/matrix", matrix_image(matrix))
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(scalars, step=trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"matrices": {k: m.clone() for k, m in self.matrices.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.matrices = {k: m.clone() for k, m in state_dict["matrices"].items()}

@@ -1,0 +1,121 @@
+"""The base of every lit_efficient callback: its life-cycle, what it owns alone, the run clock it
+reads, its logging and its rows of the savings table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from lit_efficient.core.clock import run_position
+from lit_efficient.core.composition import Claim, check_composition
+from lit_efficient.core.logs import Number, log_metrics, log_text
+from lit_efficient.core.savings import SavingsRow, callback_settings, format_savings_table, savings_metrics
+
+
+def collect_savings(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+    """Rows from every :class:`EfficientCallback` of ``trainer``, in callback order."""
+    rows: list[SavingsRow] = []
+    for callback in efficient_callbacks(trainer):
+        rows.extend(callback.savings(trainer, pl_module))
+    return rows
+
+
+def efficient_callbacks(trainer: "pl.Trainer") -> list["EfficientCallback"]:
+    """Our callbacks of ``trainer``, in its order."""
+    return [c for c in trainer.callbacks if isinstance(c, EfficientCallback)]
+
+
+class EfficientCallback(Callback):
+    """Base of every lit_efficient callback: its technique name, logging helpers, what it owns
+    alone and its rows of the savings table.
+
+    Subclasses that override ``setup`` call ``super().setup(...)`` once their targets are chosen:
+    the last of our callbacks then checks that the combination can work
+    (:func:`lit_efficient.core.composition.check_composition`). The last one also reports the savings
+    table at the end of ``fit``.
+    """
+
+    technique: ClassVar[str] = "efficient"
+    _trainer: Optional["pl.Trainer"] = None
+
+    def position(self, step: int) -> int:
+        """Optimizer step ``step`` in full-data steps, the clock every schedule reads
+        (:func:`lit_efficient.core.clock.run_position`: InfoBatch's shorter epochs do not stretch them)."""
+        return run_position(self._trainer, step) if self._trainer is not None else step
+
+    def claims(self) -> list[Claim]:
+        """What this callback must own alone in a Trainer (override; known after ``setup``)."""
+        return []
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self._trainer = trainer
+        callbacks = efficient_callbacks(trainer)
+        if callbacks and callbacks[-1] is self:
+            check_composition(callbacks)
+
+    def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
+        log_metrics(pl_module, self.technique, metrics, **kwargs)
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn (on rank 0) the first time ``key`` happens to this callback."""
+        said = self.__dict__.setdefault("_warned", set())
+        if key not in said:
+            said.add(key)
+            rank_zero_warn(message)
+
+    def gradients_finite(self, optimizer: torch.optim.Optimizer, decision: str, step: int) -> bool:
+        """Whether every gradient of ``optimizer``'s parameters is finite: read on a decision step only
+        (one sync), in ``on_before_optimizer_step``.
+
+        Under fp16 with a GradScaler an overflow step reaches ``on_before_optimizer_step`` with
+        inf/NaN gradients somewhere, and the scaler then skips the whole optimizer step: no decision
+        may be taken in it. Otherwise says once that ``decision`` moves on, and returns False."""
+        memo = self.__dict__.get("_finite_at")
+        if memo is not None and memo[0] == (id(optimizer), step):
+            finite = memo[1]  # asked again in the same step (SparCL: mask update and gradient-mask refresh)
+        else:
+            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                        by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
+            finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())  # one sync per device
+            self.__dict__["_finite_at"] = ((id(optimizer), step), finite)
+        if not finite:
+            self.warn_once("nonfinite", f"{type(self).__name__}: the gradients of optimizer step {step} were not "
+                           f"finite (an fp16 overflow step, which a GradScaler skips): {decision} moved to the next "
+                           "step whose gradients are finite (said once)")
+        return finite
+
+    def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
+        """What this technique saved in the run that just ended (override)."""
+        return []
+
+    @override
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        callbacks = efficient_callbacks(trainer)
+        if not callbacks or callbacks[-1] is not self:
+            return
+        rows = collect_savings(trainer, pl_module)
+        if not rows:
+            return
+        table = format_savings_table(rows)
+        rank_zero_info(f"lit_efficient savings:\n{table}")
+        log_text(trainer, "report", "savings", table)
+        metrics = savings_metrics(rows)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: each run's settings beside its savings
+                logger.log_hyperparams(callback_settings(callbacks), metrics=metrics)
+            elif metrics:
+                logger.log_metrics(metrics, step=trainer.global_step)
