@@ -40,7 +40,9 @@ from lit_efficient.lowrank.optim import state_bytes  # noqa: E402
 RANK, GAP, SCALE = 64, 200, 0.25
 METHODS = {  # name -> GaLore callback options (None: no callback)
     "AdamW": None,
-    "GaLore svd": dict(projection="svd"),
+    "GaLore svd": dict(projection="svd"),  # moments_on_refresh="align", the default
+    "GaLore svd keep": dict(projection="svd", moments_on_refresh="keep"),  # the reference behaviour
+    "GaLore svd rotate": dict(projection="svd", moments_on_refresh="rotate"),
     "GaLore randomized_svd": dict(projection="randomized_svd"),
     "GaLore random": dict(projection="random"),
     "GaLore svd 8-bit": dict(projection="svd", eight_bit=True),

@@ -21,6 +21,7 @@ TECHNIQUES = {
     "adaptive": lambda: [AutoFreeze(freeze_start="2st", check_every="2st", percentile=90)],
     "galore": lambda: [GaLore(rank=8, update_proj_gap=3)],  # checkpoint at step 7: mid-gap, bases from step 6
     "galore_random_8bit": lambda: [GaLore(rank=8, update_proj_gap=3, projection="random", eight_bit=True)],
+    "galore_rotate_8bit": lambda: [GaLore(rank=8, update_proj_gap=3, eight_bit=True, moments_on_refresh="rotate")],
     "infobatch": lambda: [InfoBatch(prune_ratio=0.5)],  # one-batch epochs that shrink when pruned
     "loss_reweighting": lambda: [LossReweighting(warmup="3st", temperature=0.5)],
 }

@@ -37,7 +37,7 @@ from lit_efficient.core.logs import step_logs_due
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.targets import ALL_LINEAR, select_targets, validate_patterns
 from lit_efficient.core.time import step_interval
-from lit_efficient.lowrank.optim import GaLoreAdamW, check_galore_group, state_bytes
+from lit_efficient.lowrank.optim import GaLoreAdamW, MomentsOnRefresh, check_galore_group, state_bytes
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, Projection, ProjType
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
@@ -62,7 +62,14 @@ class GaLore(EfficientCallback):
         layerwise: step each matrix inside backward and free its gradient (per-layer mode);
             refused with gradient accumulation, gradient clipping, multi-process training and a
             GradScaler (16-mixed: its overflow steps could not be skipped).
-        seed: seed of the random projections (identical on every rank).
+        seed: seed of the random projections and randomized-SVD sketches (identical on every rank).
+        moments_on_refresh: what a basis refresh does to the Adam moments: ``"align"`` (default)
+            flips each new basis vector to its predecessor's sign and keeps the moments;
+            ``"rotate"`` aligns, then maps the moments into the new basis (the first moment by the
+            change of basis, the second by its squares); ``"keep"`` leaves them in the old
+            coordinates, as the reference implementation (galore-torch) does. Only ``"keep"`` lets
+            the arbitrary signs of a decomposition change the update (e.g. between one process and
+            DDP).
         target_modules: alias of ``include`` (Hugging Face PEFT's and ``galore-torch``'s name);
             giving both with different selections is a ValueError. After construction both
             attributes hold the resolved selection, so the callback rebuilds from its attributes.
@@ -91,6 +98,7 @@ class GaLore(EfficientCallback):
         eight_bit: bool = False,
         layerwise: bool = False,
         seed: int = 0,
+        moments_on_refresh: MomentsOnRefresh = "align",
         target_modules: Union[str, list[str], None] = None,
     ) -> None:
         self.rank = rank
@@ -101,6 +109,7 @@ class GaLore(EfficientCallback):
         self.fira = check_bool(fira, "fira")
         self.eight_bit = check_bool(eight_bit, "eight_bit")
         self.seed = check_int(seed, "seed")
+        self.moments_on_refresh = moments_on_refresh
         check_galore_group({**self.group_options, "params": []})  # ValueErrors naming the argument
         if eight_bit:
             try:
@@ -129,7 +138,7 @@ class GaLore(EfficientCallback):
         """The GaLoreAdamW group keys this callback sets on every converted group."""
         return {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
                 "proj_type": self.proj_type, "projection": self.projection, "fira": self.fira,
-                "eight_bit": self.eight_bit, "seed": self.seed}
+                "eight_bit": self.eight_bit, "seed": self.seed, "moments_on_refresh": self.moments_on_refresh}
 
     # -- converting the module's optimizer --------------------------------------------------------
 

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -56,8 +56,10 @@ from lit_efficient.lowrank.projector import (
 
 Bases = tuple[Optional[Tensor], Optional[Tensor]]  # (P, Q); None on a side that is not projected
 
+MomentsOnRefresh = Literal["align", "rotate", "keep"]
+MOMENTS_ON_REFRESH: tuple[str, ...] = ("align", "rotate", "keep")
 GALORE_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projection": "svd", "fira": False,
-                   "eight_bit": False, "seed": 0}
+                   "eight_bit": False, "seed": 0, "moments_on_refresh": "align"}
 BLOCK = 256  # elements per 8-bit quantization block (bitsandbytes' optimizers use 256 too)
 FIRA_GROWTH = 1.01  # Fira's limiter: the residual's norm may grow at most 1% per step
 _CODES: dict[tuple[bool, str], Tensor] = {}
@@ -71,6 +73,9 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {group['proj_type']!r}")
     if group["projection"] not in PROJECTIONS:
         raise ValueError(f"`projection` must be one of {list(PROJECTIONS)}; got {group['projection']!r}")
+    if group.get("moments_on_refresh", "align") not in MOMENTS_ON_REFRESH:
+        raise ValueError(f"`moments_on_refresh` must be one of {list(MOMENTS_ON_REFRESH)}; "
+                         f"got {group['moments_on_refresh']!r}")
     if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool) or not group["scale"] > 0:
         raise ValueError(f"`scale` must be a positive number; got {group['scale']!r}")
     projected = group.get("projected")
@@ -173,13 +178,13 @@ def random_projection_bases(state: dict[str, Any], group: dict[str, Any], shape:
     return random_bases(shape, group["rank"], side, state["basis_seed"], device)
 
 
-def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, index: int) -> Bases:
+def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, index: int, seed: int = 0) -> Bases:
     """GaLore (arXiv 2403.03507): a new basis from the top-``rank`` singular subspace of the fp32
     gradient (``svd`` or ``randomized_svd``). A failed decomposition keeps ``old``; with no basis
     yet, it falls back to a random orthonormal one seeded by the matrix ``index``."""
     shape = tuple(grad.shape)
     try:
-        return svd_bases(grad, rank, side, method)
+        return svd_bases(grad, rank, side, method, seed)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         # stacklevel 4: the warning points at the optimizer's step, past this function and the update
         if old[0] is None and old[1] is None:  # nothing to keep yet: a seeded random orthonormal basis
@@ -190,6 +195,71 @@ def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, ind
                     None if q_ is None else torch.linalg.qr(q_.T)[0].T)
         warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis", stacklevel=4)
         return old
+
+
+# -- the moments across a refresh -------------------------------------------------------------------
+
+
+def basis_change(old: Bases, new: Bases) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(C_left, C_right), r×r: the new basis vectors in the old ones' coordinates, so that a projected
+    gradient moves between bases as ``low_new ≈ C_left · low_old · C_rightᵀ`` (``C_left = P_newᵀ P_old``,
+    ``C_right = Q_new Q_oldᵀ``); None on a side that is not projected."""
+    left = None if new[0] is None or old[0] is None else new[0].T @ old[0]
+    right = None if new[1] is None or old[1] is None else new[1] @ old[1].T
+    return left, right
+
+
+def aligned_signs(new: Bases, change: tuple[Optional[Tensor], Optional[Tensor]]) -> Bases:
+    """``new`` with each basis vector's sign flipped where it points away from its predecessor (a
+    negative diagonal of the change of basis): a decomposition's arbitrary signs then do not decide
+    what the kept moments mean."""
+    def signs(c: Tensor) -> Tensor:
+        return torch.where(c.diagonal() < 0, -1.0, 1.0).to(c.dtype)
+
+    p, q = new
+    if change[0] is not None:
+        p = p * signs(change[0]).unsqueeze(0)
+    if change[1] is not None:
+        q = q * signs(change[1]).unsqueeze(1)
+    return p, q
+
+
+def rotate_moments(exp_avg: Tensor, exp_avg_sq: Tensor, change: tuple[Optional[Tensor], Optional[Tensor]]
+                   ) -> tuple[Tensor, Tensor]:
+    """The moments carried into the new basis: the first moment by the change of basis itself (a
+    linear map, exact for a mean within the kept subspace), the second by its entries squared (each
+    new coordinate's second moment as the old ones' weighted by their squared cosines, cross terms
+    dropped: non-negative, and unchanged by any sign or permutation of the basis)."""
+    left, right = change
+    if left is not None:
+        exp_avg, exp_avg_sq = left @ exp_avg, (left * left) @ exp_avg_sq
+    if right is not None:
+        exp_avg, exp_avg_sq = exp_avg @ right.T, exp_avg_sq @ (right * right).T
+    return exp_avg, exp_avg_sq
+
+
+def carry_moments(state: dict[str, Any], old: Bases, new: Bases, how: str, eight_bit: bool) -> Bases:
+    """At a refresh from ``old`` to ``new`` bases: ``"keep"`` leaves the moments in the old coordinates
+    (the reference implementation, galore-torch); ``"align"`` flips new vectors to their
+    predecessors' signs; ``"rotate"`` aligns too, then maps the moments into the new basis
+    (:func:`rotate_moments`).
+    Returns the bases to store."""
+    if how == "keep" or (old[0] is None and old[1] is None):
+        return new
+    new = aligned_signs(new, basis_change(old, new))
+    if how == "align":
+        return new
+    change = basis_change(old, new)  # of the aligned basis: the stored bases and moments never depend on signs
+    if eight_bit:  # through fp32, as every 8-bit step does
+        shape = state["exp_avg_q"].shape
+        exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(shape)
+        exp_avg_sq = dequantize_8bit(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False).view(shape)
+        exp_avg, exp_avg_sq = rotate_moments(exp_avg, exp_avg_sq, change)
+        state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
+        state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
+    else:
+        state["exp_avg"], state["exp_avg_sq"] = rotate_moments(state["exp_avg"], state["exp_avg_sq"], change)
+    return new
 
 
 # -- the update mapped back, per variant -----------------------------------------------------------
@@ -245,7 +315,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             ``update_proj_gap`` 200 (steps between basis refreshes), ``scale`` 0.25 (α),
             ``proj_type`` ``"std"`` (``reverse_std``, ``left``, ``right``, ``full``), ``projection``
             ``"svd"`` (``randomized_svd``, ``random``), ``fira`` False (add the out-of-subspace
-            residual, Fira), ``eight_bit`` False (8-bit moments), ``seed`` 0 (random projections).
+            residual, Fira), ``eight_bit`` False (8-bit moments), ``seed`` 0 (random projections),
+            ``moments_on_refresh`` ``"align"`` (``rotate``, ``keep``: what a refresh does to the moments;
+            see :func:`carry_moments`).
             An optional ``projected`` list of bools (one per parameter) projects only some of the
             group's matrices — how the GaLore callback converts a module's optimizer without
             changing its groups, so learning-rate schedulers stay valid.
@@ -390,7 +462,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if due or (old[0] is None and old[1] is None):
             synchronize(grad.device)  # a refresh step: the clock times the decomposition, not queued work
             start = time.perf_counter()
-            new = svd_refresh(grad, rank, side, group["projection"], old, state["index"])
+            sketch_seed = int(group["seed"]) * 1_000_003 + state["step"] * 7919 + state["index"]  # randomized_svd
+            new = svd_refresh(grad, rank, side, group["projection"], old, state["index"], sketch_seed)
+            if new is not old:  # a failed decomposition keeps the old basis, and the moments with it
+                # a group restored from a checkpoint written before this option continues as it ran: "keep"
+                how = group.get("moments_on_refresh", "keep")
+                new = carry_moments(state, old, new, how, group["eight_bit"])
             synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1

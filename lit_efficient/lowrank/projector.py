@@ -50,8 +50,11 @@ def basis_numel(shape: tuple[int, int], rank: int, side: str) -> int:
     return {"right": rank * n, "left": m * rank, "full": m * rank + rank * n}[side]
 
 
-def svd_bases(grad: Tensor, rank: int, side: str, method: Projection) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def svd_bases(grad: Tensor, rank: int, side: str, method: Projection,
+              seed: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(P, Q) from the top-``rank`` singular vectors of ``grad`` (computed in fp32); None where unused.
+    ``randomized_svd`` draws its sketch from ``seed`` (not the global generator): every rank, and a
+    resumed run, sketches alike.
 
     A one-sided basis on the smaller dimension comes from the eigenvectors of the Gram matrix
     (``G Gᵀ`` or ``Gᵀ G``): the same singular subspace, about 4× cheaper than a full SVD.
@@ -66,7 +69,9 @@ def svd_bases(grad: Tensor, rank: int, side: str, method: Projection) -> tuple[O
         p, q = None, vectors[:, -rank:].flip(1).T.contiguous()
     else:
         if method == "randomized_svd":
-            u, _, v = torch.svd_lowrank(g, q=min(rank + 4, m, n), niter=2)
+            with torch.random.fork_rng(devices=[g.device] if g.device.type == "cuda" else []):
+                torch.manual_seed(seed)
+                u, _, v = torch.svd_lowrank(g, q=min(rank + 4, m, n), niter=2)
             u, vh = u[:, :rank], v[:, :rank].T
         else:
             u, _, vh = torch.linalg.svd(g, full_matrices=False)
