@@ -102,10 +102,10 @@ def reference_state_bytes(optimizer, params) -> int:
     return total
 
 
-def run_one(method: str, steps: int, root: str) -> dict:
-    pl.seed_everything(0, verbose=False)
+def run_one(method: str, steps: int, root: str, seed: int = 0) -> dict:
+    pl.seed_everything(seed, verbose=False)
     options = METHODS[method]
-    model, data = pydoc_llama(0, ReferenceGaLoreLM if options == "reference" else None)
+    model, data = pydoc_llama(seed, ReferenceGaLoreLM if options == "reference" else None)
     measure, opt_time = Measure(), OptimizerTime()
     galore = [GaLore(rank=RANK, update_proj_gap=GAP, scale=SCALE, **options)] if isinstance(options, dict) else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -135,6 +135,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -148,7 +149,7 @@ def main(argv=None) -> None:
             args.methods.remove("galore_torch")
     results = []
     for method in args.methods:
-        r = run_one(method, args.steps, args.root)
+        r = run_one(method, args.steps, args.root, args.seed)
         results.append(r)
         refresh_ms = 0 if r["opt_refresh"] is None else r["opt_refresh"] * 1000
         print(f"{method}: best val {r['best']:.4f} at {r['best_step']}, "
@@ -156,8 +157,8 @@ def main(argv=None) -> None:
               f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {refresh_ms:.0f} ms), "
               f"step {r['step'] * 1000:.0f} ms", flush=True)
     base = next((r for r in results if r["method"] == "AdamW"), results[0])
-    print(f"\npydoc Llama (d 256, 4 layers), {args.steps} steps, rank {RANK}, gap {GAP}, scale {SCALE}, "
-          f"{torch.get_num_threads()} thread(s)")
+    print(f"\npydoc Llama (d 256, 4 layers), {args.steps} steps, seed {args.seed}, rank {RANK}, gap {GAP}, "
+          f"scale {SCALE}, {torch.get_num_threads()} thread(s)")
     print("| method | state of projected matrices vs AdamW | whole optimizer state (MiB) | optimizer update: ordinary "
           "/ refresh (ms) | amortised update vs AdamW | step time vs AdamW | best val loss (step) | vs AdamW |")
     print("|---|---|---|---|---|---|---|---|")
