@@ -15,7 +15,13 @@ from typing_extensions import override
 from lit_efficient.core.checks import check_fraction
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
 from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings
+from lit_efficient.freezing.linear import check_freeze_level
 from lit_efficient.freezing.schedules import adaptive_frozen_prefix
+
+
+def check_percentile(percentile: float) -> float:
+    """``percentile``, AutoFreeze's threshold, if it lies in (0, 100]."""
+    return check_fraction(percentile, "percentile", 0.0, 100.0, high_open=False, low_open=True)
 
 
 def parse_check_every(check_every: TimeSpec) -> Time:
@@ -73,9 +79,9 @@ class AutoFreeze(BlockFreezing):
         cache_frozen_mb: float = 0.0,
     ) -> None:
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
-        self.freeze_level = check_fraction(freeze_level, "freeze_level", high_open=False, low_open=True)
+        self.freeze_level = check_freeze_level(freeze_level)
         self.check_every = parse_check_every(check_every)
-        self.percentile = check_fraction(percentile, "percentile", 0.0, 100.0, high_open=False, low_open=True)
+        self.percentile = check_percentile(percentile)
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
                          cache_frozen_mb=cache_frozen_mb)
         self.previous_norms: list[float] = []  # the active blocks' gradient norms at the last check

@@ -17,6 +17,11 @@ from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings
 from lit_efficient.freezing.schedules import WARPS, Warp, freezeout_lr_factor, freezeout_times
 
 
+def check_t0(t0: float) -> float:
+    """``t0``, when FreezeOut's first block freezes before warping, if it lies in (0, 1]."""
+    return check_fraction(t0, "t0", high_open=False, low_open=True)
+
+
 def check_warp(warp: str) -> str:
     if warp not in WARPS:
         raise ValueError(f"`warp` must be one of {list(WARPS)}; got {warp!r}")
@@ -64,7 +69,7 @@ class FreezeOut(BlockFreezing):
         tied_embeddings: TiedEmbeddings = "train",
         cache_frozen_mb: float = 0.0,
     ) -> None:
-        self.t0 = check_fraction(t0, "t0", high_open=False, low_open=True)
+        self.t0 = check_t0(t0)
         self.warp = check_warp(warp)
         self.lr_annealing = check_bool(lr_annealing, "lr_annealing")
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,

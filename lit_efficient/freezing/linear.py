@@ -16,6 +16,11 @@ from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings
 from lit_efficient.freezing.schedules import linear_frozen_count
 
 
+def check_freeze_level(freeze_level: float) -> float:
+    """``freeze_level``, the fraction of blocks frozen at most, if it lies in (0, 1]."""
+    return check_fraction(freeze_level, "freeze_level", high_open=False, low_open=True)
+
+
 class LinearFreezing(BlockFreezing):
     """Freeze a model front to back on a linear ramp: none of its blocks before ``freeze_start``,
     then a fraction growing linearly to ``freeze_level`` of them at the end of the run; each frozen
@@ -52,7 +57,7 @@ class LinearFreezing(BlockFreezing):
         cache_frozen_mb: float = 0.0,
     ) -> None:
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
-        self.freeze_level = check_fraction(freeze_level, "freeze_level", high_open=False, low_open=True)
+        self.freeze_level = check_freeze_level(freeze_level)
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
                          cache_frozen_mb=cache_frozen_mb)
         self._start_step = 0

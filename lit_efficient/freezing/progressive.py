@@ -18,13 +18,13 @@ from typing import Any, Literal, Optional
 
 from typing_extensions import override
 
-from lit_efficient.core.checks import check_bool, check_fraction
+from lit_efficient.core.checks import check_bool
 from lit_efficient.core.targets import validate_patterns
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength
-from lit_efficient.freezing.autofreeze import AutoFreeze, parse_check_every
+from lit_efficient.freezing.autofreeze import AutoFreeze, check_percentile, parse_check_every
 from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings, check_cache_frozen_mb, check_tied_embeddings
-from lit_efficient.freezing.freezeout import FreezeOut, check_warp
-from lit_efficient.freezing.linear import LinearFreezing
+from lit_efficient.freezing.freezeout import FreezeOut, check_t0, check_warp
+from lit_efficient.freezing.linear import LinearFreezing, check_freeze_level
 from lit_efficient.freezing.schedules import Warp
 
 Schedule = Literal["freezeout", "linear", "adaptive"]
@@ -81,11 +81,11 @@ class ProgressiveFreezing(BlockFreezing):
         check_warp(warp)
         check_tied_embeddings(tied_embeddings)
         self.schedule = schedule
-        self.t0, self.warp = check_fraction(t0, "t0", high_open=False, low_open=True), warp
+        self.t0, self.warp = check_t0(t0), warp
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
-        self.freeze_level = check_fraction(freeze_level, "freeze_level", high_open=False, low_open=True)
+        self.freeze_level = check_freeze_level(freeze_level)
         self.check_every = parse_check_every(check_every)
-        self.percentile = check_fraction(percentile, "percentile", 0.0, 100.0, high_open=False, low_open=True)
+        self.percentile = check_percentile(percentile)
         validate_patterns(blocks, "blocks")
         check_bool(frozen_eval, "frozen_eval")
         if lr_annealing and schedule != "freezeout":
