@@ -3,6 +3,8 @@
     python benchmarks/galore.py                       # pydoc Llama, 600 steps, every method (~1 h, 1 thread)
     python benchmarks/galore.py --steps 300 --threads 2
     python benchmarks/galore.py --quick               # smoke test
+    python benchmarks/galore.py --steps 300 --threads 2 --seeds 0 1 2 --methods AdamW galore_torch \
+        "GaLore svd keep" "GaLore svd align" "GaLore svd rotate"   # what a refresh does to the moments
 
 Task: the standard pydoc LM (Llama, d 256, 4 layers, vocab 2048, batch 16 x 128, AdamW 1e-3,
 wd 0.1, cosine with 5% warm-up). GaLore on every attention/MLP Linear (28 matrices), rank 64
@@ -13,7 +15,9 @@ and 8-bit moments; and ``galore_torch.GaLoreAdamW`` (the reference package) at t
 Reported: optimizer-state bytes of the projected matrices (moments + stored bases/projectors)
 relative to AdamW's for the same matrices, and of the whole optimizer; the median time of the
 optimizer update on ordinary and on refresh steps and its mean over the run (amortised), relative
-to AdamW's; the median full step time; the best validation loss and the step it came at.
+to AdamW's; the median full step time; the best validation loss and the step it came at. With
+several ``--seeds``, one such table per seed, then a last one of each method's best validation loss
+per seed and its mean, relative to AdamW's mean.
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ from lit_efficient.lowrank.optim import state_bytes  # noqa: E402
 RANK, GAP, SCALE = 64, 200, 0.25
 METHODS = {  # name -> GaLore callback options (None: no callback)
     "AdamW": None,
-    "GaLore svd": dict(projection="svd"),  # moments_on_refresh="align", the default
+    "GaLore svd": dict(projection="svd"),  # moments_on_refresh at its default
     "GaLore svd keep": dict(projection="svd", moments_on_refresh="keep"),  # the reference behaviour
+    "GaLore svd align": dict(projection="svd", moments_on_refresh="align"),
     "GaLore svd rotate": dict(projection="svd", moments_on_refresh="rotate"),
+    # off the recipe: the full learning rate on the projected matrices (the peer study's best galore-torch)
+    "GaLore svd rotate, scale 1": dict(projection="svd", moments_on_refresh="rotate", scale=1.0),
     "GaLore randomized_svd": dict(projection="randomized_svd"),
     "GaLore random": dict(projection="random"),
     "GaLore svd 8-bit": dict(projection="svd", eight_bit=True),
@@ -107,7 +114,8 @@ def run_one(method: str, steps: int, root: str, seed: int = 0) -> dict:
     options = METHODS[method]
     model, data = pydoc_llama(seed, ReferenceGaLoreLM if options == "reference" else None)
     measure, opt_time = Measure(), OptimizerTime()
-    galore = [GaLore(rank=RANK, update_proj_gap=GAP, scale=SCALE, **options)] if isinstance(options, dict) else []
+    galore = [GaLore(**{"rank": RANK, "update_proj_gap": GAP, "scale": SCALE, **options})] \
+        if isinstance(options, dict) else []
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          max_steps=steps, max_epochs=-1, val_check_interval=min(50, steps),
@@ -131,33 +139,9 @@ def run_one(method: str, steps: int, root: str, seed: int = 0) -> dict:
             "best": best, "best_step": measure.val_steps[measure.val_losses.index(best)]}
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
-    add_common_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps = 4
-    torch.set_num_threads(args.threads)
-    if "galore_torch" in args.methods:
-        try:
-            import galore_torch  # noqa: F401
-        except ImportError:
-            print("galore_torch is not installed (pip install galore-torch): leaving it out")
-            args.methods.remove("galore_torch")
-    results = []
-    for method in args.methods:
-        r = run_one(method, args.steps, args.root, args.seed)
-        results.append(r)
-        refresh_ms = 0 if r["opt_refresh"] is None else r["opt_refresh"] * 1000
-        print(f"{method}: best val {r['best']:.4f} at {r['best_step']}, "
-              f"projected state {r['projected_bytes'] / 2**20:.2f} MiB, "
-              f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {refresh_ms:.0f} ms), "
-              f"step {r['step'] * 1000:.0f} ms", flush=True)
+def print_table(results: list[dict], steps: int, seed: int) -> None:
     base = next((r for r in results if r["method"] == "AdamW"), results[0])
-    print(f"\npydoc Llama (d 256, 4 layers), {args.steps} steps, seed {args.seed}, rank {RANK}, gap {GAP}, "
+    print(f"\npydoc Llama (d 256, 4 layers), {steps} steps, seed {seed}, rank {RANK}, gap {GAP}, "
           f"scale {SCALE}, {torch.get_num_threads()} thread(s)")
     print("| method | state of projected matrices vs AdamW | whole optimizer state (MiB) | optimizer update: ordinary "
           "/ refresh (ms) | amortised update vs AdamW | step time vs AdamW | best val loss (step) | vs AdamW |")
@@ -169,6 +153,60 @@ def main(argv=None) -> None:
               f"{r['opt_normal'] * 1000:.1f} / {refresh} | {r['opt_mean'] / base['opt_mean']:.2f} | "
               f"{r['step'] / base['step']:.3f} | {r['best']:.4f} ({r['best_step']}) | "
               f"{(r['best'] / base['best'] - 1) * 100:+.1f}% |")
+
+
+def print_summary(by_seed: dict[int, list[dict]], steps: int) -> None:
+    """Each method's best validation loss per seed, its mean and the mean's distance to AdamW's."""
+    seeds = list(by_seed)
+    methods = [r["method"] for r in by_seed[seeds[0]]]
+    best = {m: [next(r["best"] for r in by_seed[s] if r["method"] == m) for s in seeds] for m in methods}
+    mean = {m: statistics.mean(v) for m, v in best.items()}
+    base = mean.get("AdamW", mean[methods[0]])
+    reference = "AdamW" if "AdamW" in methods else methods[0]
+    update = {m: statistics.mean(next(r["opt_mean"] for r in by_seed[s] if r["method"] == m)
+                                 / next(r["opt_mean"] for r in by_seed[s] if r["method"] == reference)
+                                 for s in seeds) for m in methods}
+    print(f"\npydoc Llama, {steps} steps, best validation loss over seeds {', '.join(map(str, seeds))}")
+    print("| method | amortised update vs AdamW | " + " | ".join(f"seed {s}" for s in seeds)
+          + " | mean best val loss | mean vs AdamW |")
+    print("|---|---|" + "---|" * len(seeds) + "---|---|")
+    for m in methods:
+        print(f"| {m} | {update[m]:.2f} | " + " | ".join(f"{v:.4f}" for v in best[m]) + f" | {mean[m]:.4f} | "
+              f"{(mean[m] / base - 1) * 100:+.2f}% |")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--seeds", "--seed", nargs="+", type=int, default=[0],
+                        help="model initialisation and data order; each seed runs every method")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 4
+    torch.set_num_threads(args.threads)
+    if "galore_torch" in args.methods:
+        try:
+            import galore_torch  # noqa: F401
+        except ImportError:
+            print("galore_torch is not installed (pip install galore-torch): leaving it out")
+            args.methods.remove("galore_torch")
+    by_seed = {}
+    for seed in args.seeds:
+        results = []
+        for method in args.methods:
+            r = run_one(method, args.steps, args.root, seed)
+            results.append(r)
+            refresh_ms = 0 if r["opt_refresh"] is None else r["opt_refresh"] * 1000
+            print(f"{method}, seed {seed}: best val {r['best']:.4f} at {r['best_step']}, "
+                  f"projected state {r['projected_bytes'] / 2**20:.2f} MiB, "
+                  f"opt {r['opt_normal'] * 1000:.1f} ms (refresh {refresh_ms:.0f} ms), "
+                  f"step {r['step'] * 1000:.0f} ms", flush=True)
+        print_table(results, args.steps, seed)
+        by_seed[seed] = results
+    if len(by_seed) > 1:
+        print_summary(by_seed, args.steps)
 
 
 if __name__ == "__main__":

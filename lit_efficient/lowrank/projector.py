@@ -8,15 +8,15 @@ A gradient ``G`` (m×n) is projected to ``R`` with a basis of rank r:
 
 ``proj_type`` picks the side: ``std`` projects the longer dimension away (right if m ≥ n, the
 GaLore default: the state is ``r·max(m, n)`` per moment), ``reverse_std`` the other, ``left``,
-``right`` and ``full`` as named. Bases come from an SVD of ``G`` in fp32 (``svd``), from
-``torch.svd_lowrank`` (``randomized_svd``: cheaper for large matrices), or are random Gaussian
+``right`` and ``full`` as named. Bases come from an SVD of ``G`` in fp32 (``svd``), from a
+seeded sketch of ``GᵀG`` (``randomized_svd``: cheaper, and shardable by rows), or are random Gaussian
 matrices regenerated from a seed (``random``: nothing stored, APOLLO-style, see ``optim.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -53,34 +53,78 @@ def basis_numel(shape: tuple[int, int], rank: int, side: str) -> int:
 def svd_bases(grad: Tensor, rank: int, side: str, method: Projection,
               seed: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(P, Q) from the top-``rank`` singular vectors of ``grad`` (computed in fp32); None where unused.
-    ``randomized_svd`` draws its sketch from ``seed`` (not the global generator): every rank, and a
-    resumed run, sketches alike.
 
-    A one-sided basis on the smaller dimension comes from the eigenvectors of the Gram matrix
-    (``G Gᵀ`` or ``Gᵀ G``): the same singular subspace, about 4× cheaper than a full SVD.
+    ``svd`` is exact: a one-sided basis on the smaller dimension comes from the eigenvectors of the
+    Gram matrix (``G Gᵀ`` or ``Gᵀ G``), the same singular subspace about 3× cheaper than a full SVD
+    (``benchmarks/galore_refresh.py``), anything else from the SVD. ``randomized_svd`` sketches
+    (:func:`sketched_row_basis`) from ``seed``, not the global generator: every rank, and a resumed
+    run, sketch alike.
     """
     g = grad.detach().float()
     m, n = g.shape
-    if method == "svd" and side == "left" and m <= n:
+    if method == "randomized_svd":
+        p, q = sketched_bases(g, rank, side, seed)
+    elif side == "left" and m <= n:
         _, vectors = torch.linalg.eigh(g @ g.T)  # ascending eigenvalues: the last columns are the top ones
         p, q = vectors[:, -rank:].flip(1).contiguous(), None
-    elif method == "svd" and side == "right" and n <= m:
+    elif side == "right" and n <= m:
         _, vectors = torch.linalg.eigh(g.T @ g)
         p, q = None, vectors[:, -rank:].flip(1).T.contiguous()
     else:
-        if method == "randomized_svd":
-            with torch.random.fork_rng(devices=[g.device] if g.device.type == "cuda" else []):
-                torch.manual_seed(seed)
-                u, _, v = torch.svd_lowrank(g, q=min(rank + 4, m, n), niter=2)
-            u, vh = u[:, :rank], v[:, :rank].T
-        else:
-            u, _, vh = torch.linalg.svd(g, full_matrices=False)
-            u, vh = u[:, :rank], vh[:rank]
-        p = u.contiguous() if side in ("left", "full") else None
-        q = vh.contiguous() if side in ("right", "full") else None
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        p = u[:, :rank].contiguous() if side in ("left", "full") else None
+        q = vh[:rank].contiguous() if side in ("right", "full") else None
     if not all(b is None or bool(torch.isfinite(b).all()) for b in (p, q)):
         raise torch.linalg.LinAlgError("non-finite singular vectors")
     return p, q
+
+
+def sketched_bases(g: Tensor, rank: int, side: str, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """(P, Q) of ``side`` by the sketched range finder: a left basis is the row basis of ``Gᵀ``;
+    ``full`` finishes the row basis ``Q`` with the small SVD of ``G Qᵀ`` (m×r), which gives both sides."""
+    if side == "left":
+        return sketched_row_basis(g.T, rank, seed).T.contiguous(), None
+    q = sketched_row_basis(g, rank, seed)
+    if side == "right":
+        return None, q
+    u, _, vh = torch.linalg.svd(g @ q.T, full_matrices=False)
+    return u.contiguous(), (vh @ q).contiguous()
+
+
+def sketched_row_basis(grad: Tensor, rank: int, seed: int, oversample: int = 8, power_iterations: int = 2,
+                       reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+    """Q (r×n), the top-``rank`` right singular vectors of ``grad`` (m×n) by a randomized range finder
+    on the Gram operator ``GᵀG``, touching ``G`` only through products with thin matrices:
+
+    1. ``Y = GᵀG·Ω`` for a Gaussian ``Ω`` (n×(r+p)) drawn from ``seed``;
+    2. ``power_iterations`` times: orthonormalise ``Y``, then ``Y = GᵀG·Y`` (each sharpens the
+       spectrum by its square);
+    3. orthonormalise ``Y`` and solve the small eigenproblem of ``YᵀGᵀG·Y`` ((r+p)×(r+p)): its top
+       ``rank`` eigenvectors, mapped back by ``Y``, are the basis, in descending order.
+
+    Every product with ``G`` has the form ``Gᵀ(G·X)``, a sum over the rows of ``G``: with ``G`` split
+    by rows (a sharded weight's local gradient), ``reduce`` (e.g. an all-reduce sum) completes each one
+    from the local parts, n×(r+p) numbers per product, and ranks that share ``seed`` end with the same
+    basis; ``None`` means ``grad`` is whole.
+    """
+    g = grad.detach().float()
+    n = g.shape[1]
+    width = min(rank + oversample, n)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    sketch = torch.randn(n, width, generator=generator).to(g.device)
+    total = reduce or (lambda t: t)
+
+    def gram_times(x: Tensor) -> Tensor:
+        return total(g.T @ (g @ x))
+
+    y = gram_times(sketch)
+    for _ in range(power_iterations):
+        y = gram_times(torch.linalg.qr(y)[0])
+    y = torch.linalg.qr(y)[0]
+    gy = g @ y
+    small = total(gy.T @ gy)
+    _, vectors = torch.linalg.eigh(small)  # ascending: the last columns are the top ones
+    return (y @ vectors[:, -rank:].flip(1)).T.contiguous()
 
 
 def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int,
@@ -121,4 +165,4 @@ def subspace_overlap(old: Tensor, new: Tensor, rows: bool) -> float:
 
 
 __all__ = ["PROJECTIONS", "PROJ_TYPES", "basis_numel", "project", "project_back", "projected_shape",
-           "projection_side", "random_bases", "subspace_overlap", "svd_bases"]
+           "projection_side", "random_bases", "sketched_row_basis", "subspace_overlap", "svd_bases"]
