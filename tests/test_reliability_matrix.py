@@ -6,7 +6,7 @@ combinations of them (``tests/techniques.py``), through the same checks —
 * a SIGTERM mid-fit (Lightning's fault-tolerant path: ``OnExceptionCheckpoint``), then resume: the
   same as the uninterrupted run;
 * bf16 autocast on CPU and gradient accumulation 2 train, with each technique's invariant kept;
-* strategies that shard or wrap parameters (FSDP, DeepSpeed) refused in ``setup`` (needing whole
+* strategies that shard or wrap parameters (FSDP1, DeepSpeed; FSDP2 where unsupported) refused in ``setup`` (needing whole
   weights, or untested there);
 * LightningCLI: ``--print_config`` of every callback re-runs;
 * bad input: every argument of every callback has an invalid value that raises a ValueError naming it.
@@ -16,6 +16,7 @@ DDP: per technique in ``tests/*/test_*_ddp.py``; the combinations in ``test_comb
 
 import inspect
 import os
+import re
 import signal
 
 import lightning.pytorch as pl
@@ -23,7 +24,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 import lit_efficient
 from lit_efficient.cli import main
@@ -164,6 +165,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, name):
 
 REFUSED_SHARDED = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "FreezeOut", "AutoFreeze",
                    "LinearFreezing", "GaLore", "LossReweighting", "InfoBatch"]  # every callback
+FSDP2_SUPPORTED = {"LossReweighting", "InfoBatch"}  # through ModelParallelStrategy: tests/test_fsdp2.py
 
 
 class _StubTrainer:
@@ -172,14 +174,42 @@ class _StubTrainer:
         self.callbacks = []
 
 
-@pytest.mark.parametrize("strategy", [FSDPStrategy(), object.__new__(DeepSpeedStrategy)],
-                         ids=["fsdp", "deepspeed"])
+class _StubMesh:
+    def __init__(self, tensor_parallel):
+        self.sizes = {"data_parallel": 2, "tensor_parallel": tensor_parallel}
+
+    def __getitem__(self, name):
+        size = self.sizes[name]
+        return type("Dim", (), {"size": lambda self: size})()
+
+
+def model_parallel(tensor_parallel):
+    strategy = object.__new__(ModelParallelStrategy)  # no processes: only the mesh sizes are read
+    strategy._device_mesh = _StubMesh(tensor_parallel)
+    return strategy
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy(), object.__new__(DeepSpeedStrategy), "fsdp2"],
+                         ids=["fsdp", "deepspeed", "fsdp2"])
 @pytest.mark.parametrize("name", REFUSED_SHARDED)
 def test_sharding_strategies_are_refused_in_setup(name, strategy):
+    """FSDP1 and DeepSpeed are refused by every callback, naming FSDP2 where the callback supports it;
+    FSDP2 (ModelParallelStrategy) by the callbacks that do not support it yet."""
+    if strategy == "fsdp2":
+        if name in FSDP2_SUPPORTED:
+            pytest.skip("supported: tests/test_fsdp2.py")
+        strategy = model_parallel(1)
     callback = getattr(lit_efficient, name)()
-    refusal = f"{name} supports single-device and DDP training; {type(strategy).__name__}"
-    with pytest.raises(RuntimeError, match=refusal):
+    supported = "single-device, DDP and FSDP2 training (ModelParallelStrategy" if name in FSDP2_SUPPORTED \
+        else "single-device and DDP training;"
+    with pytest.raises(RuntimeError, match=rf"{name} supports {re.escape(supported)}.*{type(strategy).__name__}"):
         callback.setup(_StubTrainer(strategy), MLP(), "fit")
+
+
+@pytest.mark.parametrize("name", sorted(FSDP2_SUPPORTED))
+def test_fsdp2_with_tensor_parallelism_is_refused(name):
+    with pytest.raises(RuntimeError, match="tensor_parallel_size must be 1, got 2"):
+        getattr(lit_efficient, name)().setup(_StubTrainer(model_parallel(2)), MLP(), "fit")
 
 
 # -- LightningCLI ---------------------------------------------------------------------------------

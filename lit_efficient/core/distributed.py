@@ -11,22 +11,34 @@ from typing import Optional
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import Tensor
 
 from lit_efficient.core.lightning_internals import all_gather_uneven
 
 
-def refuse_sharded_strategies(trainer, technique: str, reason: str) -> None:
-    """Refuse strategies that shard or wrap parameters (FSDP, DeepSpeed) for ``technique``, because
-    ``reason`` (it needs each weight whole on every rank, or it is untested there). Call from ``setup``."""
+def refuse_sharded_strategies(trainer, technique: str, reason: str, fsdp2: bool = False) -> None:
+    """Refuse strategies that shard or wrap parameters for ``technique``, because ``reason`` (it needs
+    each weight whole on every rank, or it is untested there). Call from ``setup``.
+
+    With ``fsdp2`` the technique supports FSDP2 through Lightning's ``ModelParallelStrategy`` with
+    ``tensor_parallel_size=1`` (parameters sharded on dim 0 over the data-parallel ranks): that is
+    allowed, and the refusal of FSDP1 (``FSDPStrategy``) and DeepSpeed names it as the supported way.
+    """
     strategy = trainer.strategy
+    if isinstance(strategy, ModelParallelStrategy) and fsdp2:
+        tensor_parallel = strategy.device_mesh["tensor_parallel"].size()
+        if tensor_parallel > 1:
+            raise RuntimeError(f"{technique} supports ModelParallelStrategy for data-parallel sharding (FSDP2) "
+                               f"only: tensor_parallel_size must be 1, got {tensor_parallel}")
+        return
     # DeepSpeedStrategy subclasses DDPStrategy but partitions parameters and optimizer state
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
-        raise RuntimeError(
-            f"{technique} supports single-device and DDP training; {type(trainer.strategy).__name__}"
-            f" shards or wraps parameters, so {reason}"
-        )
+        supported = ("single-device, DDP and FSDP2 training (ModelParallelStrategy(data_parallel_size=N, "
+                     "tensor_parallel_size=1) with fully_shard in configure_model)") if fsdp2 \
+            else "single-device and DDP training"
+        raise RuntimeError(f"{technique} supports {supported}; {type(trainer.strategy).__name__} shards or wraps "
+                           f"parameters{' in a way it does not handle' if fsdp2 else ''}, so {reason}")
 
 
 def reduced_across_ranks(trainer: Optional["pl.Trainer"], tensor: Tensor, op: str = "sum") -> Tensor:

@@ -73,9 +73,8 @@ class SampleLossCallback(EfficientCallback):
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage == "fit":
-            # nothing here needs whole weights, but without GPUs it has never run sharded: say so
-            refuse_sharded_strategies(trainer, type(self).__name__, "it has not been tested there (no GPU "
-                                      "machine here); the reduction and sampler are tested under DDP")
+            # nothing here touches weights: the losses are gathered over the ranks that hold different data
+            refuse_sharded_strategies(trainer, type(self).__name__, "it has not been tested there", fsdp2=True)
             attach(trainer, pl_module, self)
         super().setup(trainer, pl_module, stage)
 

@@ -1,0 +1,83 @@
+"""Run by the FSDP2 tests: a fit of the test MLP with callbacks from ``tests/techniques.py`` on 2 CPU
+processes (gloo), sharded with FSDP2 (``fully_shard`` on every Linear and the root, in
+``configure_model``) through ``ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)``,
+or under plain DDP for comparison. Rank r takes samples r, r+2, ... of the same global batches one
+process takes (``one_process``), so results compare with one process. Writes the final full weights.
+
+Usage: python fsdp2_script.py ENTRY STRATEGY OPTIONS_JSON OUT   (STRATEGY: fsdp2 or ddp)"""
+
+import json
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from tests.sparsity.sparse_helpers import MLP, loader  # noqa: E402
+from tests.techniques import ENTRIES  # noqa: E402
+
+GLOBAL_BATCH = 16
+
+
+class ShardedMLP(MLP):
+    """The test MLP, each Linear its own FSDP2 unit (parameters sharded on dim 0), the rest at the root."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.net:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+def full_state(model) -> dict:
+    """Every parameter and buffer whole (DTensor shards gathered), as lists."""
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.full_tensor() if hasattr(value, "full_tensor") else value
+        out[key] = value.detach().cpu().tolist()
+    return out
+
+
+def fit(entry: str, strategy: str, options: dict, root: str):
+    """Train with ``ENTRIES[entry]()`` on 2 ranks (``strategy``) or in one process (``"one"``)."""
+    torch.set_num_threads(1)
+    pl.seed_everything(0, verbose=False)
+    steps, epochs = options.get("steps", 12), options.get("epochs")
+    data = loader(n=options.get("samples", 4 * GLOBAL_BATCH), batch=GLOBAL_BATCH).dataset
+    kwargs = dict(max_epochs=epochs) if epochs else dict(max_steps=steps)
+    if strategy == "one":
+        trainer_kwargs, model = dict(devices=1), MLP()
+    else:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        chosen = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
+        trainer_kwargs = dict(devices=2, strategy=chosen, use_distributed_sampler=False)
+        model = ShardedMLP() if strategy == "fsdp2" else MLP()
+    precision = options.get("precision", "32-true")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=ENTRIES[entry](), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         precision=precision, accumulate_grad_batches=options.get("accumulate", 1),
+                         **trainer_kwargs, **kwargs)
+    if strategy == "one":
+        train = DataLoader(data, batch_size=GLOBAL_BATCH)
+    else:
+        sampler = DistributedSampler(data, num_replicas=2, rank=trainer.global_rank, shuffle=False)
+        train = DataLoader(data, batch_size=GLOBAL_BATCH // 2, sampler=sampler)
+    trainer.fit(model, train)
+    return trainer, model
+
+
+if __name__ == "__main__":
+    entry, strategy, options, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    trainer, model = fit(entry, strategy, options, os.path.dirname(out))
+    state = full_state(model)  # every rank takes part in gathering the shards
+    if trainer.is_global_zero:
+        with open(out, "w") as f:
+            json.dump({"world_size": trainer.world_size, "step": trainer.global_step, "state": state}, f)

@@ -1,0 +1,52 @@
+"""FSDP2 (``ModelParallelStrategy``, ``fully_shard``, 2 CPU ranks over gloo): each technique that
+supports it ends where one process ends on the same global batches, within float tolerance — which
+also guards against gloo summing where FSDP2's reduce-scatter should average (pytorch#162338); with
+data-dependent epochs (InfoBatch pads a pruned epoch to a multiple of the ranks), where DDP ends.
+The techniques without FSDP2 support are refused in ``setup`` (``test_reliability_matrix.py``)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.ddp_runner import run_ddp_script
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_script.py")
+
+# entry of tests/techniques.py -> (options, compared with): "one" process, or "ddp" on 2 ranks
+FSDP2 = {
+    "loss_reweighting": (dict(steps=12), "one"),
+    "infobatch": (dict(epochs=6), "ddp"),
+}
+
+
+def two_ranks(tmp_path, entry, strategy, options):
+    folder = tmp_path / strategy
+    folder.mkdir()
+    return run_ddp_script(SCRIPT, [entry, strategy, json.dumps(options)], folder)
+
+
+def assert_close_states(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        gap = (torch.tensor(a[key]) - torch.tensor(b[key])).abs().max().item()
+        assert gap < atol, (key, gap)
+
+
+@pytest.mark.parametrize("entry", list(FSDP2))
+def test_fsdp2_ends_where_one_process_or_ddp_ends(tmp_path, entry):
+    from tests.fsdp2_script import fit, full_state
+
+    options, reference = FSDP2[entry]
+    sharded = two_ranks(tmp_path, entry, "fsdp2", options)
+    assert sharded["world_size"] == 2
+    if reference == "one":
+        trainer, model = fit(entry, "one", options, str(tmp_path))
+        expected = full_state(model)
+        assert sharded["step"] == trainer.global_step
+    else:
+        ddp = two_ranks(tmp_path, entry, "ddp", options)
+        expected = ddp["state"]
+        assert sharded["step"] == ddp["step"]
+    assert_close_states(sharded["state"], expected)
