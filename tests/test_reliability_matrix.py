@@ -6,8 +6,8 @@ combinations of them (``tests/techniques.py``), through the same checks —
 * a SIGTERM mid-fit (Lightning's fault-tolerant path: ``OnExceptionCheckpoint``), then resume: the
   same as the uninterrupted run;
 * bf16 autocast on CPU and gradient accumulation 2 train, with each technique's invariant kept;
-* strategies that shard or wrap parameters (FSDP1, DeepSpeed; FSDP2 where unsupported) refused in ``setup`` (needing whole
-  weights, or untested there);
+* strategies that shard or wrap parameters (FSDP1, DeepSpeed; FSDP2 where unsupported) refused in
+  ``setup`` (needing whole weights, or untested there);
 * LightningCLI: ``--print_config`` of every callback re-runs;
 * bad input: every argument of every callback has an invalid value that raises a ValueError naming it.
 
