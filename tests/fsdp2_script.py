@@ -23,6 +23,16 @@ from tests.techniques import ENTRIES  # noqa: E402
 GLOBAL_BATCH = 16
 
 
+def _stem_freezeout():
+    from lit_efficient import FreezeOut
+
+    # net.0 runs before the first block: it must join block 0 (under FSDP2 without reading autograd's leaves)
+    return [FreezeOut(t0=0.3, warp="linear", blocks=["net.2", "net.4"])]  # net.6, the head, trains
+
+
+FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout}
+
+
 class ShardedMLP(MLP):
     """The test MLP, each Linear its own FSDP2 unit (parameters sharded on dim 0), the rest at the root."""
 
@@ -45,8 +55,23 @@ def full_state(model) -> dict:
     return out
 
 
+def facts(trainer) -> dict:
+    """What the techniques did, to compare across strategies: blocks frozen, batches the frozen-output
+    cache served, and how many parameters hold optimizer state (frozen ones must have none)."""
+    out = {"with_state": sum(1 for state in trainer.optimizers[0].state.values() if state)}
+    for callback in trainer.callbacks:
+        if hasattr(callback, "frozen"):
+            out["frozen"] = callback.frozen
+            out["block_0"] = [name for name, _ in callback.blocks[0].params]
+            out["freed_state_bytes"] = callback.freed_state_bytes  # on this rank: half of one process's here
+            cache = getattr(callback, "_cache", None)
+            if cache is not None:
+                out["served"] = cache.served
+    return out
+
+
 def fit(entry: str, strategy: str, options: dict, root: str):
-    """Train with ``ENTRIES[entry]()`` on 2 ranks (``strategy``) or in one process (``"one"``)."""
+    """Train with ``FACTORIES[entry]()`` on 2 ranks (``strategy``) or in one process (``"one"``)."""
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     steps, epochs = options.get("steps", 12), options.get("epochs")
@@ -61,7 +86,7 @@ def fit(entry: str, strategy: str, options: dict, root: str):
         trainer_kwargs = dict(devices=2, strategy=chosen, use_distributed_sampler=False)
         model = ShardedMLP() if strategy == "fsdp2" else MLP()
     precision = options.get("precision", "32-true")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=ENTRIES[entry](), enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=FACTORIES[entry](), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                          precision=precision, accumulate_grad_batches=options.get("accumulate", 1),
                          **trainer_kwargs, **kwargs)
@@ -80,4 +105,5 @@ if __name__ == "__main__":
     state = full_state(model)  # every rank takes part in gathering the shards
     if trainer.is_global_zero:
         with open(out, "w") as f:
-            json.dump({"world_size": trainer.world_size, "step": trainer.global_step, "state": state}, f)
+            json.dump({"world_size": trainer.world_size, "step": trainer.global_step, "state": state,
+                       "facts": facts(trainer)}, f)

@@ -18,6 +18,11 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp2_script.
 FSDP2 = {
     "loss_reweighting": (dict(steps=12), "one"),
     "infobatch": (dict(epochs=6), "ddp"),
+    "freezeout": (dict(steps=12), "one"),
+    "freezeout_lr_annealing": (dict(steps=12), "one"),
+    "freezeout_cached": (dict(epochs=5), "one"),
+    "adaptive": (dict(steps=12), "one"),
+    "freezeout_stem": (dict(steps=12), "one"),
 }
 
 
@@ -36,17 +41,25 @@ def assert_close_states(a, b, atol=1e-5):
 
 @pytest.mark.parametrize("entry", list(FSDP2))
 def test_fsdp2_ends_where_one_process_or_ddp_ends(tmp_path, entry):
-    from tests.fsdp2_script import fit, full_state
+    from tests.fsdp2_script import facts, fit, full_state
 
     options, reference = FSDP2[entry]
     sharded = two_ranks(tmp_path, entry, "fsdp2", options)
     assert sharded["world_size"] == 2
     if reference == "one":
         trainer, model = fit(entry, "one", options, str(tmp_path))
-        expected = full_state(model)
+        expected, expected_facts = full_state(model), facts(trainer)
         assert sharded["step"] == trainer.global_step
     else:
         ddp = two_ranks(tmp_path, entry, "ddp", options)
-        expected = ddp["state"]
+        expected, expected_facts = ddp["state"], ddp["facts"]
         assert sharded["step"] == ddp["step"]
     assert_close_states(sharded["state"], expected)
+    freed = sharded["facts"].pop("freed_state_bytes", None), expected_facts.pop("freed_state_bytes", None)
+    assert sharded["facts"] == expected_facts  # e.g. frozen blocks hold no optimizer state on either
+    if "frozen" in expected_facts:
+        assert expected_facts["frozen"] > 0
+        # every dim 0 of the MLP is even: each rank frees half of the AdamW state one process frees
+        assert freed[0] > 0 and freed[0] * (2 if reference == "one" else 1) == freed[1], freed
+    if "served" in expected_facts:
+        assert expected_facts["served"] > 0

@@ -6,13 +6,14 @@ technique decides from, so that every rank decides alike.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from lit_efficient.core.lightning_internals import all_gather_uneven
 
@@ -39,6 +40,59 @@ def refuse_sharded_strategies(trainer, technique: str, reason: str, fsdp2: bool 
             else "single-device and DDP training"
         raise RuntimeError(f"{technique} supports {supported}; {type(trainer.strategy).__name__} shards or wraps "
                            f"parameters{' in a way it does not handle' if fsdp2 else ''}, so {reason}")
+
+
+def shards_parameters(trainer) -> bool:
+    """Whether the strategy is FSDP2 (ModelParallelStrategy): parameters are DTensor shards, and a
+    sharded module's forward is a collective (it all-gathers), so ranks must run the same modules."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def on_every_rank(trainer) -> Callable[[bool], bool]:
+    """A function of a local flag: whether it holds on every rank (one all-reduce per call)."""
+    def agree(flag: bool) -> bool:
+        value = torch.tensor(int(flag), device=trainer.strategy.root_device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value)
+    return agree
+
+
+def local_part(tensor: Tensor) -> tuple[Tensor, Optional[dist.ProcessGroup]]:
+    """(the part of ``tensor`` this rank holds, the group its other parts are spread over): a
+    dim-sharded DTensor (FSDP2's parameters and gradients) gives its local shard and its mesh's group;
+    anything else is whole here (group None)."""
+    if isinstance(tensor, DTensor):
+        if any(isinstance(placement, Shard) for placement in tensor.placements):
+            return tensor.to_local(), tensor.device_mesh.get_group()
+        return tensor.to_local(), None
+    return tensor, None
+
+
+def local_bytes(tensor: Tensor) -> int:
+    """Bytes of ``tensor`` held on this rank (a shard's, under FSDP2)."""
+    local = local_part(tensor)[0]
+    return local.numel() * local.element_size()
+
+
+def squared_sums(groups: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+    """One fp32 number per group of tensors: the sum of their squared entries, over whole tensors even
+    where they are FSDP2 shards (the shards' sums are all-reduced together, one collective per call;
+    an unsharded tensor counts once). Every rank must call it alike."""
+    shards = torch.zeros(len(groups), device=device)
+    whole = torch.zeros(len(groups), device=device)
+    group_of_shards = None
+    for i, tensors in enumerate(groups):
+        for tensor in tensors:
+            local, group = local_part(tensor)
+            value = local.detach().float().pow(2).sum()
+            if group is None:
+                whole[i] += value
+            else:
+                shards[i] += value
+                group_of_shards = group
+    if group_of_shards is not None:
+        dist.all_reduce(shards, group=group_of_shards)
+    return shards + whole
 
 
 def reduced_across_ranks(trainer: Optional["pl.Trainer"], tensor: Tensor, op: str = "sum") -> Tensor:

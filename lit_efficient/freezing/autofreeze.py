@@ -9,10 +9,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 from typing_extensions import override
 
 from lit_efficient.core.checks import check_fraction
+from lit_efficient.core.distributed import squared_sums
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
 from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings
 from lit_efficient.freezing.linear import check_freeze_level
@@ -109,12 +109,9 @@ class AutoFreeze(BlockFreezing):
         self._check_deferred = not self.gradients_finite(optimizer, "the adaptive freezing check", step)
         if self._check_deferred:
             return
-        # gradients here are unscaled (AMP) and averaged (DDP): every rank decides alike
-        squares = []
-        for block in self.blocks[self.frozen:]:
-            grads = [p.grad.detach().float().pow(2).sum() for _, p in block.params if p.grad is not None]
-            squares.append(torch.stack(grads).sum() if grads else torch.zeros((), device=pl_module.device))
-        norms = torch.stack(squares).sqrt().tolist() if squares else []  # one sync (fp32 roots, as before)
+        # gradients here are unscaled (AMP) and averaged (DDP), or sharded alike (FSDP2): every rank decides alike
+        grads = [[p.grad for _, p in block.params if p.grad is not None] for block in self.blocks[self.frozen:]]
+        norms = squared_sums(grads, pl_module.device).sqrt().tolist() if grads else []  # one sync (fp32 roots)
         previous = self.previous_norms[-len(norms):] if len(self.previous_norms) >= len(norms) else []
         self.previous_norms = norms
         if not previous:

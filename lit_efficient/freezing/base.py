@@ -33,7 +33,7 @@ from typing_extensions import override
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_fraction
 from lit_efficient.core.clock import StepWatch
-from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.distributed import local_bytes, on_every_rank, refuse_sharded_strategies, shards_parameters
 from lit_efficient.core.lightning_internals import ensure_find_unused_parameters, is_compiled
 from lit_efficient.core.logs import Throughput, step_logs_due
 from lit_efficient.core.savings import SavingsRow
@@ -112,6 +112,9 @@ class BlockFreezing(EfficientCallback):
         self.blocks: list[Block] = []
         self.frozen = 0  # blocks 0..frozen-1 are frozen
         self.frozen_param_steps = 0.0  # sum over steps of the frozen fraction of parameters
+        self._sharded = False  # FSDP2: parameters are shards
+        self._optimizer_params: dict[str, torch.nn.Parameter] = {}  # under FSDP2, by name, from on_fit_start
+        self.freed_state_bytes = 0  # optimizer state of the frozen parameters, on this rank, when freed
         self.counted_steps = 0
         self.throughput = Throughput()  # samples/s over windows of steps, this process only (not state)
         self._total_params = 0
@@ -138,7 +141,8 @@ class BlockFreezing(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_strategies(trainer, type(self).__name__, "blocks could not be frozen whole")
+        refuse_sharded_strategies(trainer, type(self).__name__, "blocks could not be frozen whole", fsdp2=True)
+        self._sharded = shards_parameters(trainer)
         if ensure_find_unused_parameters(trainer.strategy):  # frozen parameters get no gradient: DDP must not wait
             rank_zero_info(f"{type(self).__name__}: DDP set to find_unused_parameters=True "
                            "(frozen blocks get no gradients)")
@@ -152,7 +156,8 @@ class BlockFreezing(EfficientCallback):
         if self.cache_frozen_mb:
             if is_compiled(pl_module):
                 raise ValueError("`cache_frozen_mb`: frozen outputs cannot be cached in a torch.compile'd module")
-            self._cache = FrozenOutputCache(int(self.cache_frozen_mb * 2**20))
+            agree = on_every_rank(trainer) if shards_parameters(trainer) else None
+            self._cache = FrozenOutputCache(int(self.cache_frozen_mb * 2**20), agree)
         super().setup(trainer, pl_module, stage)
 
     def _tied_params(self, pl_module: "pl.LightningModule") -> set[int]:
@@ -198,7 +203,9 @@ class BlockFreezing(EfficientCallback):
         the last block is refused (its gradient would need the backward through the frozen blocks)."""
         for handle in self._probe or []:
             handle.remove()
-        captured, upstream = self._upstream is not None, self._upstream or []  # not captured under torch.compile
+        # not captured under torch.compile; under FSDP2 autograd's leaves are the gathered copies of the
+        # parameters, not the module's sharded ones, so everything that ran before the first block joins it
+        captured, upstream = self._upstream is not None and not self._sharded, self._upstream or []
         self._probe, self._upstream = None, None
         members = [n for b in self.blocks for n, _ in b.modules]
         main = [n for b in self.blocks for n, _ in b.modules[b.stem :]]
@@ -256,13 +263,14 @@ class BlockFreezing(EfficientCallback):
             except AttributeError:
                 raise ValueError(f"`blocks`: block 0 held {name!r} when the checkpoint was taken; this model has "
                                  "no such module") from None
-        named = dict(pl_module.named_parameters())
+        # by name as the optimizer holds them: inside a step, FSDP2 may have its gathered copies registered
+        named = self._optimizer_params or dict(pl_module.named_parameters())
         missing = [n for n in params if n not in named]
         if missing:
             raise ValueError(f"`blocks`: block 0 held {missing} when the checkpoint was taken; this model has no "
                              "such parameters")
         taken = {id(p) for b in self.blocks for _, p in b.params}
-        candidates = [(f"{n}.{k}", p) for n, m in found for k, p in m.named_parameters()]
+        candidates = [(f"{n}.{k}", named.get(f"{n}.{k}", p)) for n, m in found for k, p in m.named_parameters()]
         candidates += [(n, named[n]) for n in params]
         new = []
         for name, p in candidates:
@@ -287,6 +295,10 @@ class BlockFreezing(EfficientCallback):
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        for block in self.blocks:  # the module's parameters as the optimizer holds them (FSDP2 replaced them)
+            block.rebind(pl_module)
+        self._optimizer_params = dict(pl_module.named_parameters()) if self._sharded else {}
+        self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
         # a restored frozen set is applied here: after the optimizer exists, before its state is loaded;
         # block 0 first gets back what the probe joined to it, so that it freezes whole
         (modules, params), self._restored_join = self._restored_join, ([], [])
@@ -406,6 +418,8 @@ class BlockFreezing(EfficientCallback):
             p.requires_grad_(False)
             p.grad = None
         for optimizer in trainer.optimizers:
+            self.freed_state_bytes += sum(local_bytes(v) for p in params for v in optimizer.state.get(p, {}).values()
+                                          if isinstance(v, torch.Tensor) and v.dim())
             remove_from_optimizer(optimizer, params)
         for block in newly:
             for _, module in block.modules:
@@ -454,6 +468,11 @@ class BlockFreezing(EfficientCallback):
             rows.append(SavingsRow(self.technique, "throughput, last vs first tenth of the run",
                                    f"{last:.0f} vs {first:.0f} samples/s", float(first / last),
                                    "first tenth's step time"))
+        frozen = [p for b in self.blocks[: self.frozen] for _, p in b.params if id(p) not in self._tied]
+        weights = sum(local_bytes(p) for p in frozen)  # the gradient each would have, same size and dtype
+        if weights:
+            rows.append(SavingsRow(self.technique, "memory freed on each rank (frozen blocks' gradients + optimizer "
+                                   "state)", f"{weights / 2**20:.2f} + {self.freed_state_bytes / 2**20:.2f} MiB"))
         if self._cache is not None:
             cache = self._cache
             rows.append(SavingsRow(self.technique, "forwards through frozen blocks served from the cache",
@@ -468,6 +487,7 @@ class BlockFreezing(EfficientCallback):
         # ProgressiveFreezing always wrote, so checkpoints move between the callbacks
         return {"frozen": self.frozen, "previous_norms": [], "pending": 0,
                 "frozen_param_steps": self.frozen_param_steps, "counted_steps": self.counted_steps,
+                "freed_state_bytes": self.freed_state_bytes,
                 "last_step": self._steps.last, "check_deferred": False,
                 "joined_modules": list(self._joined_modules),
                 "joined_params": list(self._joined_params)}
@@ -476,6 +496,7 @@ class BlockFreezing(EfficientCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.frozen = int(state_dict["frozen"])  # applied in on_fit_start, before the optimizer state loads
         self.frozen_param_steps = float(state_dict["frozen_param_steps"])
+        self.freed_state_bytes = int(state_dict.get("freed_state_bytes", 0))  # older checkpoints: not counted
         self.counted_steps = int(state_dict["counted_steps"])
         self._steps.last = int(state_dict["last_step"])
         # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)

@@ -28,6 +28,12 @@ class Block:
     def num_params(self) -> int:
         return sum(p.numel() for _, p in self.params)
 
+    def rebind(self, model: nn.Module) -> None:
+        """Look the modules and parameters up again by name: FSDP2's ``fully_shard`` (in
+        ``configure_model``, after the blocks were found) replaces every parameter with a sharded one."""
+        self.modules = [(n, model.get_submodule(n)) for n, _ in self.modules]
+        self.params = [(n, model.get_parameter(n)) for n, _ in self.params]
+
 
 # -- block discovery ----------------------------------------------------------------------------
 def _known_layout(module: nn.Module) -> Optional[tuple[list[str], list[str], list[str]]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -181,8 +181,12 @@ class FrozenOutputCache:
     (training and validation batches).
     """
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, agree: Optional[Callable[[bool], bool]] = None) -> None:
         self.budget_bytes = budget_bytes
+        # Under FSDP2 every frozen block all-gathers its shards in its forward, so all ranks must run or
+        # skip it alike: ``agree(complete)`` says whether every rank holds all of its batch's rows; the
+        # batch is then served whole on every rank, or else run whole on every rank (no partial serving).
+        self.agree = agree
         self.rows: dict[bytes, torch.Tensor] = {}  # output of the last frozen module
         self.previous: dict[bytes, torch.Tensor] = {}  # output of the last module frozen before
         self.nbytes = 0  # of both
@@ -270,7 +274,10 @@ class FrozenOutputCache:
         the blocks as usual) if some rows are unseen and the blocks take other per-row inputs."""
         self._keys = keys = self._row_keys(args, kwargs)
         rows = [self.rows.get(k) for k in keys]
-        if all(row is not None for row in rows):
+        complete = all(row is not None for row in rows)
+        if self.agree is not None and not self.agree(complete):
+            return None
+        if complete:
             self.served += 1
             self.row_hits += len(rows)
             return torch.stack(rows)

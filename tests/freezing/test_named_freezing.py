@@ -25,7 +25,7 @@ PAIRS = {
 }
 SCHEDULE = {FreezeOut: "freezeout", LinearFreezing: "linear", AutoFreeze: "adaptive"}
 STATE_KEYS = {"frozen", "previous_norms", "pending", "frozen_param_steps", "counted_steps", "last_step",
-              "check_deferred", "joined_modules", "joined_params"}
+              "check_deferred", "joined_modules", "joined_params", "freed_state_bytes"}
 COMMON = ["blocks", "frozen_eval", "tied_embeddings", "cache_frozen_mb"]
 
 
