@@ -112,3 +112,28 @@ def test_a_group_from_an_older_checkpoint_keeps_its_moments_as_it_ran():
             opt.step()
         results.append(w.detach().clone())
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_the_reference_switch_equals_galore_torch_in_the_first_projection_window(shape):
+    """``"keep"`` is galore-torch's behaviour: until the first refresh after the initial basis the two
+    optimizers take the same steps (the first window does not depend on the basis signs at all)."""
+    reference = pytest.importorskip("galore_torch")
+    torch.manual_seed(0)
+    start = torch.randn(*shape)
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    group = {"rank": 6, "update_proj_gap": 4, "scale": 0.5}
+    ours_opt = GaLoreAdamW([{"params": [ours], **group, "moments_on_refresh": "keep"}], lr=1e-2, eps=1e-8,
+                           weight_decay=0.0)
+    theirs_opt = reference.GaLoreAdamW([{"params": [theirs], **group, "proj_type": "std"}], lr=1e-2, eps=1e-8,
+                                       weight_decay=0.0, no_deprecation_warning=True)
+    g = torch.Generator().manual_seed(1)
+    # a clear gap after the 6th singular value: both decompositions find the same subspace to float precision
+    u, v = torch.randn(shape[0], 6, generator=g), torch.randn(6, shape[1], generator=g)
+    for _ in range(4):  # steps 0-3: the basis from step 0
+        grad = u @ torch.diag(torch.linspace(4, 2, 6)) @ v + 0.05 * torch.randn(*shape, generator=g)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        ours_opt.step()
+        theirs_opt.step()
+        torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-4, atol=1e-5)
+    assert (ours.detach() - start).abs().max() > 1e-3  # they moved
