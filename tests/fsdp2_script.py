@@ -86,16 +86,22 @@ def fit(entry: str, strategy: str, options: dict, root: str):
         trainer_kwargs = dict(devices=2, strategy=chosen, use_distributed_sampler=False)
         model = ShardedMLP() if strategy == "fsdp2" else MLP()
     precision = options.get("precision", "32-true")
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=FACTORIES[entry](), enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         precision=precision, accumulate_grad_batches=options.get("accumulate", 1),
-                         **trainer_kwargs, **kwargs)
+    callbacks = FACTORIES[entry]()
+    if options.get("save_every"):  # checkpoints inside epochs (one per ``save_every`` steps, all kept)
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=options["checkpoints"], every_n_train_steps=options["save_every"],
+                                         save_top_k=-1, save_weights_only=False))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=callbacks,
+                         enable_checkpointing=bool(options.get("save_every")), enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root, precision=precision,
+                         accumulate_grad_batches=options.get("accumulate", 1), **trainer_kwargs, **kwargs)
     if strategy == "one":
         train = DataLoader(data, batch_size=GLOBAL_BATCH)
     else:
         sampler = DistributedSampler(data, num_replicas=2, rank=trainer.global_rank, shuffle=False)
         train = DataLoader(data, batch_size=GLOBAL_BATCH // 2, sampler=sampler)
-    trainer.fit(model, train)
+    trainer.fit(model, train, ckpt_path=options.get("resume"))
     return trainer, model
 
 
