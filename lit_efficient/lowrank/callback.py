@@ -63,10 +63,11 @@ class GaLore(EfficientCallback):
             refused with gradient accumulation, gradient clipping, multi-process training and a
             GradScaler (16-mixed: its overflow steps could not be skipped).
         seed: seed of the random projections and randomized-SVD sketches (identical on every rank).
-        moments_on_refresh: what a basis refresh does to the Adam moments: ``"align"`` (default)
-            flips each new basis vector to its predecessor's sign and keeps the moments;
-            ``"rotate"`` aligns, then maps the moments into the new basis (the first moment by the
-            change of basis, the second by its squares); ``"keep"`` leaves them in the old
+        moments_on_refresh: what a basis refresh does to the Adam moments: ``"rotate"`` (default)
+            aligns signs, then maps the moments into the new basis (the first moment by the change
+            of basis, the second by its squares; best validation loss and closest to one process
+            under DDP in ``docs/methods/galore.md``); ``"align"`` flips each new basis vector to its
+            predecessor's sign and keeps the moments; ``"keep"`` leaves them in the old
             coordinates, as the reference implementation (galore-torch) does. Only ``"keep"`` lets
             the arbitrary signs of a decomposition change the update (e.g. between one process and
             DDP).
@@ -98,7 +99,7 @@ class GaLore(EfficientCallback):
         eight_bit: bool = False,
         layerwise: bool = False,
         seed: int = 0,
-        moments_on_refresh: MomentsOnRefresh = "align",
+        moments_on_refresh: MomentsOnRefresh = "rotate",
         target_modules: Union[str, list[str], None] = None,
     ) -> None:
         self.rank = rank

@@ -59,7 +59,7 @@ Bases = tuple[Optional[Tensor], Optional[Tensor]]  # (P, Q); None on a side that
 MomentsOnRefresh = Literal["align", "rotate", "keep"]
 MOMENTS_ON_REFRESH: tuple[str, ...] = ("align", "rotate", "keep")
 GALORE_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projection": "svd", "fira": False,
-                   "eight_bit": False, "seed": 0, "moments_on_refresh": "align"}
+                   "eight_bit": False, "seed": 0, "moments_on_refresh": "rotate"}
 BLOCK = 256  # elements per 8-bit quantization block (bitsandbytes' optimizers use 256 too)
 FIRA_GROWTH = 1.01  # Fira's limiter: the residual's norm may grow at most 1% per step
 _CODES: dict[tuple[bool, str], Tensor] = {}
@@ -73,7 +73,7 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {group['proj_type']!r}")
     if group["projection"] not in PROJECTIONS:
         raise ValueError(f"`projection` must be one of {list(PROJECTIONS)}; got {group['projection']!r}")
-    if group.get("moments_on_refresh", "align") not in MOMENTS_ON_REFRESH:
+    if group.get("moments_on_refresh", "rotate") not in MOMENTS_ON_REFRESH:
         raise ValueError(f"`moments_on_refresh` must be one of {list(MOMENTS_ON_REFRESH)}; "
                          f"got {group['moments_on_refresh']!r}")
     if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool) or not group["scale"] > 0:
@@ -316,7 +316,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             ``proj_type`` ``"std"`` (``reverse_std``, ``left``, ``right``, ``full``), ``projection``
             ``"svd"`` (``randomized_svd``, ``random``), ``fira`` False (add the out-of-subspace
             residual, Fira), ``eight_bit`` False (8-bit moments), ``seed`` 0 (random projections),
-            ``moments_on_refresh`` ``"align"`` (``rotate``, ``keep``: what a refresh does to the moments;
+            ``moments_on_refresh`` ``"rotate"`` (``align``, ``keep``: what a refresh does to the moments;
             see :func:`carry_moments`).
             An optional ``projected`` list of bools (one per parameter) projects only some of the
             group's matrices — how the GaLore callback converts a module's optimizer without

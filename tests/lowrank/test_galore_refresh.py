@@ -6,6 +6,7 @@ independent of the signs of the new basis vectors, ``"rotate"`` also of their or
 import pytest
 import torch
 
+import lit_efficient
 from lit_efficient import GaLoreAdamW
 from lit_efficient.lowrank import optim as galore_optim
 from lit_efficient.lowrank.optim import basis_change, rotate_moments
@@ -90,9 +91,10 @@ def test_rotation_into_the_same_subspace_is_exact_for_the_first_moment():
     torch.testing.assert_close(moved_sq.sum(), exp_avg_sq.sum(), rtol=1e-5, atol=1e-5)  # mass kept under rotation
 
 
-def test_the_default_aligns_and_the_reference_switch_is_checked():
+def test_the_default_rotates_and_the_reference_switch_is_checked():
     w = torch.nn.Parameter(torch.randn(8, 4))
-    assert GaLoreAdamW([{"params": [w], "rank": 2}]).param_groups[0]["moments_on_refresh"] == "align"
+    assert GaLoreAdamW([{"params": [w], "rank": 2}]).param_groups[0]["moments_on_refresh"] == "rotate"
+    assert lit_efficient.GaLore().moments_on_refresh == "rotate"
     with pytest.raises(ValueError, match="moments_on_refresh"):
         GaLoreAdamW([{"params": [w], "rank": 2, "moments_on_refresh": "reset"}])
 
