@@ -61,6 +61,8 @@ METHODS = {  # name -> GaLore callback options (None: no callback)
 class ReferenceGaLoreLM(CausalLM):
     """The same LM whose optimizer is galore_torch.GaLoreAdamW on the same matrices."""
 
+    update_proj_gap = GAP  # an instance may set its own (galore_ddp.py)
+
     def configure_optimizers(self):
         from galore_torch import GaLoreAdamW as ReferenceAdamW
 
@@ -72,7 +74,7 @@ class ReferenceGaLoreLM(CausalLM):
             if rest:
                 groups.append({**group, "params": rest})
         groups.append({"params": list(matrices.values()), "weight_decay": h.weight_decay, "rank": RANK,
-                       "update_proj_gap": GAP, "scale": SCALE, "proj_type": "std"})
+                       "update_proj_gap": self.update_proj_gap, "scale": SCALE, "proj_type": "std"})
         optimizer = ReferenceAdamW(groups, lr=h.lr, eps=1e-8, no_deprecation_warning=True)
         scheduler = warmup_cosine(optimizer, total_training_steps(self.trainer), h.warmup_fraction, h.min_lr_ratio)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -158,14 +160,14 @@ def print_table(results: list[dict], steps: int, seed: int) -> None:
 def print_summary(by_seed: dict[int, list[dict]], steps: int) -> None:
     """Each method's best validation loss per seed, its mean and the mean's distance to AdamW's."""
     seeds = list(by_seed)
-    methods = [r["method"] for r in by_seed[seeds[0]]]
-    best = {m: [next(r["best"] for r in by_seed[s] if r["method"] == m) for s in seeds] for m in methods}
-    mean = {m: statistics.mean(v) for m, v in best.items()}
-    base = mean.get("AdamW", mean[methods[0]])
+    runs = {s: {r["method"]: r for r in results} for s, results in by_seed.items()}
+    methods = list(runs[seeds[0]])
     reference = "AdamW" if "AdamW" in methods else methods[0]
-    update = {m: statistics.mean(next(r["opt_mean"] for r in by_seed[s] if r["method"] == m)
-                                 / next(r["opt_mean"] for r in by_seed[s] if r["method"] == reference)
-                                 for s in seeds) for m in methods}
+    best = {m: [runs[s][m]["best"] for s in seeds] for m in methods}
+    mean = {m: statistics.mean(v) for m, v in best.items()}
+    base = mean[reference]
+    update = {m: statistics.mean(runs[s][m]["opt_mean"] / runs[s][reference]["opt_mean"] for s in seeds)
+              for m in methods}
     print(f"\npydoc Llama, {steps} steps, best validation loss over seeds {', '.join(map(str, seeds))}")
     print("| method | amortised update vs AdamW | " + " | ".join(f"seed {s}" for s in seeds)
           + " | mean best val loss | mean vs AdamW |")

@@ -156,7 +156,7 @@ class BlockFreezing(EfficientCallback):
         if self.cache_frozen_mb:
             if is_compiled(pl_module):
                 raise ValueError("`cache_frozen_mb`: frozen outputs cannot be cached in a torch.compile'd module")
-            agree = on_every_rank(trainer) if shards_parameters(trainer) else None
+            agree = on_every_rank(trainer) if self._sharded else None
             self._cache = FrozenOutputCache(int(self.cache_frozen_mb * 2**20), agree)
         super().setup(trainer, pl_module, stage)
 

@@ -73,7 +73,7 @@ def check_galore_group(group: dict[str, Any]) -> None:
         raise ValueError(f"`proj_type` must be one of {list(PROJ_TYPES)}; got {group['proj_type']!r}")
     if group["projection"] not in PROJECTIONS:
         raise ValueError(f"`projection` must be one of {list(PROJECTIONS)}; got {group['projection']!r}")
-    if group.get("moments_on_refresh", "rotate") not in MOMENTS_ON_REFRESH:
+    if group.get("moments_on_refresh", GALORE_DEFAULTS["moments_on_refresh"]) not in MOMENTS_ON_REFRESH:
         raise ValueError(f"`moments_on_refresh` must be one of {list(MOMENTS_ON_REFRESH)}; "
                          f"got {group['moments_on_refresh']!r}")
     if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool) or not group["scale"] > 0:
