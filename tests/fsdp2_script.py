@@ -30,7 +30,26 @@ def _stem_freezeout():
     return [FreezeOut(t0=0.3, warp="linear", blocks=["net.2", "net.4"])]  # net.6, the head, trains
 
 
-FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout}
+def _linear_progressive():
+    from lit_efficient import ProgressiveFreezing
+
+    return [ProgressiveFreezing(schedule="linear", freeze_start="2st")]  # LinearFreezing: 1 of 3 blocks at step 8
+
+
+FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout, "progressive_linear": _linear_progressive}
+
+
+def _galore(**options):
+    from lit_efficient import GaLore
+
+    # net.0 (64×16) and net.2 (64×64) project on the right, net.4 (32×64) on the left
+    return lambda: [GaLore(**{"rank": 8, "update_proj_gap": 3, **options})]
+
+
+FACTORIES.update(galore_randomized=_galore(projection="randomized_svd"), galore_random=_galore(projection="random"),
+                 galore_fira=_galore(fira=True), galore_8bit=_galore(eight_bit=True),
+                 # every Linear, the head (4×32, left) too: on 3 ranks its rows split 2, 2 and 0
+                 galore_every_linear=_galore(rank=3, include=["net.0", "net.2", "net.4", "net.6"], fira=True))
 
 
 class ShardedMLP(MLP):
@@ -60,6 +79,10 @@ def facts(trainer) -> dict:
     cache served, and how many parameters hold optimizer state (frozen ones must have none)."""
     out = {"with_state": sum(1 for state in trainer.optimizers[0].state.values() if state)}
     for callback in trainer.callbacks:
+        masks = getattr(callback, "masks", None)
+        if masks is not None and hasattr(masks, "spans"):  # sparse training: whole-layer counts, this rank's part
+            out.update(updates=callback.updates, nonzeros=masks.nonzeros(), sizes=masks.sizes(),
+                       mask_entries_here=sum(m.numel() for m in masks.masks))
         if hasattr(callback, "frozen"):
             out["frozen"] = callback.frozen
             out["block_0"] = [name for name, _ in callback.blocks[0].params]
@@ -67,6 +90,13 @@ def facts(trainer) -> dict:
             cache = getattr(callback, "_cache", None)
             if cache is not None:
                 out["served"] = cache.served
+        if getattr(callback, "technique", None) == "galore":  # bytes of each state entry on this rank
+            from lit_efficient.core.distributed import local_bytes
+
+            state = callback.optimizers[0].state
+            out["galore"] = {t.name: {key: local_bytes(value) for key, value in state.get(t.param, {}).items()
+                                      if isinstance(value, torch.Tensor) and value.dim() > 0}
+                             for t in callback.targets}
     return out
 
 
@@ -75,15 +105,19 @@ def fit(entry: str, strategy: str, options: dict, root: str):
     torch.set_num_threads(1)
     pl.seed_everything(0, verbose=False)
     steps, epochs = options.get("steps", 12), options.get("epochs")
-    data = loader(n=options.get("samples", 4 * GLOBAL_BATCH), batch=GLOBAL_BATCH).dataset
+    ranks = options.get("ranks", 2)  # 3: the MLP's dims 64, 32 and 4 split unevenly (4 rows: 2, 2 and 0)
+    batch = GLOBAL_BATCH if ranks == 2 else 8 * ranks  # each rank takes 8 samples of a global batch
+    data = loader(n=options.get("samples", 4 * batch), batch=batch).dataset
     kwargs = dict(max_epochs=epochs) if epochs else dict(max_steps=steps)
     if strategy == "one":
         trainer_kwargs, model = dict(devices=1), MLP()
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        chosen = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp2" else "ddp"
-        trainer_kwargs = dict(devices=2, strategy=chosen, use_distributed_sampler=False)
+        shards = not options.get("full_checkpoint", False)  # else checkpoints are one whole file
+        chosen = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=shards) if strategy == "fsdp2" else "ddp"
+        trainer_kwargs = dict(devices=ranks, strategy=chosen, use_distributed_sampler=False)
         model = ShardedMLP() if strategy == "fsdp2" else MLP()
     precision = options.get("precision", "32-true")
     callbacks = FACTORIES[entry]()
@@ -97,10 +131,10 @@ def fit(entry: str, strategy: str, options: dict, root: str):
                          enable_model_summary=False, default_root_dir=root, precision=precision,
                          accumulate_grad_batches=options.get("accumulate", 1), **trainer_kwargs, **kwargs)
     if strategy == "one":
-        train = DataLoader(data, batch_size=GLOBAL_BATCH)
+        train = DataLoader(data, batch_size=batch)
     else:
-        sampler = DistributedSampler(data, num_replicas=2, rank=trainer.global_rank, shuffle=False)
-        train = DataLoader(data, batch_size=GLOBAL_BATCH // 2, sampler=sampler)
+        sampler = DistributedSampler(data, num_replicas=ranks, rank=trainer.global_rank, shuffle=False)
+        train = DataLoader(data, batch_size=batch // ranks, sampler=sampler)
     trainer.fit(model, train, ckpt_path=options.get("resume"))
     return trainer, model
 

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -15,6 +16,7 @@ from typing_extensions import override
 
 from lit_efficient.core.clock import run_position
 from lit_efficient.core.composition import Claim, check_composition
+from lit_efficient.core.distributed import local_part
 from lit_efficient.core.logs import Number, log_metrics, log_text
 from lit_efficient.core.savings import SavingsRow, callback_settings, format_savings_table, savings_metrics
 
@@ -85,12 +87,21 @@ class EfficientCallback(Callback):
             finite = memo[1]  # asked again in the same step (SparCL: mask update and gradient-mask refresh)
         else:
             by_device: dict[torch.device, list[torch.Tensor]] = {}
+            shards = None  # FSDP2: each rank sees its shards of the gradients, and all must agree
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
-                        grad = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                        grad, shards_group = local_part(p.grad)
+                        shards = shards if shards_group is None else shards_group
+                        grad = grad.coalesce().values() if grad.is_sparse else grad
                         by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
-            finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())  # one sync per device
+            if shards is None:
+                finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())  # one sync per device
+            else:
+                device = next(iter(by_device))  # FSDP2 keeps a rank's gradients on its one device
+                everywhere = torch.stack([torch.stack(f).all().to(device) for f in by_device.values()]).all().int()
+                dist.all_reduce(everywhere, op=dist.ReduceOp.MIN, group=shards)
+                finite = bool(everywhere)
             self.__dict__["_finite_at"] = ((id(optimizer), step), finite)
         if not finite:
             self.warn_once("nonfinite", f"{type(self).__name__}: the gradients of optimizer step {step} were not "

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lit_efficient.core.shards import local
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
 from lit_efficient.sparsity.masked import MaskedTraining
 from lit_efficient.sparsity.masks import erk_densities, keep_counts, random_mask, uniform_densities
@@ -72,7 +73,8 @@ class SparseTrainingCallback(MaskedTraining):
         shapes = self.masks.shapes
         densities = erk_densities(shapes, density) if self.distribution == "erk" else uniform_densities(shapes, density)
         counts = keep_counts(shapes, densities, total_density=density)
-        return [random_mask(s, k, self.generator) for s, k in zip(shapes, counts)]
+        # drawn for the whole layer on every rank alike; a sharded rank keeps its rows
+        return [span.take(random_mask(s, k, self.generator)) for s, k, span in zip(shapes, counts, self.masks.spans)]
 
     def initial_density(self) -> float:
         return 1.0 - self.sparsity
@@ -85,19 +87,21 @@ class SparseTrainingCallback(MaskedTraining):
     def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str, optimizer) -> list[torch.Tensor]:
         """Scores for regrowth: |dense gradient|, |momentum| (first moment) or uniform random."""
         assert self.masks is not None
-        params = self.masks.params
+        params, spans = self.masks.params, self.masks.spans
         if growth == "random":
-            return [torch.rand(p.shape, generator=self.generator).to(p.device) for p in params]
+            return [span.take(torch.rand(p.shape, generator=self.generator)).to(w.device)
+                    for p, w, span in zip(params, self.masks.weights, spans)]
         if growth == "momentum" and optimizer is not None:
             scores = []
             for p in params:
                 state = optimizer.state.get(p, {})
                 buf = state.get("exp_avg", state.get("momentum_buffer"))
                 usable = isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.is_floating_point()
-                scores.append(buf.detach().abs().float() if usable else torch.zeros_like(p, dtype=torch.float32))
+                scores.append(local(buf).detach().abs().float() if usable
+                              else torch.zeros_like(local(p), dtype=torch.float32))
             return scores
         if grad_scores is None:
-            return [torch.zeros_like(p, dtype=torch.float32) for p in params]
+            return [torch.zeros_like(w, dtype=torch.float32) for w in self.masks.weights]
         return grad_scores
 
 

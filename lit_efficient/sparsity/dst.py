@@ -98,8 +98,9 @@ class DynamicSparseTraining(SparseTrainingCallback):
             fraction = rigl_drop_fraction(self.position(step), self._stop, self.drop_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
-            m if frozen else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
-            for p, m, s, frozen in zip(masks.params, masks.masks, scores, self.frozen_layers())
+            m if frozen else drop_and_grow(w, m, math.ceil(fraction * active), s, span=span, active=active)
+            for w, m, s, frozen, span, active in zip(masks.weights, masks.masks, scores, self.frozen_layers(),
+                                                     masks.spans, masks.nonzeros())
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {"drop_fraction": fraction, "regrown": float(regrown), "density": masks.density()}

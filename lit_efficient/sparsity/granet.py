@@ -132,14 +132,16 @@ class GraNet(SparseTrainingCallback):
         # frozen layers keep all their weights: the others are pruned harder to reach the target
         keep = max(keep, sum(n for n, f in zip(masks.nonzeros(), frozen) if f))
         if keep < before:
-            masks.set_masks(global_magnitude_masks(masks.params, masks.masks, keep, fixed=frozen), optimizer)
+            masks.set_masks(global_magnitude_masks(masks.weights, masks.masks, keep, fixed=frozen, spans=masks.spans,
+                                                   active=masks.nonzeros()), optimizer)
             pruned = before - keep
         fraction = regrow_fraction_at(self.position(step), self._total, self.regrow_fraction,
                                       self.final_regrow_fraction)
         scores = self.growth_scores(grad_scores, self.growth, optimizer)
         new_masks = [
-            m if f else drop_and_grow(p, m, math.ceil(fraction * int(m.sum())), s)
-            for p, m, s, f in zip(masks.params, masks.masks, scores, frozen)
+            m if f else drop_and_grow(w, m, math.ceil(fraction * active), s, span=span, active=active)
+            for w, m, s, f, span, active in zip(masks.weights, masks.masks, scores, frozen, masks.spans,
+                                                masks.nonzeros())
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {

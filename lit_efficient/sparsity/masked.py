@@ -17,7 +17,7 @@ for SparCL (:class:`lit_efficient.sparsity.sparcl.SparCL`).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -30,6 +30,7 @@ from lit_efficient.core.composition import Claim, weight_claim
 from lit_efficient.core.distributed import refuse_sharded_strategies
 from lit_efficient.core.logs import bar_image, log_image
 from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.shards import local
 from lit_efficient.core.targets import select_targets, validate_patterns
 from lit_efficient.sparsity.masks import ForwardFlops, SparseMasks
 
@@ -48,6 +49,8 @@ class MaskedTraining(EfficientCallback):
         exclude: module-name patterns never to sparsify.
         seed: seed of every random choice (identical on all ranks).
     """
+
+    supports_fsdp2: ClassVar[bool] = True  # masks sharded like the weights (``SparseMasks.shard_like_params``)
 
     def __init__(
         self,
@@ -78,7 +81,8 @@ class MaskedTraining(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_strategies(trainer, type(self).__name__, "masks could not be applied to whole weights")
+        refuse_sharded_strategies(trainer, type(self).__name__, "masks could not be applied to whole weights",
+                                  fsdp2=self.supports_fsdp2)
         targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
         self.masks = SparseMasks(targets)
         self.flops = ForwardFlops(targets)
@@ -91,6 +95,7 @@ class MaskedTraining(EfficientCallback):
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self.masks is not None
+        self.masks.shard_like_params()  # FSDP2: after configure_model sharded the weights
         self.masks.recount()  # a checkpoint may have brought the masks
         if not self.initialized:
             self.masks.set_masks(self.initial_masks(), self.optimizer(trainer))
@@ -134,7 +139,8 @@ class MaskedTraining(EfficientCallback):
         self._frozen_layers = [not p.requires_grad for p in self.masks.params]
         # dense gradients, already unscaled (AMP) and averaged (DDP) here
         self._grad_scores = [
-            torch.zeros_like(p) if p.grad is None else p.grad.detach().abs().clone() for p in self.masks.params
+            torch.zeros_like(w) if p.grad is None else local(p.grad).detach().abs().clone()
+            for p, w in zip(self.masks.params, self.masks.weights)
         ]
 
     @property
@@ -232,6 +238,8 @@ class MaskedTraining(EfficientCallback):
         self.update_deferred = bool(state_dict.get("update_deferred", False))
         if self.flops is not None and state_dict.get("flops") is not None:
             self.flops.flops = list(state_dict["flops"])
+        if self.masks is not None:
+            self.masks.recount()  # ModelParallelStrategy loads the masks after on_fit_start
 
 
 __all__ = ["SPARSE_KINDS", "MaskedTraining"]

@@ -11,6 +11,13 @@ decay can revive a pruned weight. Gradients stay dense: growth criteria need the
 
 Pure helpers (no Trainer needed): :func:`uniform_densities`, :func:`erk_densities`,
 :func:`keep_counts`, :func:`topk_mask`, :func:`random_mask`.
+
+Under FSDP2 each weight is a DTensor sharded on dim 0, and so is its mask
+(:meth:`SparseMasks.shard_like_params`): every rank applies the mask of its own rows to its rows
+of the weight and of each optimizer-state tensor. Densities and counts are of whole layers (one
+all-reduce), random choices are drawn for the whole layer from the shared generator and each rank
+keeps its part, and top-k choices go through :func:`lit_efficient.core.shards.largest`, so every
+mask is exactly the one a single process would choose. Ties go to the lower flat index.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lit_efficient.core.protocols import RestartableState
+from lit_efficient.core.shards import Span, counts, largest, local
 from lit_efficient.core.targets import Target
 
 MASK_BUFFER = "sparsity_mask"
@@ -86,12 +95,13 @@ def count_true(masks: Sequence[Tensor]) -> list[int]:
     return [int(n) for n in torch.stack([m.sum() for m in masks]).tolist()]
 
 
-def topk_mask(scores: Tensor, k: int) -> Tensor:
-    """Boolean mask of exactly ``k`` entries with the largest ``scores``."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.topk(scores.flatten().float(), k, sorted=False).indices] = True
-    return mask.view_as(scores)
+def topk_mask(scores: Tensor, k: int, span: Optional[Span] = None) -> Tensor:
+    """Boolean mask of exactly ``k`` entries with the largest ``scores`` (ties: the lower flat
+    index). ``scores`` may be a rank's part of a tensor split as ``span`` says (FSDP2): ``k`` then
+    counts over the whole tensor, and the mask is this rank's part of the whole one's."""
+    if span is None or span.group is None:
+        return largest(scores.flatten(), k).view_as(scores)
+    return largest(scores.flatten(), k, span.positions(scores.device), span.group, span.whole).view_as(scores)
 
 
 def random_mask(shape: Sequence[int], k: int, generator: torch.Generator, device=None) -> Tensor:
@@ -103,44 +113,70 @@ def random_mask(shape: Sequence[int], k: int, generator: torch.Generator, device
 
 
 def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], keep: int,
-                           fixed: Optional[Sequence[bool]] = None) -> list[Tensor]:
+                           fixed: Optional[Sequence[bool]] = None, spans: Optional[Sequence[Span]] = None,
+                           active: Optional[Sequence[int]] = None) -> list[Tensor]:
     """Keep the ``keep`` largest-magnitude active weights across all layers together (GraNet's
     global pruning); inactive positions stay inactive. Layer densities drift, as intended.
-    Layers flagged in ``fixed`` (frozen ones) keep every active weight, counted within ``keep``."""
+    Layers flagged in ``fixed`` (frozen ones) keep every active weight, counted within ``keep``.
+
+    ``weights`` and ``masks`` may be ranks' parts of the layers (``spans``, with the layers'
+    ``active`` counts over ranks): the choice is the one made from the whole layers."""
     fixed = fixed or [False] * len(masks)
-    scores = [torch.where(m, torch.full_like(w, float("inf"), dtype=torch.float32) if f else w.detach().abs().float(),
-                          torch.full_like(w, -1.0, dtype=torch.float32)) for w, m, f in zip(weights, masks, fixed)]
-    flat = torch.cat([s.flatten() for s in scores])
-    keep = max(0, min(keep, int(sum(int(m.sum()) for m in masks))))
-    chosen = topk_mask(flat, keep)
-    out, offset = [], 0
-    for s in scores:
-        out.append(chosen[offset : offset + s.numel()].view_as(s))
-        offset += s.numel()
+    spans = spans or [Span(tuple(m.shape), 0, m.numel()) for m in masks]
+    active = list(active) if active is not None else counts(masks, None)
+    group = next((s.group for s in spans if s.group is not None), None)
+    values, positions, offset = [], [], 0
+    for w, m, f, span in zip(weights, masks, fixed, spans):
+        score = torch.full_like(w, float("inf"), dtype=torch.float32) if f else w.detach().abs().float()
+        values.append(score[m])
+        if group is not None:  # flat indices in all layers laid end to end: ties go to the earlier
+            positions.append((span.positions(m.device) + offset)[m.flatten()])
+        offset += span.whole
+    total = sum(active)
+    chosen = largest(torch.cat(values), max(0, min(keep, total)), torch.cat(positions) if positions else None,
+                     group, total)
+    out, start = [], 0
+    for m in masks:
+        new = torch.zeros_like(m)
+        n = int(values[len(out)].numel())
+        new[m] = chosen[start: start + n]
+        out.append(new)
+        start += n
     return out
 
 
 def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor, drop_scores: Optional[Tensor] = None,
-                  regrow_dropped: bool = True) -> Tensor:
+                  regrow_dropped: bool = True, span: Optional[Span] = None, active: Optional[int] = None) -> Tensor:
     """Drop the ``count`` active weights of one layer with the smallest ``drop_scores`` (default:
     magnitude) and grow ``count`` inactive positions with the largest ``grow_scores`` (|gradient|,
     |momentum| or random).
 
     Just-dropped positions are candidates for growth (as in RigL) unless ``regrow_dropped`` is
     False (SparCL explores positions that were inactive). The number of active weights is unchanged.
+    The tensors may be a rank's part of the layer (``span``, with the layer's ``active`` count over
+    ranks): the choice is the one made from the whole layer.
     """
-    active = int(mask.sum())
-    count = max(0, min(count, active, mask.numel() - active))
+    span = span or Span(tuple(mask.shape), 0, mask.numel())
+    active = int(mask.sum()) if active is None else active
+    count = max(0, min(count, active, span.whole - active))
     if count == 0:
         return mask.clone()
+    positions = span.positions(mask.device) if span.group is not None else None
+
+    def choose(where: Tensor, scores: Tensor, k: int, total: int) -> Tensor:
+        """The k largest ``scores`` among the positions ``where`` (``total`` of them over ranks)."""
+        picked = torch.zeros_like(mask)
+        flat = where.flatten()
+        at = positions[flat] if positions is not None else None
+        picked.view(-1)[flat] = largest(scores.flatten()[flat].float(), k, at, span.group, total)
+        return picked
+
     drop_by = weight.detach().abs() if drop_scores is None else drop_scores.detach()
-    magnitude = torch.where(mask, drop_by.float(), torch.full_like(weight, float("inf"), dtype=torch.float32))
-    dropped = topk_mask(-magnitude, count)
+    dropped = choose(mask, -drop_by.float(), count, active)
     kept = mask & ~dropped
     closed = kept if regrow_dropped else mask
-    closed_score = torch.full_like(weight, -float("inf"), dtype=torch.float32)
-    candidates = torch.where(closed, closed_score, grow_scores.detach().float())
-    return kept | topk_mask(candidates, count)
+    open_positions = span.whole - active + (count if regrow_dropped else 0)
+    return kept | choose(~closed, grow_scores.detach(), count, open_positions)
 
 
 _ZERO_CODES: dict[int, tuple[Tensor, int]] = {}  # id -> (the code book, kept alive so ids stay unique; its code)
@@ -172,6 +208,7 @@ def zero_optimizer_state(optimizer: Optional[torch.optim.Optimizer], param: Tens
     for key, value in state.items():
         if not isinstance(value, Tensor) or value.shape != param.shape:
             continue
+        value = local(value)  # under FSDP2 the state is sharded like the parameter, and so is ``where``
         if value.dtype == torch.uint8:
             codebook = state.get("qmap" + key[-1]) if key.startswith("state") else None
             if codebook is None:
@@ -234,6 +271,10 @@ class ForwardFlops:
 class SparseMasks:
     """Boolean masks on a list of targets, applied to weights and optimizer state.
 
+    Under FSDP2 call :meth:`shard_like_params` once the module is sharded: each mask then holds
+    the rows of its weight this rank holds, and :attr:`masks`, :attr:`weights` are this rank's
+    parts, while :attr:`shapes`, :meth:`sizes` and the counts are of whole layers.
+
     Args:
         targets: the weights to sparsify (from :func:`lit_efficient.core.targets.select_targets`).
     """
@@ -243,6 +284,7 @@ class SparseMasks:
             raise ValueError("no targets to sparsify")
         self.targets = list(targets)
         self._nonzeros: Optional[list[int]] = None
+        self.spans = [Span(tuple(t.param.shape), 0, t.param.numel()) for t in self.targets]
         for target in self.targets:
             module = target.module
             existing = getattr(module, MASK_BUFFER, None)
@@ -251,17 +293,48 @@ class SparseMasks:
             elif not isinstance(existing, Tensor) or existing.shape != target.param.shape:
                 raise ValueError(f"{target.name} already has an attribute {MASK_BUFFER!r} that is not a mask")
 
+    @torch.no_grad()
+    def shard_like_params(self) -> bool:
+        """Shard each mask as its weight is sharded (FSDP2 after ``fully_shard``: a DTensor buffer
+        with the weight's mesh and placement, so checkpoints save and load it sharded under the same
+        key); True if any weight is sharded. Whole weights keep whole masks."""
+        self.spans = [Span.of(t.param) for t in self.targets]
+        for target, span in zip(self.targets, self.spans):
+            mask = getattr(target.module, MASK_BUFFER)
+            if span.group is None or isinstance(mask, DTensor):
+                continue
+            param = target.param
+            rows = span.take(mask.to(local(param).device)).clone()
+            setattr(target.module, MASK_BUFFER, DTensor.from_local(rows, param.device_mesh, param.placements,
+                                                                   run_check=False, shape=param.shape,
+                                                                   stride=param.stride()))
+        self.recount()
+        return self.group is not None
+
+    @property
+    def group(self):
+        """The process group the masks are sharded over (None: whole on every rank)."""
+        return next((s.group for s in self.spans if s.group is not None), None)
+
     # -- access -------------------------------------------------------------------------------
     @property
     def masks(self) -> list[Tensor]:
-        return [getattr(t.module, MASK_BUFFER) for t in self.targets]
+        """This rank's part of each mask (the whole mask unless sharded)."""
+        return [local(getattr(t.module, MASK_BUFFER)) for t in self.targets]
 
     @property
     def params(self) -> list[nn.Parameter]:
+        """The targeted parameters themselves (DTensors under FSDP2: keys of the optimizer state)."""
         return [t.param for t in self.targets]
 
     @property
+    def weights(self) -> list[Tensor]:
+        """This rank's part of each targeted weight (in-place changes reach the parameter)."""
+        return [local(t.param) for t in self.targets]
+
+    @property
     def shapes(self) -> list[tuple[int, ...]]:
+        """Whole shapes."""
         return [tuple(t.param.shape) for t in self.targets]
 
     def names(self) -> list[str]:
@@ -269,9 +342,10 @@ class SparseMasks:
 
     # -- accounting ---------------------------------------------------------------------------
     def nonzeros(self) -> list[int]:
-        """Active weights per layer; counted once after each change (counting syncs with the device)."""
+        """Active weights per layer; counted once after each change (counting syncs with the device;
+        sharded, one all-reduce)."""
         if self._nonzeros is None:
-            self._nonzeros = count_true(self.masks)
+            self._nonzeros = counts(self.masks, self.group)
         return list(self._nonzeros)
 
     def recount(self) -> None:
@@ -279,7 +353,7 @@ class SparseMasks:
         self._nonzeros = None
 
     def sizes(self) -> list[int]:
-        return [m.numel() for m in self.masks]
+        return [span.whole for span in self.spans]
 
     def layer_densities(self) -> list[float]:
         return [nnz / size for nnz, size in zip(self.nonzeros(), self.sizes())]
@@ -296,18 +370,20 @@ class SparseMasks:
         """Replace the masks in place (``copy_``: no new tensors, no recompiles) and apply them.
 
         Positions that become active start at weight 0 with zero optimizer state. Returns the
-        number of positions grown per layer.
-        """
-        grown_counts = []
-        for target, mask, new in zip(self.targets, self.masks, new_masks):
+        number of positions grown per layer (whole layers)."""
+        grown_masks = []
+        for target, weight, mask, new in zip(self.targets, self.weights, self.masks, new_masks):
             new = new.to(device=mask.device, dtype=torch.bool)
             grown = new & ~mask
-            target.param.masked_fill_(grown, 0)
+            weight.masked_fill_(grown, 0)
             zero_optimizer_state(optimizer, target.param, grown)
-            grown_counts.append(int(grown.sum()))
-            if grown_counts[-1] and isinstance(optimizer, RestartableState):  # no entry-wise zeroing (GaLore)
-                optimizer.restart_state(target.param)
+            grown_masks.append(grown)
             mask.copy_(new)
+        grown_counts = counts(grown_masks, self.group)
+        if isinstance(optimizer, RestartableState):  # no entry-wise zeroing (GaLore)
+            for target, grown in zip(self.targets, grown_counts):
+                if grown:
+                    optimizer.restart_state(target.param)
         self.recount()
         self.apply(optimizer)
         return grown_counts
@@ -315,14 +391,14 @@ class SparseMasks:
     @torch.no_grad()
     def apply(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Zero masked weights and their optimizer state (call after every optimizer step)."""
-        for target, mask in zip(self.targets, self.masks):
-            target.param.mul_(mask)
+        for target, weight, mask in zip(self.targets, self.weights, self.masks):
+            weight.mul_(mask)
             if optimizer is not None:
                 zero_optimizer_state(optimizer, target.param, ~mask)
 
     def is_applied(self) -> bool:
-        """Whether every masked weight is exactly zero."""
-        return all(bool((t.param[~m] == 0).all()) for t, m in zip(self.targets, self.masks))
+        """Whether every masked weight is exactly zero (on this rank's part)."""
+        return all(bool((w[~m] == 0).all()) for w, m in zip(self.weights, self.masks))
 
 
 __all__ = [

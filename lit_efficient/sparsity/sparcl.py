@@ -151,6 +151,9 @@ class SparCL(PlannedOrder, MaskedTraining):
 
     technique = "sparcl"
     growth = "random"  # TDM regrows at random: no step reads a dense weight gradient for growth
+    # its gradient masks and per-sample records live in the callback's state, which a sharded
+    # checkpoint saves from rank 0 only: not yet under FSDP2
+    supports_fsdp2 = False
 
     def __init__(
         self,
