@@ -79,3 +79,17 @@ def test_fsdp2_sparse_resumes_exactly_from_a_sharded_checkpoint(tmp_path, entry)
                         {k: v for k, v in straight["state"].items() if k not in masks}, atol=0.0)
     assert resumed["facts"] == straight["facts"]
     assert torch.tensor(straight["facts"]["nonzeros"]).sum() < torch.tensor(straight["facts"]["sizes"]).sum()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_fsdp2_nm_sparsity_ends_where_one_process_ends(tmp_path, ranks):
+    """N:M groups run along dim 1, inside each rank's rows: shard-local, no mask state."""
+    from tests.fsdp2_script import fit, full_state
+
+    options = dict(steps=12, ranks=ranks)
+    sharded = two_ranks(tmp_path, "nm", "fsdp2", options)
+    trainer, model = fit("nm", "one", options, str(tmp_path))
+    expected = full_state(model)
+    assert_close_states(sharded["state"], expected)
+    weight = torch.tensor(sharded["state"]["net.2.weight"])  # finalized: 2 of every 4 inputs kept
+    assert ((weight.reshape(-1, 4) != 0).sum(1) <= 2).all()

@@ -10,7 +10,9 @@ straight-through to the dense weights, and the sparse-refined term ``decayÂ·(1 â
 to their gradient once per optimizer step, in ``on_before_optimizer_step``, where Lightning has
 unscaled AMP gradients and DDP has averaged them. The mask is a function of the weights, so there
 is no mask state to save: a checkpoint of the dense weights resumes exactly, and every DDP rank
-computes the same mask. At the end of ``fit`` the mask is written into the weights, so the model
+computes the same mask. Under FSDP2 (rows sharded) the forward sees the gathered weight and each
+rank's optimizer step its own rows, whose N:M groups are whole: nothing is communicated but the
+flip rate. At the end of ``fit`` the mask is written into the weights, so the model
 (and what it saves from then on) is N:M sparse; 2:4 Linear weights can then be converted to
 PyTorch's semi-structured format for GPU inference speed-ups (``export``).
 """
@@ -21,15 +23,17 @@ from typing import Optional, Union
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_int
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.composition import Claim, weight_claim
-from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.distributed import local_part, refuse_sharded_strategies
 from lit_efficient.core.lightning_internals import swap_parameter
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.targets import Target, select_targets, validate_patterns
@@ -115,7 +119,7 @@ class NMSparsity(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_strategies(trainer, "NMSparsity", "the N:M mask could not see whole weights")
+        refuse_sharded_strategies(trainer, "NMSparsity", "the N:M mask could not see whole weights", fsdp2=True)
         targets = select_targets(pl_module, self.include, self.exclude, kinds=NM_KINDS)
         tied = [t.name for t in targets if t.aliases]
         if tied:
@@ -130,8 +134,20 @@ class NMSparsity(EfficientCallback):
                 f"not so for {ragged}. Leave these layers out with `exclude`"
             )
         self.targets = targets
+        # before configure_model shards the module: FSDP2's own forward hooks then gather the weight
+        # before ours (its pre-hook is prepended) and reshard it after ours
         self._attach()
         super().setup(trainer, pl_module, stage)
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # FSDP2 splits dim 0: N:M groups must not cross a rank's rows (they run along dim 1 unless
+        # the weight is stored transposed, as GPT-2's Conv1D)
+        across = [t.name for t in self.targets
+                  if isinstance(t.param, DTensor) and nm_group_dim(t) == 0 and t.param.shape[0] > 0]
+        if across:
+            raise ValueError(f"NMSparsity under FSDP2: the N:M groups of {across} run along the sharded dimension "
+                             "(dim 0, a transposed weight): leave them out with `exclude`")
 
     @override
     def claims(self) -> list[Claim]:
@@ -174,19 +190,26 @@ class NMSparsity(EfficientCallback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
         changed: Union[Tensor, int] = 0
         total = 0
+        shards = None
         for index, target in enumerate(self.targets):
-            weight = target.param
+            weight, group = local_part(target.param)  # FSDP2: this rank's rows, whole N:M groups
+            shards = shards if group is None else group
             mask = self._last_masks.pop(index, None)
-            if mask is None:  # not used in this step's forward: the mask of the current weights
+            if mask is None or group is not None:  # the mask of the current weights (this rank's rows)
                 mask = nm_mask(weight, self.n, self.m, nm_group_dim(target))
-            if self.decay and weight.grad is not None:
+            if self.decay and target.param.grad is not None:
                 # sparse-refined STE: pull pruned weights towards zero so the mask settles
-                weight.grad.add_(weight.detach() * ~mask, alpha=self.decay)
+                local_part(target.param.grad)[0].add_(weight.detach() * ~mask, alpha=self.decay)
             previous = self._previous_masks.get(index)
             if previous is not None:
                 changed = changed + (previous != mask).sum()  # stays on the device: no sync per layer
                 total += mask.numel()
             self._previous_masks[index] = mask
+        if shards is not None and total:  # flips of whole layers: one small all-reduce per step
+            flips = torch.stack([torch.as_tensor(changed, dtype=torch.float64),
+                                 torch.tensor(total, dtype=torch.float64)]).to(weight.device)
+            dist.all_reduce(flips, group=shards)
+            changed, total = flips[0], flips[1]
         self._flips = changed / total if total else 0.0
 
     @override
@@ -210,7 +233,7 @@ class NMSparsity(EfficientCallback):
         """Stop re-computing masks and write them into the weights: the model is now N:M sparse."""
         self._detach()
         for target in self.targets:
-            weight = target.param
+            weight = local_part(target.param)[0]  # FSDP2: this rank's rows
             if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
                 continue
             weight.mul_(nm_mask(weight, self.n, self.m, nm_group_dim(target)))
@@ -233,6 +256,10 @@ class NMSparsity(EfficientCallback):
         skipped: list[str] = []
         for target in self.targets if reason is None else []:
             weight = target.param
+            if isinstance(weight, DTensor):
+                skipped.append(f"{target.name} (an FSDP2 shard: gather the full state dict into an unsharded model "
+                               "and export that)")
+                continue
             if target.kind != "linear" or target.transposed:
                 skipped.append(f"{target.name} (not an nn.Linear)")
                 continue
