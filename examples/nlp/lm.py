@@ -7,6 +7,11 @@ cosine with 5% warm-up over 600 steps. From the repository root::
     lit-efficient fit --config examples/nlp/lm_pydoc_gpt2.yaml        # tied head, Conv1D layers
     lit-efficient fit --config examples/nlp/lm_pydoc.yaml --trainer.callbacks+=lit_efficient.GaLore
 
+On several processes with FSDP2 (``configure_model`` shards each decoder block), e.g. GaLore + RigL +
+FreezeOut on 2 CPU processes::
+
+    lit-efficient fit --config examples/nlp/lm_pydoc.yaml --config examples/nlp/combined/lm_pydoc_fsdp2.yaml
+
 ``training_step`` returns ``{"loss": losses.mean(), "sample_losses": losses}`` with one loss per
 sequence (mean token cross-entropy over its non-ignored tokens), the per-sample contract that
 LossReweighting and InfoBatch read.
@@ -189,6 +194,24 @@ class CausalLM(LightningModule):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", torch.exp(loss))
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (FSDP2): shard every decoder block as its own unit (its
+        weights are gathered just for its forward and backward), then the rest (embeddings, final norm,
+        head) at the root. Without a device mesh (one device, DDP) the model stays as it is. The layers
+        are built in ``__init__``, so callbacks find them in ``setup``; only the sharding happens here."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if isinstance(self.model, FSDPModule):  # configure_model runs again for validate/test after fit
+            return
+        data_parallel = mesh["data_parallel"]
+        blocks = self.model.model.layers if self.hparams.arch == "llama" else self.model.transformer.h
+        for block in blocks:
+            fully_shard(block, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
 
     def configure_optimizers(self) -> Any:
         h = self.hparams
