@@ -36,7 +36,15 @@ def _linear_progressive():
     return [ProgressiveFreezing(schedule="linear", freeze_start="2st")]  # LinearFreezing: 1 of 3 blocks at step 8
 
 
-FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout, "progressive_linear": _linear_progressive}
+def _mix():
+    from lit_efficient import FreezeOut, LossReweighting, RigL
+
+    # the FSDP2 column of the reliability matrix: sparse masks, freezing and per-sample weights at once
+    return [RigL(sparsity=0.8, update_every="3st", stop=0.9), FreezeOut(t0=0.5, warp="linear"),
+            LossReweighting(warmup="3st", temperature=0.5)]
+
+
+FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout, "progressive_linear": _linear_progressive, "mix": _mix}
 
 
 def _galore(**options):

@@ -285,6 +285,7 @@ class SparseMasks:
         self.targets = list(targets)
         self._nonzeros: Optional[list[int]] = None
         self.spans = [Span(tuple(t.param.shape), 0, t.param.numel()) for t in self.targets]
+        self._sharded_params: Optional[list[nn.Parameter]] = None
         for target in self.targets:
             module = target.module
             existing = getattr(module, MASK_BUFFER, None)
@@ -299,11 +300,14 @@ class SparseMasks:
         with the weight's mesh and placement, so checkpoints save and load it sharded under the same
         key); True if any weight is sharded. Whole weights keep whole masks."""
         self.spans = [Span.of(t.param) for t in self.targets]
-        for target, span in zip(self.targets, self.spans):
+        if any(span.group is not None for span in self.spans):
+            # FSDP2 leaves a gathered copy in the module's slot at times (a frozen block's weight after
+            # the backward prefetched it): the sharded parameters, the optimizer's, are kept from here
+            self._sharded_params = [t.param for t in self.targets]
+        for target, span, param in zip(self.targets, self.spans, self.params):
             mask = getattr(target.module, MASK_BUFFER)
             if span.group is None or isinstance(mask, DTensor):
                 continue
-            param = target.param
             rows = span.take(mask.to(local(param).device)).clone()
             setattr(target.module, MASK_BUFFER, DTensor.from_local(rows, param.device_mesh, param.placements,
                                                                    run_check=False, shape=param.shape,
@@ -325,17 +329,17 @@ class SparseMasks:
     @property
     def params(self) -> list[nn.Parameter]:
         """The targeted parameters themselves (DTensors under FSDP2: keys of the optimizer state)."""
-        return [t.param for t in self.targets]
+        return list(self._sharded_params) if self._sharded_params is not None else [t.param for t in self.targets]
 
     @property
     def weights(self) -> list[Tensor]:
         """This rank's part of each targeted weight (in-place changes reach the parameter)."""
-        return [local(t.param) for t in self.targets]
+        return [local(p) for p in self.params]
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
         """Whole shapes."""
-        return [tuple(t.param.shape) for t in self.targets]
+        return [tuple(p.shape) for p in self.params]
 
     def names(self) -> list[str]:
         return [t.name for t in self.targets]
@@ -372,18 +376,18 @@ class SparseMasks:
         Positions that become active start at weight 0 with zero optimizer state. Returns the
         number of positions grown per layer (whole layers)."""
         grown_masks = []
-        for target, weight, mask, new in zip(self.targets, self.weights, self.masks, new_masks):
+        for param, weight, mask, new in zip(self.params, self.weights, self.masks, new_masks):
             new = new.to(device=mask.device, dtype=torch.bool)
             grown = new & ~mask
             weight.masked_fill_(grown, 0)
-            zero_optimizer_state(optimizer, target.param, grown)
+            zero_optimizer_state(optimizer, param, grown)
             grown_masks.append(grown)
             mask.copy_(new)
         grown_counts = counts(grown_masks, self.group)
         if isinstance(optimizer, RestartableState):  # no entry-wise zeroing (GaLore)
-            for target, grown in zip(self.targets, grown_counts):
+            for param, grown in zip(self.params, grown_counts):
                 if grown:
-                    optimizer.restart_state(target.param)
+                    optimizer.restart_state(param)
         self.recount()
         self.apply(optimizer)
         return grown_counts
@@ -391,10 +395,10 @@ class SparseMasks:
     @torch.no_grad()
     def apply(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Zero masked weights and their optimizer state (call after every optimizer step)."""
-        for target, weight, mask in zip(self.targets, self.weights, self.masks):
+        for param, weight, mask in zip(self.params, self.weights, self.masks):
             weight.mul_(mask)
             if optimizer is not None:
-                zero_optimizer_state(optimizer, target.param, ~mask)
+                zero_optimizer_state(optimizer, param, ~mask)
 
     def is_applied(self) -> bool:
         """Whether every masked weight is exactly zero (on this rank's part)."""

@@ -102,6 +102,7 @@ class NMSparsity(EfficientCallback):
         self._dense: dict[int, nn.Parameter] = {}  # target index -> its dense weight, during a forward
         self._last_masks: dict[int, Tensor] = {}  # target index -> mask of its latest training forward
         self._previous_masks: dict[int, Tensor] = {}  # masks at the previous optimizer step (flip rate)
+        self._params: Optional[list[nn.Parameter]] = None  # the targets' parameters as the fit began
         self._steps = StepWatch()
         self._flips: Union[Tensor, float] = 0.0  # fraction of mask entries changed at the last step
 
@@ -143,6 +144,10 @@ class NMSparsity(EfficientCallback):
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         # FSDP2 splits dim 0: N:M groups must not cross a rank's rows (they run along dim 1 unless
         # the weight is stored transposed, as GPT-2's Conv1D)
+        # FSDP2 may leave a gathered copy in a module's slot (a frozen block's weight after the backward
+        # prefetched it): the sharded parameters are kept from here
+        sharded = any(isinstance(t.param, DTensor) for t in self.targets)
+        self._params = [t.param for t in self.targets] if sharded else None
         across = [t.name for t in self.targets
                   if isinstance(t.param, DTensor) and nm_group_dim(t) == 0 and t.param.shape[0] > 0]
         if across:
@@ -191,15 +196,15 @@ class NMSparsity(EfficientCallback):
         changed: Union[Tensor, int] = 0
         total = 0
         shards = None
-        for index, target in enumerate(self.targets):
-            weight, group = local_part(target.param)  # FSDP2: this rank's rows, whole N:M groups
+        for index, (target, param) in enumerate(zip(self.targets, self._params or [t.param for t in self.targets])):
+            weight, group = local_part(param)  # FSDP2: this rank's rows, whole N:M groups
             shards = shards if group is None else group
             mask = self._last_masks.pop(index, None)
             if mask is None or group is not None:  # the mask of the current weights (this rank's rows)
                 mask = nm_mask(weight, self.n, self.m, nm_group_dim(target))
-            if self.decay and target.param.grad is not None:
+            if self.decay and param.grad is not None:
                 # sparse-refined STE: pull pruned weights towards zero so the mask settles
-                local_part(target.param.grad)[0].add_(weight.detach() * ~mask, alpha=self.decay)
+                local_part(param.grad)[0].add_(weight.detach() * ~mask, alpha=self.decay)
             previous = self._previous_masks.get(index)
             if previous is not None:
                 changed = changed + (previous != mask).sum()  # stays on the device: no sync per layer
@@ -232,8 +237,8 @@ class NMSparsity(EfficientCallback):
     def finalize(self) -> None:
         """Stop re-computing masks and write them into the weights: the model is now N:M sparse."""
         self._detach()
-        for target in self.targets:
-            weight = local_part(target.param)[0]  # FSDP2: this rank's rows
+        for target, param in zip(self.targets, self._params or [t.param for t in self.targets]):
+            weight = local_part(param)[0]  # FSDP2: this rank's rows
             if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
                 continue
             weight.mul_(nm_mask(weight, self.n, self.m, nm_group_dim(target)))
