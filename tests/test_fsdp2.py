@@ -65,21 +65,39 @@ def test_fsdp2_ends_where_one_process_or_ddp_ends(tmp_path, entry):
         assert expected_facts["served"] > 0
 
 
-RESUMED = {"loss_reweighting": dict(steps=12), "infobatch": dict(epochs=6)}  # freezing: not yet (freezing card)
+# the freezing entries have blocks frozen at step 8, whose parameters left the optimizer (asserted below)
+# the freezing entries share the restore: one per schedule family, LR annealing and the cache (it refills)
+RESUMED = {"loss_reweighting": dict(steps=12), "infobatch": dict(epochs=6), "freezeout_lr_annealing": dict(steps=12),
+           "adaptive": dict(steps=12), "progressive_linear": dict(steps=12), "freezeout_cached": dict(epochs=5)}
+
+
+def resumes_exactly(tmp_path, entry, options):
+    """Run ``entry`` on 2 FSDP2 ranks with a checkpoint at step 8, resume a second run from it, and
+    check that it ends bit for bit where the straight run ends; returns the checkpoint."""
+    checkpoints = tmp_path / "checkpoints"
+    straight = two_ranks(tmp_path, entry, "fsdp2", dict(options, save_every=8, checkpoints=str(checkpoints)))
+    saved = sorted(checkpoints.glob("*step=8*"))
+    assert len(saved) == 1, list(checkpoints.iterdir())
+    if "frozen" in straight["facts"]:  # blocks frozen when the checkpoint was taken: the optimizer lost them
+        meta = torch.load(saved[0] / "meta.pt" if saved[0].is_dir() else saved[0], weights_only=True)
+        assert meta["callbacks"]["ProgressiveFreezing"]["frozen"] > 0
+    (tmp_path / "resumed").mkdir()
+    resumed = run_ddp_script(SCRIPT, [entry, "fsdp2", json.dumps(dict(options, resume=str(saved[0])))],
+                             tmp_path / "resumed")
+    assert resumed["step"] == straight["step"] > 8
+    assert_close_states(resumed["state"], straight["state"], atol=0.0)
+    assert resumed["facts"] == straight["facts"]
+    return saved[0]
 
 
 @pytest.mark.parametrize("entry", list(RESUMED))
 def test_fsdp2_resumes_exactly_from_a_sharded_checkpoint(tmp_path, entry):
     """A run checkpointed by ModelParallelStrategy (a distributed checkpoint: one shard file per rank
     plus the callbacks' state) at step 8 and resumed ends bit for bit where the straight run ends."""
-    checkpoints = tmp_path / "checkpoints"
-    options = dict(RESUMED[entry], save_every=8, checkpoints=str(checkpoints))
-    straight = two_ranks(tmp_path, entry, "fsdp2", options)
-    saved = sorted(checkpoints.glob("*step=8*"))
-    assert len(saved) == 1 and saved[0].is_dir(), list(checkpoints.iterdir())  # sharded: a folder
-    (tmp_path / "resumed").mkdir()
-    resumed = run_ddp_script(SCRIPT, [entry, "fsdp2", json.dumps(dict(RESUMED[entry], resume=str(saved[0])))],
-                             tmp_path / "resumed")
-    assert resumed["step"] == straight["step"] > 8
-    assert_close_states(resumed["state"], straight["state"], atol=0.0)
-    assert resumed["facts"] == straight["facts"]
+    assert resumes_exactly(tmp_path, entry, RESUMED[entry]).is_dir()  # sharded: a folder
+
+
+@pytest.mark.parametrize("entry", ["freezeout"])
+def test_fsdp2_resumes_exactly_from_a_full_checkpoint(tmp_path, entry):
+    """So does one checkpointed whole (``save_distributed_checkpoint=False``: one file, gathered)."""
+    assert resumes_exactly(tmp_path, entry, dict(steps=12, full_checkpoint=True)).is_file()

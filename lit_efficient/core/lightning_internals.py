@@ -63,6 +63,55 @@ def is_last_batch(trainer: "pl.Trainer") -> bool:
     return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
+def before_late_restore(trainer: "pl.Trainer", state_key: str,
+                        apply: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+    """Where the strategy restores a checkpoint after ``on_fit_start`` (``restore_checkpoint_after_setup``:
+    ``ModelParallelStrategy``), call ``apply`` with the state the callback ``state_key`` saved in
+    it, just before the strategy loads the model and optimizer (strictly, through torch's distributed
+    checkpoint) and so before the callback's own ``load_state_dict``; returns the undo (call it from
+    ``teardown``). Elsewhere (DDP, one device: callbacks are restored before ``on_fit_start``), and
+    when ``fit`` resumes from nothing or the checkpoint holds no such state, nothing happens.
+
+    Replaces ``strategy.load_checkpoint`` on the instance for one call: at ``on_fit_start`` the path
+    of the checkpoint about to be restored is only a local of ``Trainer._run``
+    (``trainer.ckpt_path`` is set later, in ``_CheckpointConnector.resume_start``). Reads
+    Lightning's private checkpoint layout: ``meta.pt`` (``_METADATA_FILENAME``) of a sharded folder,
+    or the whole file of a full one (``save_distributed_checkpoint=False``), and its ``"callbacks"``
+    entry. The public replacement would be callbacks' state restored before the optimizer's under
+    ``restore_checkpoint_after_setup``, or a callback hook before the strategy loads a checkpoint."""
+    from pathlib import Path
+
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    strategy = trainer.strategy
+    if not strategy.restore_checkpoint_after_setup:
+        return lambda: None
+    load = strategy.load_checkpoint
+
+    def load_checkpoint(checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        undo()
+        path = Path(strategy.broadcast(checkpoint_path))  # as the strategy does: every rank loads rank 0's
+        weights_only = kwargs.get("weights_only", args[0] if args else None)
+        saved: dict[str, Any] = {}  # not a checkpoint: the strategy says so
+        if (path / _METADATA_FILENAME).is_file():
+            saved = torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
+        elif path.is_file():
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        state = (saved.get("callbacks") or {}).get(state_key)
+        del saved
+        if state is not None:
+            apply(state)
+        return load(checkpoint_path, *args, **kwargs)
+
+    own = replace_method(strategy, "load_checkpoint", load_checkpoint)
+
+    def undo() -> None:
+        if strategy.__dict__.get("load_checkpoint") is load_checkpoint:
+            restore_method(strategy, "load_checkpoint", own)
+
+    return undo
+
+
 def is_compiled(pl_module: "pl.LightningModule") -> bool:
     """Whether ``pl_module`` was passed through ``torch.compile``. Reads Lightning's
     ``LightningModule._compiler_ctx``; no public flag exists."""

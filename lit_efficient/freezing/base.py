@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, Callable, ClassVar, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -34,7 +34,7 @@ from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_fraction
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.distributed import local_bytes, on_every_rank, refuse_sharded_strategies, shards_parameters
-from lit_efficient.core.lightning_internals import ensure_find_unused_parameters, is_compiled
+from lit_efficient.core.lightning_internals import before_late_restore, ensure_find_unused_parameters, is_compiled
 from lit_efficient.core.logs import Throughput, step_logs_due
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.targets import validate_patterns
@@ -127,6 +127,8 @@ class BlockFreezing(EfficientCallback):
         self._joined_modules: list[str] = []  # what the probe added to block 0 (state: re-joined on resume)
         self._joined_params: list[str] = []
         self._restored_join: tuple[list[str], list[str]] = ([], [])
+        self._restored_early = False  # FSDP2: the checkpoint's state went in before the optimizer's
+        self._undo_late_restore: Optional[Callable[[], None]] = None  # from on_fit_start to teardown
         self._length: Optional[TrainingLength] = None
         self._steps = StepWatch()
         self._fraction, self._fraction_for = 0.0, -1
@@ -299,13 +301,32 @@ class BlockFreezing(EfficientCallback):
             block.rebind(pl_module)
         self._optimizer_params = dict(pl_module.named_parameters()) if self._sharded else {}
         self._tied = self._tied_params(pl_module) if self.tied_embeddings == "train" else set()
-        # a restored frozen set is applied here: after the optimizer exists, before its state is loaded;
-        # block 0 first gets back what the probe joined to it, so that it freezes whole
+        # a restored frozen set is applied here: after the optimizer exists, before its state is loaded
+        self._apply_restored(trainer, pl_module)
+        # FSDP2 (ModelParallelStrategy) restores only after this hook, and loads the optimizer strictly
+        # before this callback's state: the checkpoint's frozen set goes in first (frozen parameters
+        # left the optimizer, so their state is missing from the checkpoint)
+        self._undo_late_restore = before_late_restore(
+            trainer, self.state_key, functools.partial(self._restore_before_optimizer, trainer, pl_module))
+
+    def _apply_restored(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", in_place: int = 0) -> None:
+        """Freeze the restored frozen set (``self.frozen`` from ``load_state_dict``) as freezing does in
+        training, after the ``in_place`` blocks frozen already; block 0 first gets back what the probe
+        joined to it, so that it freezes whole."""
         (modules, params), self._restored_join = self._restored_join, ([], [])
         if modules or params:
             self._join_first_block(pl_module, modules, params)
-        restored, self.frozen = self.frozen, 0
+        restored, self.frozen = self.frozen, in_place
         self.freeze_to(restored, trainer, pl_module)
+
+    def _restore_before_optimizer(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                                  state: dict[str, Any]) -> None:
+        """A checkpoint's state applied before the strategy loads the optimizer (FSDP2); Lightning's
+        ``load_state_dict`` of it that follows changes nothing."""
+        in_place = self.frozen  # 0, unless this callback froze blocks in an earlier fit (on_fit_start froze them)
+        self.load_state_dict(state)
+        self._apply_restored(trainer, pl_module, in_place)
+        self._restored_early = True
 
     # -- the schedule: what a subclass says -----------------------------------------------------
     def frozen_at(self, step: int) -> int:
@@ -446,6 +467,9 @@ class BlockFreezing(EfficientCallback):
         for handle in self._hooks + (self._probe or []):
             handle.remove()
         self._hooks, self._probe = [], None
+        if self._undo_late_restore is not None:
+            self._undo_late_restore()
+            self._undo_late_restore = None
         if self._cache is not None:
             self._cache.remove()
             self._cache = None
@@ -502,6 +526,8 @@ class BlockFreezing(EfficientCallback):
         # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)
         self._restored_join = ([str(n) for n in state_dict.get("joined_modules", [])],
                                [str(n) for n in state_dict.get("joined_params", [])])
+        if self._restored_early:  # the same state, applied already before the optimizer loaded (FSDP2)
+            self._restored_join, self._restored_early = ([], []), False
 
 
 def _batch_size(batch: Any) -> int:
