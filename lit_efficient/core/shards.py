@@ -73,6 +73,19 @@ class Span:
             return full
         return full.reshape(-1)[self.start: self.start + self.numel].reshape(-1, *self.shape[1:])
 
+    def gather(self, part: Tensor) -> Tensor:
+        """The whole tensor from every rank's ``part`` (one all-gather; every rank of the group calls it).
+        For state that must be saved whole, e.g. in a callback's checkpoint entry, which one rank writes."""
+        if self.group is None:
+            return part
+        ranks, rows = dist.get_world_size(self.group), self.shape[0]
+        rows_per_rank = math.ceil(rows / ranks)
+        padded = part.new_zeros((rows_per_rank, *self.shape[1:]))
+        padded[: part.shape[0]] = part
+        parts = [torch.empty_like(padded) for _ in range(ranks)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:rows]
+
     def positions(self, device: torch.device) -> Tensor:
         """Flat indices in the whole tensor of this rank's entries."""
         return torch.arange(self.start, self.start + self.numel, device=device)

@@ -55,11 +55,12 @@ from lit_efficient.core.distributed import reduced_across_ranks
 from lit_efficient.core.lightning_internals import is_last_batch
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.seeding import epoch_generator
+from lit_efficient.core.shards import Span, counts, local
 from lit_efficient.core.tasks import TaskProgress, require_task_progress, task_epochs, task_of_epoch, task_time
 from lit_efficient.core.time import step_interval
 from lit_efficient.data.planned_order import PlannedOrder
 from lit_efficient.sparsity.masked import MaskedTraining
-from lit_efficient.sparsity.masks import count_true, drop_and_grow, keep_counts, topk_mask, uniform_densities
+from lit_efficient.sparsity.masks import drop_and_grow, keep_counts, topk_mask, uniform_densities
 
 CORRECT_CONTRACT = ('`training_step` must return "sample_correct": a 1-D bool tensor, one entry per sample of the '
                     'batch (prediction == label), e.g. {"loss": loss, "sample_correct": logits.argmax(1) == y}')
@@ -76,21 +77,28 @@ def tdm_scores(weight: Tensor, grad: Optional[Tensor], score_lambda: float) -> T
 
 
 def tdm_update(weight: Tensor, mask: Tensor, grad: Optional[Tensor], explore: int, generator: torch.Generator,
-               score_lambda: float = 0.5) -> Tensor:
+               score_lambda: float = 0.5, span: Optional[Span] = None, active: Optional[int] = None) -> Tensor:
     """One expand-and-explore step of a layer: drop the ``explore`` active weights of lowest
-    ``|w| + λ|g|``, regrow ``explore`` positions drawn at random among the inactive ones."""
-    random_scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+    ``|w| + λ|g|``, regrow ``explore`` positions drawn at random among the inactive ones. The
+    tensors may be a rank's part of the layer (``span``, with the layer's ``active`` count)."""
+    shape = span.shape if span is not None else mask.shape
+    random_scores = torch.rand(shape, generator=generator)  # drawn whole on every rank alike
+    random_scores = (span.take(random_scores) if span is not None else random_scores).to(mask.device)
     return drop_and_grow(weight, mask, explore, random_scores, drop_scores=tdm_scores(weight, grad, score_lambda),
-                         regrow_dropped=False)
+                         regrow_dropped=False, span=span, active=active)
 
 
-def gradient_mask(grad: Tensor, weight_mask: Tensor, gradient_sparsity: float) -> Tensor:
+def gradient_mask(grad: Tensor, weight_mask: Tensor, gradient_sparsity: float, span: Optional[Span] = None,
+                  active: Optional[int] = None) -> Tensor:
     """Keep the entries of the weight-masked gradient at or above its ``gradient_sparsity`` quantile
     of ``|grad|`` over the whole tensor: the ``(1 − gradient_sparsity)·numel`` largest, never more
-    than the active ones. At weight sparsity ≥ ``gradient_sparsity`` this is the weight mask."""
-    keep = min(int(round((1.0 - gradient_sparsity) * grad.numel())), int(weight_mask.sum()))
+    than the active ones. At weight sparsity ≥ ``gradient_sparsity`` this is the weight mask. The
+    tensors may be a rank's part of the layer (``span``, with the layer's ``active`` count)."""
+    whole = span.whole if span is not None else grad.numel()
+    active = int(weight_mask.sum()) if active is None else active
+    keep = min(int(round((1.0 - gradient_sparsity) * whole)), active)
     scores = torch.where(weight_mask, grad.detach().abs().float(), torch.full_like(grad, -1.0, dtype=torch.float32))
-    return topk_mask(scores, keep) & weight_mask
+    return topk_mask(scores, keep, span) & weight_mask
 
 
 def update_forgetting(prev_correct: Tensor, events: Tensor, learned: Tensor, visit: Tensor) -> None:
@@ -151,9 +159,6 @@ class SparCL(PlannedOrder, MaskedTraining):
 
     technique = "sparcl"
     growth = "random"  # TDM regrows at random: no step reads a dense weight gradient for growth
-    # its gradient masks and per-sample records live in the callback's state, which a sharded
-    # checkpoint saves from rank 0 only: not yet under FSDP2
-    supports_fsdp2 = False
 
     def __init__(
         self,
@@ -239,8 +244,8 @@ class SparCL(PlannedOrder, MaskedTraining):
         """Uniform density, the largest-magnitude weights of each layer (SparCL's start)."""
         assert self.masks is not None
         shapes = self.masks.shapes
-        counts = keep_counts(shapes, uniform_densities(shapes, 1.0 - self.sparsity))
-        return [topk_mask(p.detach().abs(), k) for p, k in zip(self.masks.params, counts)]
+        keep = keep_counts(shapes, uniform_densities(shapes, 1.0 - self.sparsity))
+        return [topk_mask(w.detach().abs(), k, span) for w, k, span in zip(self.masks.weights, keep, self.masks.spans)]
 
     # -- the task schedule ----------------------------------------------------------------------
     def is_tdm_epoch(self, progress: TaskProgress) -> bool:
@@ -308,20 +313,23 @@ class SparCL(PlannedOrder, MaskedTraining):
         if not self.grad_masks or epoch != self.grad_mask_epoch or due:
             if not self.gradients_finite(optimizer, "the gradient mask refresh", step + 1):
                 return  # an overflow step (skipped by the GradScaler): the refresh is still due on the next one
+            masks = self.masks
             self.grad_masks = [
-                gradient_mask(p.grad, m, self.gradient_sparsity) if p.grad is not None else m.clone()
-                for p, m in zip(self.masks.params, self.masks.masks)
+                gradient_mask(local(p.grad), m, self.gradient_sparsity, span, active) if p.grad is not None
+                else m.clone()
+                for p, m, span, active in zip(masks.params, masks.masks, masks.spans, masks.nonzeros())
             ]
             self.grad_mask_step, self.grad_mask_epoch = step, epoch
-            self._grad_nonzeros = count_true(self.grad_masks)
+            self._grad_nonzeros = counts(self.grad_masks, masks.group)
             self.log_metrics(pl_module, {"gradient_sparsity": 1.0 - sum(self._grad_nonzeros) / sum(self.masks.sizes())})
         with torch.no_grad():
             for i, (p, m) in enumerate(zip(self.masks.params, self.masks.masks)):
                 if p.grad is None:
                     continue
-                if self.grad_masks[i].device != p.grad.device:  # restored from a checkpoint on the CPU
-                    self.grad_masks[i] = self.grad_masks[i].to(p.grad.device)
-                p.grad.mul_(self.grad_masks[i] & m)  # a mask update since the refresh may have closed positions
+                grad = local(p.grad)  # FSDP2: this rank's rows, as the masks
+                if self.grad_masks[i].device != grad.device:  # restored from a checkpoint on the CPU
+                    self.grad_masks[i] = self.grad_masks[i].to(grad.device)
+                grad.mul_(self.grad_masks[i] & m)  # a mask update since the refresh may have closed positions
 
     @override
     def account_step(self, dense_gradient: bool = False) -> None:
@@ -331,7 +339,7 @@ class SparCL(PlannedOrder, MaskedTraining):
         densities = self.masks.layer_densities()
         forward = self.flops.ratio(densities) if self.flops is not None else self.masks.density()
         if self.dgm and self.grad_masks:
-            grad_densities = [n / g.numel() for n, g in zip(self._grad_nonzeros, self.grad_masks)]
+            grad_densities = [n / size for n, size in zip(self._grad_nonzeros, self.masks.sizes())]
             weight_grad = (self.flops.ratio(grad_densities) if self.flops is not None
                            else sum(grad_densities) / len(grad_densities))
         else:
@@ -347,9 +355,10 @@ class SparCL(PlannedOrder, MaskedTraining):
         masks = self.masks
         grads = grad_scores if grad_scores is not None else [None] * len(masks.params)
         new_masks = [
-            m if frozen else tdm_update(p, m, g, int(round(self.explore_fraction * m.numel())), self.generator,
-                                        self.score_lambda)
-            for p, m, g, frozen in zip(masks.params, masks.masks, grads, self.frozen_layers())
+            m if frozen else tdm_update(w, m, g, int(round(self.explore_fraction * size)), self.generator,
+                                        self.score_lambda, span, active)
+            for w, m, g, frozen, span, active, size in zip(masks.weights, masks.masks, grads, self.frozen_layers(),
+                                                           masks.spans, masks.nonzeros(), masks.sizes())
         ]
         regrown = sum(masks.set_masks(new_masks, optimizer))
         return {"regrown": float(regrown), "density": masks.density()}
@@ -460,6 +469,13 @@ class SparCL(PlannedOrder, MaskedTraining):
         return rows
 
     # -- state ----------------------------------------------------------------------------------
+    def _whole_grad_masks(self) -> list[Tensor]:
+        """The gradient masks whole: under FSDP2 each rank holds its rows, and one rank writes the
+        callbacks' checkpoint entry (every rank calls ``state_dict``: one all-gather per layer)."""
+        if self.masks is None or self.masks.group is None or not self.grad_masks:
+            return [g.clone() for g in self.grad_masks]
+        return [span.gather(g) for span, g in zip(self.masks.spans, self.grad_masks)]
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -470,7 +486,7 @@ class SparCL(PlannedOrder, MaskedTraining):
             "visit": reduced_across_ranks(self._trainer, self.visit.to(torch.int32), "max").to(torch.int8),
             "plan_epoch": self.plan_epoch, "order": self.order.clone(), "shuffle": self.shuffle,
             "removed_total": self.removed_total, "samples_total": self.samples_total,
-            "grad_masks": [g.clone() for g in self.grad_masks], "grad_mask_step": self.grad_mask_step,
+            "grad_masks": self._whole_grad_masks(), "grad_mask_step": self.grad_mask_step,
             "grad_mask_epoch": self.grad_mask_epoch,
             "full_steps": self.full_steps, "grad_density_steps": self.grad_density_steps,
             "opened_epoch": self.opened_epoch, **self.planned_position(),
@@ -486,7 +502,9 @@ class SparCL(PlannedOrder, MaskedTraining):
         self.plan_epoch, self.shuffle = int(state_dict["plan_epoch"]), state_dict["shuffle"]
         self.removed_total, self.samples_total = int(state_dict["removed_total"]), int(state_dict["samples_total"])
         self.grad_masks = [g.clone() for g in state_dict["grad_masks"]]
-        self._grad_nonzeros = count_true(self.grad_masks)
+        if self.masks is not None and self.masks.group is not None and self.grad_masks:
+            self.grad_masks = [span.take(g) for span, g in zip(self.masks.spans, self.grad_masks)]  # this rank's rows
+        self._grad_nonzeros = counts(self.grad_masks, self.masks.group if self.masks is not None else None)
         self.grad_mask_step = int(state_dict["grad_mask_step"])
         self.grad_mask_epoch = int(state_dict["grad_mask_epoch"])
         self.full_steps = int(state_dict["full_steps"])
