@@ -86,6 +86,11 @@ def facts(trainer) -> dict:
     """What the techniques did, to compare across strategies: blocks frozen, batches the frozen-output
     cache served, and how many parameters hold optimizer state (frozen ones must have none)."""
     out = {"with_state": sum(1 for state in trainer.optimizers[0].state.values() if state)}
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.lightning_module.parameters())  # sharded at the end: none left gathered (0 = one process)
+    out["gathered"] = sum(not isinstance(p, DTensor) for p in params) if any(isinstance(p, DTensor) for p in params) \
+        else 0
     for callback in trainer.callbacks:
         masks = getattr(callback, "masks", None)
         if masks is not None and hasattr(masks, "spans"):  # sparse training: whole-layer counts, this rank's part

@@ -120,6 +120,7 @@ class BlockFreezing(EfficientCallback):
         self._total_params = 0
         self._tied: set[int] = set()
         self._hooks: list = []
+        self._frozen_units: list = []  # FSDP2 units inside frozen blocks: resharded after each backward
         self._probe: Optional[list] = None
         self._order: list[str] = []
         self._watched: list[str] = []
@@ -406,6 +407,13 @@ class BlockFreezing(EfficientCallback):
             self._check_prefix(pl_module)
 
     @override
+    def on_after_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # FSDP2's backward prefetches the unit before the first trainable one, a frozen one whose own
+        # backward never comes to reshard it: without this, frozen weights stay gathered on every rank
+        for unit in self._frozen_units:
+            unit.reshard()
+
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs, batch,
                            batch_idx) -> None:
         self.throughput.add(_batch_size(batch))
@@ -442,6 +450,11 @@ class BlockFreezing(EfficientCallback):
             self.freed_state_bytes += sum(local_bytes(v) for p in params for v in optimizer.state.get(p, {}).values()
                                           if isinstance(v, torch.Tensor) and v.dim())
             remove_from_optimizer(optimizer, params)
+        if self._sharded:
+            from torch.distributed.fsdp import FSDPModule
+
+            self._frozen_units += [unit for block in newly for _, module in block.modules for unit in module.modules()
+                                   if isinstance(unit, FSDPModule)]
         for block in newly:
             for _, module in block.modules:
                 self._hooks.append(module.register_forward_pre_hook(enter_no_grad))
@@ -466,7 +479,7 @@ class BlockFreezing(EfficientCallback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         for handle in self._hooks + (self._probe or []):
             handle.remove()
-        self._hooks, self._probe = [], None
+        self._hooks, self._probe, self._frozen_units = [], None, []
         if self._undo_late_restore is not None:
             self._undo_late_restore()
             self._undo_late_restore = None
