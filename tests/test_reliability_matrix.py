@@ -166,7 +166,7 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, name):
 REFUSED_SHARDED = ["GraNet", "RigL", "SET", "NMSparsity", "SparCL", "ProgressiveFreezing", "FreezeOut", "AutoFreeze",
                    "LinearFreezing", "GaLore", "LossReweighting", "InfoBatch"]  # every callback
 # through ModelParallelStrategy: tests/test_fsdp2*.py, tests/sparsity/test_sparcl_fsdp2.py
-FSDP2_SUPPORTED = {"LossReweighting", "InfoBatch", "ProgressiveFreezing", "FreezeOut", "AutoFreeze",
+FSDP2_SUPPORTED = {"LossReweighting", "InfoBatch", "ProgressiveFreezing", "FreezeOut", "AutoFreeze", "GaLore",
                    "LinearFreezing", "GraNet", "RigL", "SET", "NMSparsity", "SparCL"}
 
 

@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from lit_efficient.core.distributed import local_part
@@ -28,67 +29,125 @@ from lit_efficient.core.distributed import local_part
 
 @dataclass(frozen=True)
 class Span:
-    """Where this rank's part of a tensor lies in the whole.
+    """Where this rank's rows of a tensor lie in the whole, and the collectives that complete what
+    each rank computes from its rows.
 
     Attributes:
         shape: the whole tensor's shape.
-        start: flat (row-major) index of this rank's first entry.
-        numel: number of entries this rank holds (0 is possible: more ranks than rows).
-        group: the process group the other parts are on; None when the tensor is whole here.
+        first_row: this rank's first row.
+        local_rows: rows this rank holds (0 is possible: more ranks than rows).
+        rows_per_rank: rows of the first ranks (``ceil(rows / ranks)``, torch.chunk's split).
+        group: the process group the other rows are on; None when the tensor is whole here.
+        mesh: the device mesh of that group (to build DTensors); None when whole.
     """
 
     shape: tuple[int, ...]
-    start: int
-    numel: int
+    first_row: int
+    local_rows: int
+    rows_per_rank: int
     group: Optional[dist.ProcessGroup] = None
+    mesh: Optional[DeviceMesh] = None
+
+    @staticmethod
+    def whole_tensor(shape: Sequence[int]) -> "Span":
+        """The span of a tensor held whole on this rank."""
+        rows = shape[0] if len(shape) else 1
+        return Span(tuple(shape), 0, rows, rows)
 
     @staticmethod
     def of(tensor: Tensor) -> "Span":
         """The span of ``tensor``: a DTensor sharded on dim 0 of a 1-D mesh (FSDP2's layout, rows
         split as ``torch.chunk`` splits them), or a whole tensor. Other layouts are refused."""
-        shape = tuple(tensor.shape)
         local, group = local_part(tensor)
         if group is None:
-            return Span(shape, 0, tensor.numel())
-        placements = tensor.placements  # type: ignore[union-attr]
-        if len(placements) != 1 or placements[0] != Shard(0):
-            raise ValueError(f"a tensor sharded as {placements} is not supported (only FSDP2's Shard(0))")
-        ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+            return Span.whole_tensor(tensor.shape)
+        shape, mesh = tuple(tensor.shape), tensor.device_mesh  # type: ignore[union-attr]
+        placements = tuple(tensor.placements)  # type: ignore[union-attr]
+        if mesh.ndim != 1 or placements != (Shard(0),):
+            raise ValueError(f"a tensor sharded as {placements} on a {mesh.ndim}-D mesh is not supported (only "
+                             "FSDP2's Shard(0) on one mesh dimension)")
+        ranks, rank = mesh.size(), mesh.get_local_rank()
         rows_per_rank = math.ceil(shape[0] / ranks) if shape[0] else 0
         first = min(rank * rows_per_rank, shape[0])
         rows = max(0, min(rows_per_rank, shape[0] - first))
-        row_numel = math.prod(shape[1:])
         if local.shape[0] != rows:
             raise ValueError(f"rank {rank} holds {local.shape[0]} rows of a {shape} tensor; torch.chunk gives it "
                              f"{rows}: a sharding this module does not know")
-        return Span(shape, first * row_numel, rows * row_numel, group)
+        return Span(shape, first, rows, rows_per_rank, group, mesh)
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group) if self.group is not None else 1
 
     @property
     def whole(self) -> int:
+        """Entries of the whole tensor."""
         return math.prod(self.shape)
 
+    @property
+    def start(self) -> int:
+        """Flat (row-major) index of this rank's first entry."""
+        return self.first_row * math.prod(self.shape[1:])
+
+    @property
+    def numel(self) -> int:
+        """Entries this rank holds."""
+        return self.local_rows * math.prod(self.shape[1:])
+
     def take(self, full: Tensor) -> Tensor:
-        """This rank's part of ``full`` (a tensor of the whole shape, the same on every rank)."""
+        """This rank's rows of ``full``, a tensor with the whole tensor's rows that every rank holds
+        entire (its other dimensions may differ: a basis of the rows, say)."""
         if self.group is None:
             return full
-        return full.reshape(-1)[self.start: self.start + self.numel].reshape(-1, *self.shape[1:])
+        return full[self.first_row: self.first_row + self.local_rows]
 
     def gather(self, part: Tensor) -> Tensor:
-        """The whole tensor from every rank's ``part`` (one all-gather; every rank of the group calls it).
-        For state that must be saved whole, e.g. in a callback's checkpoint entry, which one rank writes."""
+        """The whole tensor from every rank's rows ``part`` (one all-gather; every rank of the group
+        calls it). For state saved whole (a callback's checkpoint entry, which one rank writes) or a
+        decomposition every rank repeats."""
         if self.group is None:
             return part
-        ranks, rows = dist.get_world_size(self.group), self.shape[0]
-        rows_per_rank = math.ceil(rows / ranks)
-        padded = part.new_zeros((rows_per_rank, *self.shape[1:]))
+        ranks = self.world_size
+        padded = part.new_zeros((self.rows_per_rank, *part.shape[1:]))
         padded[: part.shape[0]] = part
         parts = [torch.empty_like(padded) for _ in range(ranks)]
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat(parts)[:rows]
+        return torch.cat(parts)[: self.rows]
+
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks, in place: a sum over rows completed from each rank's rows."""
+        if self.group is not None:
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def as_dtensor(self, part: Tensor) -> Tensor:
+        """This rank's rows ``part`` as the DTensor of the whole (``Shard(0)``, any trailing shape): how
+        row-split state is stored for torch's distributed checkpoints, which save a plain tensor from
+        one rank only. A whole tensor stays as it is."""
+        if self.mesh is None:
+            return part
+        part = part.contiguous()
+        shape = torch.Size((self.rows, *part.shape[1:]))
+        return DTensor.from_local(part, self.mesh, [Shard(0)], run_check=False, shape=shape,
+                                  stride=torch.empty(shape, device="meta").stride())
 
     def positions(self, device: torch.device) -> Tensor:
         """Flat indices in the whole tensor of this rank's entries."""
         return torch.arange(self.start, self.start + self.numel, device=device)
+
+
+def row_shards(tensor: Tensor) -> Optional[Span]:
+    """The span of ``tensor`` when it is sharded (FSDP2), else None."""
+    span = Span.of(tensor)
+    return span if span.sharded else None
 
 
 def local(tensor: Tensor) -> Tensor:
@@ -159,4 +218,4 @@ def largest(values: Tensor, k: int, positions: Optional[Tensor] = None, group: O
     return chosen
 
 
-__all__ = ["Span", "counts", "largest", "local"]
+__all__ = ["Span", "counts", "largest", "local", "row_shards"]

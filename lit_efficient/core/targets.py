@@ -296,6 +296,13 @@ def select_targets(
     return [Target(name, module, kind, aliases) for name, module, kind, aliases in selected]
 
 
+def rebind_targets(targets: Sequence[Target], model: nn.Module) -> list[Target]:
+    """``targets`` looked up again by module name in ``model``: whatever ran since they were selected
+    (FSDP2's ``fully_shard`` in ``configure_model`` replaces every parameter; a ``configure_model``
+    may even build modules anew) leaves each target pointing at the module and weight now there."""
+    return [Target(t.name, model.get_submodule(t.name), t.kind, t.aliases) for t in targets]
+
+
 def target_summary(targets: Sequence[Target]) -> str:
     """One line per target: name, kind, shape — for logs and error messages."""
     return "\n".join(f"{t.name} ({t.kind}, {tuple(t.param.shape)})" for t in targets)

@@ -13,7 +13,11 @@ the output head, norms and biases stay on plain AdamW by default.
 
 Gradient accumulation, clipping (Lightning clips the full gradient before the optimizer step,
 hence before projection), bf16 mixed precision and DDP (gradients are averaged before the step,
-so every rank computes the same basis) need nothing special. The per-layer mode
+so every rank computes the same basis) need nothing special. Under FSDP2 (``ModelParallelStrategy``
+with ``tensor_parallel_size=1``, ``fully_shard`` in ``configure_model``) the targets are found again
+by name when ``configure_optimizers`` runs, after ``fully_shard`` replaced the parameters, and the
+optimizer steps each matrix from this rank's rows (see :class:`GaLoreAdamW` for what each side
+communicates and holds). The per-layer mode
 (``layerwise=True``) steps each matrix inside backward as soon as its gradient is complete and
 frees it; it cannot see accumulated, clipped or DDP-averaged gradients and is refused with them.
 """
@@ -31,16 +35,21 @@ from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_int
-from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.distributed import local_part, refuse_sharded_strategies
 from lit_efficient.core.lightning_internals import inner_schedulers, mark_step_tracked, replace_method, restore_method
 from lit_efficient.core.logs import step_logs_due
 from lit_efficient.core.savings import SavingsRow
-from lit_efficient.core.targets import ALL_LINEAR, select_targets, validate_patterns
+from lit_efficient.core.targets import ALL_LINEAR, rebind_targets, select_targets, validate_patterns
 from lit_efficient.core.time import step_interval
 from lit_efficient.lowrank.optim import GaLoreAdamW, MomentsOnRefresh, check_galore_group, state_bytes
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, Projection, ProjType
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
+
+
+def _local_numel(p: torch.Tensor) -> int:
+    """Elements of ``p`` on this rank (its shard's, under FSDP2)."""
+    return local_part(p)[0].numel()
 
 
 class GaLore(EfficientCallback):
@@ -147,7 +156,8 @@ class GaLore(EfficientCallback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        refuse_sharded_strategies(trainer, "GaLore", "the projection needs each whole gradient matrix")
+        refuse_sharded_strategies(trainer, "GaLore", "the projection needs each gradient matrix whole or split by rows",
+                                  fsdp2=True)
         if self.layerwise:
             problems = []
             if trainer.accumulate_grad_batches > 1:
@@ -173,7 +183,13 @@ class GaLore(EfficientCallback):
             raise ValueError(f"`rank`={rank} is larger than these targeted matrices allow: {', '.join(small)}; "
                              "lower `rank` or leave them out with `exclude`")
         original = pl_module.configure_optimizers
-        self._original_configure = replace_method(pl_module, "configure_optimizers", lambda: self.convert(original()))
+
+        def configure() -> Any:
+            # called after configure_model: under FSDP2, fully_shard has replaced every parameter since setup
+            self.targets = rebind_targets(self.targets, pl_module)
+            return self.convert(original())
+
+        self._original_configure = replace_method(pl_module, "configure_optimizers", configure)
         super().setup(trainer, pl_module, stage)
 
     @override
@@ -269,8 +285,8 @@ class GaLore(EfficientCallback):
     # -- reporting --------------------------------------------------------------------------------
 
     def adamw_state_bytes(self) -> int:
-        """What torch AdamW would hold for the same parameters: two fp32 moments each."""
-        return sum(2 * 4 * p.numel() for opt in self.optimizers for g in opt.param_groups for p in g["params"])
+        """What torch AdamW would hold for the same parameters on this rank: two fp32 moments each."""
+        return sum(2 * 4 * _local_numel(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
 
     def projected_state(self) -> tuple[int, int]:
         """(GaLore state bytes, AdamW state bytes) of the projected matrices alone."""
@@ -278,7 +294,7 @@ class GaLore(EfficientCallback):
         for opt in self.optimizers:
             params = [p for p, _ in opt.projected_params()]
             galore += state_bytes(opt, params)
-            adamw += sum(2 * 4 * p.numel() for p in params)
+            adamw += sum(2 * 4 * _local_numel(p) for p in params)
         return galore, adamw
 
     @override

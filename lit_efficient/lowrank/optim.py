@@ -22,6 +22,10 @@ and ints only, so ``torch.load(weights_only=True)`` reads checkpoints and a resu
 subspace. With ``eight_bit=True`` the moments are stored blockwise-quantized to 8 bits
 (bitsandbytes' dynamic maps, on CPU too).
 
+Under FSDP2 a parameter and its gradient are DTensors split on dim 0; each rank steps its rows and
+keeps its rows of whatever state is split like them (see "the state under FSDP2" below and
+``GaLoreAdamW._galore_update``); the results are one process's up to float rounding.
+
 Layout: constants and group validation; the 8-bit codec; one small function per variant concern
 (moments in fp32 or 8 bits, the Adam direction, the basis per projection kind, the update mapped
 back per variant: GaLore, APOLLO, Fira's residual); the optimizer class, which only dispatches
@@ -38,9 +42,12 @@ from typing import Any, Callable, Literal, Optional
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from lit_efficient.core.checks import check_int
 from lit_efficient.core.device import synchronize
+from lit_efficient.core.distributed import local_bytes, local_part
+from lit_efficient.core.shards import Span, row_shards
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -50,6 +57,7 @@ from lit_efficient.lowrank.projector import (
     projected_shape,
     projection_side,
     random_bases,
+    sharded_svd_bases,
     subspace_overlap,
     svd_bases,
 )
@@ -102,6 +110,8 @@ def quantize_8bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
     """(uint8 codes, per-block absmax) of ``values`` with bitsandbytes' blockwise dynamic quantization."""
     import bitsandbytes.functional as bnbf
 
+    if values.numel() == 0:  # an FSDP2 rank may hold no rows of a matrix
+        return torch.zeros(values.shape, dtype=torch.uint8, device=values.device), values.new_zeros(0)
     codes, state = bnbf.quantize_blockwise(values.contiguous(), code=_code(signed, values.device), blocksize=BLOCK)
     return codes, state.absmax
 
@@ -109,6 +119,8 @@ def quantize_8bit(values: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
 def dequantize_8bit(codes: Tensor, absmax: Tensor, signed: bool) -> Tensor:
     import bitsandbytes.functional as bnbf
 
+    if codes.numel() == 0:
+        return torch.zeros(codes.shape, device=codes.device)
     return bnbf.dequantize_blockwise(codes, absmax=absmax, code=_code(signed, codes.device), blocksize=BLOCK)
 
 
@@ -178,20 +190,28 @@ def random_projection_bases(state: dict[str, Any], group: dict[str, Any], shape:
     return random_bases(shape, group["rank"], side, state["basis_seed"], device)
 
 
-def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, index: int, seed: int = 0) -> Bases:
+def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, index: int, seed: int = 0,
+                shards: Optional[Span] = None) -> Bases:
     """GaLore (arXiv 2403.03507): a new basis from the top-``rank`` singular subspace of the fp32
     gradient (``svd`` or ``randomized_svd``). A failed decomposition keeps ``old``; with no basis
-    yet, it falls back to a random orthonormal one seeded by the matrix ``index``."""
-    shape = tuple(grad.shape)
+    yet, it falls back to a random orthonormal one seeded by the matrix ``index``. With ``shards``
+    (FSDP2) ``grad`` is this rank's rows and ``P`` comes back as its rows (:func:`sharded_svd_bases`);
+    every rank decomposes the same matrix, so all of them fail or succeed together."""
+    shape = tuple(grad.shape) if shards is None else (shards.rows, grad.shape[1])
     try:
-        return svd_bases(grad, rank, side, method, seed)
+        if shards is None:
+            return svd_bases(grad, rank, side, method, seed)
+        return sharded_svd_bases(grad, rank, side, method, shards, seed)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
+        if isinstance(err, torch.distributed.DistError):  # a failed collective, not a decomposition
+            raise
         # stacklevel 4: the warning points at the optimizer's step, past this function and the update
         if old[0] is None and old[1] is None:  # nothing to keep yet: a seeded random orthonormal basis
             warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); using a random basis until the "
                           "next refresh", stacklevel=4)
             p_, q_ = random_bases(shape, rank, side, index, grad.device)
-            return (None if p_ is None else torch.linalg.qr(p_)[0],
+            p_ = None if p_ is None else torch.linalg.qr(p_)[0]
+            return (p_ if p_ is None or shards is None else shards.take(p_).contiguous(),
                     None if q_ is None else torch.linalg.qr(q_.T)[0].T)
         warnings.warn(f"GaLore: SVD of a {shape} gradient failed ({err}); keeping the previous basis", stacklevel=4)
         return old
@@ -200,11 +220,15 @@ def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, ind
 # -- the moments across a refresh -------------------------------------------------------------------
 
 
-def basis_change(old: Bases, new: Bases) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def basis_change(old: Bases, new: Bases, reduce: Optional[Callable[[Tensor], Tensor]] = None
+                 ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """(C_left, C_right), r×r: the new basis vectors in the old ones' coordinates, so that a projected
     gradient moves between bases as ``low_new ≈ C_left · low_old · C_rightᵀ`` (``C_left = P_newᵀ P_old``,
-    ``C_right = Q_new Q_oldᵀ``); None on a side that is not projected."""
+    ``C_right = Q_new Q_oldᵀ``); None on a side that is not projected. With ``P`` given as this rank's
+    rows (FSDP2), ``reduce`` (an all-reduce sum, r×r) completes ``P_newᵀ P_old``."""
     left = None if new[0] is None or old[0] is None else new[0].T @ old[0]
+    if left is not None and reduce is not None:
+        left = reduce(left)
     right = None if new[1] is None or old[1] is None else new[1] @ old[1].T
     return left, right
 
@@ -238,18 +262,19 @@ def rotate_moments(exp_avg: Tensor, exp_avg_sq: Tensor, change: tuple[Optional[T
     return exp_avg, exp_avg_sq
 
 
-def carry_moments(state: dict[str, Any], old: Bases, new: Bases, how: str, eight_bit: bool) -> Bases:
+def carry_moments(state: dict[str, Any], old: Bases, new: Bases, how: str, eight_bit: bool,
+                  reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Bases:
     """At a refresh from ``old`` to ``new`` bases: ``"keep"`` leaves the moments in the old coordinates
     (the reference implementation, galore-torch); ``"align"`` flips new vectors to their
     predecessors' signs; ``"rotate"`` aligns too, then maps the moments into the new basis
-    (:func:`rotate_moments`).
+    (:func:`rotate_moments`). ``reduce``: as in :func:`basis_change` (FSDP2, left bases as rows).
     Returns the bases to store."""
     if how == "keep" or (old[0] is None and old[1] is None):
         return new
-    new = aligned_signs(new, basis_change(old, new))
+    new = aligned_signs(new, basis_change(old, new, reduce))
     if how == "align":
         return new
-    change = basis_change(old, new)  # of the aligned basis: the stored bases and moments never depend on signs
+    change = basis_change(old, new, reduce)  # of the aligned basis: the stored bases and moments never depend on signs
     if eight_bit:  # through fp32, as every 8-bit step does
         shape = state["exp_avg_q"].shape
         exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(shape)
@@ -288,12 +313,12 @@ def apollo_update(grad: Tensor, direction: Tensor, low: Tensor, correction: floa
 
 
 def fira_residual(state: dict[str, Any], grad: Tensor, low: Tensor, direction: Tensor, correction: float,
-                  bases: Bases, side: str) -> Tensor:
+                  bases: Bases, side: str, norm_of: Callable[[Tensor], Tensor] = Tensor.norm) -> Tensor:
     """Fira (arXiv 2410.01623): the part of the gradient outside the subspace, scaled channel-wise
     like APOLLO, with the norm-growth limiter (at most ``FIRA_GROWTH``× the previous step's norm,
-    kept as ``fira_norm``)."""
+    kept as ``fira_norm``). ``norm_of`` gives the whole matrix's norm (FSDP2: from every rank's rows)."""
     residual = (grad - project_back(low, *bases)) * channel_scale(direction * correction, low, side)
-    norm = residual.norm()
+    norm = norm_of(residual)
     previous = state.get("fira_norm")
     if previous is not None:  # the limiter is decided on the device: no host sync
         limit = FIRA_GROWTH * previous.to(norm.device)
@@ -301,6 +326,57 @@ def fira_residual(state: dict[str, Any], grad: Tensor, low: Tensor, direction: T
         norm = torch.where(norm > limit, limit, norm)  # as before: a NaN norm does not stick
     state["fira_norm"] = norm.detach().clone()
     return residual
+
+
+# -- the state under FSDP2 -------------------------------------------------------------------------
+#
+# A matrix sharded on dim 0 (FSDP2) is updated from this rank's rows. What its state holds per rank:
+# the right side's moments (m×r) and 8-bit codes are this rank's rows, the left side's basis P
+# (m×r) too; Q and the left side's moments (r×n) are the whole tensors, the same on every rank. Torch's
+# distributed checkpoints save a plain tensor once, as if every rank held it, so row-split state is
+# kept as DTensors of the whole matrix (``Shard(0)``, the parameter's mesh), and the update works on
+# plain local views of them (:func:`local_state`, :func:`store_local_state`).
+
+_MOMENT_ROWS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_sq_q")  # right side: m×r, split like the rows
+_BLOCK_SCALES = ("exp_avg_absmax", "exp_avg_sq_absmax")
+
+
+def row_split_keys(side: str) -> tuple[str, ...]:
+    """State entries of a projected matrix that hold its rows, hence are split with them under FSDP2."""
+    return _MOMENT_ROWS if side == "right" else ("basis_left",)
+
+
+def local_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The state with every DTensor replaced by this rank's part (views: in-place updates reach it).
+    The 8-bit block scales of row-split moments come back as this rank's blocks, without padding."""
+    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+    for key in _BLOCK_SCALES:
+        if isinstance(state.get(key), DTensor):
+            codes = local[key.replace("absmax", "q")]
+            local[key] = local[key].view(-1)[:math.ceil(codes.numel() / BLOCK)]
+    return local
+
+
+def store_local_state(state: dict[str, Any], local: dict[str, Any], before: dict[str, Any], side: str,
+                      rank: int, shards: Span) -> None:
+    """Write back into ``state`` what the update put into ``local`` anew (entries that are not the
+    objects they were in ``before``): rows as DTensors of the whole matrix, the 8-bit block scales of
+    row-split moments as one padded row per rank (ranks quantize their rows alone, so their numbers of
+    blocks differ: the DTensor (ranks × most blocks) is sharded evenly, and a checkpoint loads only at
+    the number of ranks it was saved with), everything else as it is (the same on every rank)."""
+    rows = row_split_keys(side)
+    width = math.ceil(shards.rows_per_rank * rank / BLOCK)
+    for key, value in local.items():
+        if key in before and before[key] is value:
+            continue
+        if isinstance(value, Tensor) and key in rows:
+            value = shards.as_dtensor(value)
+        elif isinstance(value, Tensor) and side == "right" and key in _BLOCK_SCALES:
+            padded = value.new_zeros(1, width)
+            padded[0, :value.numel()] = value
+            value = DTensor.from_local(padded, shards.mesh, [Shard(0)], run_check=False,
+                                       shape=torch.Size((shards.world_size, width)), stride=(width, 1))
+        state[key] = value
 
 
 # -- the optimizer ---------------------------------------------------------------------------------
@@ -322,6 +398,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
             group's matrices — how the GaLore callback converts a module's optimizer without
             changing its groups, so learning-rate schedulers stay valid.
         lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (weight decay 0.01).
+
+    Parameters sharded on dim 0 (FSDP2's ``fully_shard`` on a 1-D mesh) are stepped from this rank's
+    rows, with GaLore's side choice for the whole matrix. Per m×n matrix at rank r on N ranks: the
+    right side (Q, r×n) communicates nothing per step and keeps ceil(m/N)·r rows of each moment; the
+    left side (P, m×r) all-reduces ``PᵀG`` (r×n) every step, keeps both r×n moments whole and
+    ceil(m/N)·r rows of P. Refreshes: the right side's ``svd`` all-reduces the n×n Gram matrix,
+    its ``randomized_svd`` the sketch's n×(r+8) products; the left side all-gathers the gradient
+    (m×n); ``random`` needs nothing. Fira adds one scalar all-reduce per step. Every rank must step
+    the same matrices, as FSDP2's training step does.
     """
 
     # group lists aligned with group["params"], shrunk by whoever removes parameters
@@ -350,8 +435,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # state dict itself, exactly as saved, on its parameter's device.
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        # saved parameters are keyed by position, or by name where torch's distributed checkpoint
+        # (FSDP2) loads them; either way the saved groups list them in this optimizer's order
+        saved = dict(zip((key for group in state_dict["param_groups"] for key in group["params"]), params))
         for index, values in state_dict["state"].items():
-            param = params[int(index)]
+            param = saved[index] if index in saved else params[int(index)]
             state = self.state[param]
             for key, value in values.items():
                 if isinstance(value, Tensor) and key in state:
@@ -452,45 +540,61 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_add_(denom, group["eps"])
             torch._foreach_addcdiv_(chosen, exp_avgs, denom, value=-lr / (1 - beta1**step))
 
-    def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str) -> Bases:
-        """The current (P, Q), refreshed every ``update_proj_gap`` steps, by the projection kind's function."""
+    def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str,
+               shards: Optional[Span] = None) -> Bases:
+        """The current (P, Q), refreshed every ``update_proj_gap`` steps, by the projection kind's function
+        (with ``shards``, FSDP2: ``grad`` and ``P`` are this rank's rows)."""
         shape, rank = tuple(p.shape), group["rank"]
         due = state["step"] % group["update_proj_gap"] == 0
         if group["projection"] == "random":
-            return random_projection_bases(state, group, shape, side, grad.device, due)
+            left, right = random_projection_bases(state, group, shape, side, grad.device, due)
+            return (left if shards is None or left is None else shards.take(left)), right  # drawn whole, as alone
+        reduce = None if shards is None else shards.all_reduce
         old = (state.get("basis_left"), state.get("basis_right"))
         if due or (old[0] is None and old[1] is None):
             synchronize(grad.device)  # a refresh step: the clock times the decomposition, not queued work
             start = time.perf_counter()
             sketch_seed = int(group["seed"]) * 1_000_003 + state["step"] * 7919 + state["index"]  # randomized_svd
-            new = svd_refresh(grad, rank, side, group["projection"], old, state["index"], sketch_seed)
+            new = svd_refresh(grad, rank, side, group["projection"], old, state["index"], sketch_seed, shards)
             if new is not old:  # a failed decomposition keeps the old basis, and the moments with it
                 # a group restored from a checkpoint written before this option continues as it ran: "keep"
                 how = group.get("moments_on_refresh", "keep")
-                new = carry_moments(state, old, new, how, group["eight_bit"])
+                new = carry_moments(state, old, new, how, group["eight_bit"], reduce)
             synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1
             for name, before, after in (("basis_left", old[0], new[0]), ("basis_right", old[1], new[1])):
                 if after is not None:
                     if before is not None and before is not after:
-                        self.last_overlaps.append(subspace_overlap(before, after, rows=name == "basis_right"))
+                        self.last_overlaps.append(subspace_overlap(before, after, rows=name == "basis_right",
+                                                                   reduce=reduce))
                     state[name] = after.to(grad.dtype)
             state["basis_step"] = state["step"]
         return state.get("basis_left"), state.get("basis_right")
 
-    def _galore_update(self, p: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _galore_update(self, p: Tensor, group: dict[str, Any], stored: dict[str, Any]) -> None:
         """One projected step of ``p``: basis, moments, direction and the variant's update, each from
-        its own function above; then decoupled weight decay and the step itself."""
-        grad = p.grad.float()
+        its own function above; then decoupled weight decay and the step itself.
+
+        A parameter sharded on dim 0 (FSDP2) is stepped from this rank's rows of its gradient, with
+        the same numbers one process would compute: the side stays GaLore's choice for the whole
+        matrix; the right side (``G Qᵀ``, row by row) needs no communication per step, the left side
+        (``Pᵀ G``, a sum over row blocks) one all-reduce of r×n, ``full`` one of r×r; Fira's limiter one
+        of a scalar; refreshes as :func:`sharded_svd_bases` says (``random``: none)."""
+        shards = row_shards(p.grad)
+        grad = (p.grad if shards is None else p.grad.to_local()).float()
         side = projection_side(tuple(p.shape), group["proj_type"])
+        state = stored if shards is None else local_state(stored)
+        before = None if shards is None else dict(state)
         if "step" not in state:
             state["step"] = 0
             if "index" not in state:  # distinct seeds per matrix, the same on every rank
                 state["index"] = self.matrix_index(p)
-            init_moments(state, projected_shape(tuple(p.shape), group["rank"], side), p.device, group["eight_bit"])
-        bases = self._bases(p, group, state, grad, side)
+            init_moments(state, projected_shape(tuple(grad.shape), group["rank"], side), p.device, group["eight_bit"])
+        bases = self._bases(p, group, state, grad, side, shards)
         low = project(grad, *bases)
+        if shards is not None and side != "right":
+            shards.all_reduce(low)  # Pᵀ G = Σ_k P_kᵀ G_k over the row blocks: the same r×n on every rank
         state["step"] += 1
         moments = moments_8bit if group["eight_bit"] else moments_fp32
         exp_avg, exp_avg_sq = moments(state, low, group["betas"])
@@ -499,26 +603,31 @@ class GaLoreAdamW(torch.optim.Optimizer):
             update, factor = apollo_update(grad, direction, low, correction, side), 1.0
         elif group["fira"]:
             update = galore_update(direction, bases)
-            residual = fira_residual(state, grad, low, direction, correction, bases, side)
+            norm_of = Tensor.norm if shards is None else lambda t: shards.all_reduce(t.pow(2).sum()).sqrt()
+            residual = fira_residual(state, grad, low, direction, correction, bases, side, norm_of)
             update, factor = update.mul_(correction).add_(residual), 1.0
         else:
             update, factor = galore_update(direction, bases), correction
         lr = group["lr"]
+        weight = p if shards is None else local_part(p)[0]  # under no_grad: the shard itself
         if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-lr * group["scale"] * factor)
+            weight.mul_(1 - lr * group["weight_decay"])
+        weight.add_(update.to(weight.dtype), alpha=-lr * group["scale"] * factor)
+        if shards is not None:
+            store_local_state(stored, state, before, side, group["rank"], shards)
 
 
 # -- memory accounting -----------------------------------------------------------------------------
 
 
 def state_bytes(optimizer: torch.optim.Optimizer, params: Optional[Iterable[Tensor]] = None) -> int:
-    """Bytes of optimizer-state tensors (moments, bases, quantization scales), optionally only for ``params``."""
+    """Bytes of optimizer-state tensors (moments, bases, quantization scales) this rank holds,
+    optionally only for ``params``."""
     chosen = None if params is None else {id(p) for p in params}
     total = 0
     for p, state in optimizer.state.items():
-        if chosen is None or id(p) in chosen:
-            total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor) and v.dim() > 0)
+        if chosen is None or id(p) in chosen:  # under FSDP2: what this rank holds
+            total += sum(local_bytes(v) for v in state.values() if isinstance(v, Tensor) and v.dim() > 0)
     return total
 
 

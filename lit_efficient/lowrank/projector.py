@@ -11,6 +11,9 @@ GaLore default: the state is ``r·max(m, n)`` per moment), ``reverse_std`` the o
 ``right`` and ``full`` as named. Bases come from an SVD of ``G`` in fp32 (``svd``), from a
 seeded sketch of ``GᵀG`` (``randomized_svd``: cheaper, and shardable by rows), or are random Gaussian
 matrices regenerated from a seed (``random``: nothing stored, APOLLO-style, see ``optim.py``).
+
+Under FSDP2 a gradient arrives as this rank's rows; :func:`sharded_svd_bases` computes the same
+basis one process would from them (``Q`` whole on every rank, ``P`` as this rank's rows).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
+
+from lit_efficient.core.shards import Span
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
 Projection = Literal["svd", "randomized_svd", "random"]
@@ -76,6 +81,41 @@ def svd_bases(grad: Tensor, rank: int, side: str, method: Projection,
         p = u[:, :rank].contiguous() if side in ("left", "full") else None
         q = vh[:rank].contiguous() if side in ("right", "full") else None
     if not all(b is None or bool(torch.isfinite(b).all()) for b in (p, q)):
+        raise torch.linalg.LinAlgError("non-finite singular vectors")
+    return p, q
+
+
+def sharded_svd_bases(grad: Tensor, rank: int, side: str, method: Projection, shards: Span,
+                      seed: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """:func:`svd_bases` of a matrix whose rows are split over ranks (FSDP2), from ``grad``, this rank's
+    rows (``shards`` says which): the same decomposition one process makes of the whole matrix, so
+    ``Q`` (r×n) comes back whole, identical on every rank, and ``P`` (m×r) as this rank's rows.
+
+    Communication per refresh, by what one process would compute:
+
+    * right side, ``svd`` with n ≤ m: the Gram matrix ``GᵀG = Σ_k G_kᵀG_k`` is a sum over row blocks:
+      one all-reduce of n×n;
+    * right side, ``randomized_svd``: every product of the sketch is a sum over rows
+      (:func:`sketched_row_basis`): three all-reduces of n×(r+8) and one of (r+8)×(r+8);
+    * anything else (the left side, ``full``, the right side of a wide matrix): the whole gradient is
+      all-gathered (m×n, each rank receiving what the others hold) and decomposed on every rank, which
+      then keeps its rows of ``P``. On the left side this is the cheaper way for the ``std`` choice
+      (m < n): the Gram matrix of the split dimension, ``G Gᵀ``, needs every row anyway, and the other
+      one, ``GᵀG``, would be n×n > m×n.
+
+    Every rank must call it for the same matrices, in the same order.
+    """
+    g = grad.detach().float()
+    n = g.shape[1]
+    if side == "right" and method == "svd" and n <= shards.rows:
+        _, vectors = torch.linalg.eigh(shards.all_reduce(g.T @ g))  # ascending: the last columns are the top ones
+        p, q = None, vectors[:, -rank:].flip(1).T.contiguous()
+    elif side == "right" and method == "randomized_svd":
+        p, q = None, sketched_row_basis(g, rank, seed, reduce=shards.all_reduce)
+    else:
+        p, q = svd_bases(shards.gather(g), rank, side, method, seed)  # checks the whole basis is finite
+        return (None if p is None else shards.take(p).contiguous()), q
+    if not bool(torch.isfinite(q).all()):
         raise torch.linalg.LinAlgError("non-finite singular vectors")
     return p, q
 
@@ -157,13 +197,18 @@ def project_back(low: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> Tenso
     return out
 
 
-def subspace_overlap(old: Tensor, new: Tensor, rows: bool) -> float:
+def subspace_overlap(old: Tensor, new: Tensor, rows: bool,
+                     reduce: Optional[Callable[[Tensor], Tensor]] = None) -> float:
     """How much of the old subspace the new basis keeps, in [0, 1]: ‖old·newᵀ‖²_F / r for row
     bases (Q, r×n), ‖oldᵀ·new‖²_F / r for column bases (P, m×r) — the mean squared cosine of the
-    principal angles when both bases are orthonormal."""
+    principal angles when both bases are orthonormal. Column bases given as this rank's rows
+    (FSDP2) need ``reduce`` (an all-reduce sum) to complete ``oldᵀ·new``."""
     overlap = old @ new.T if rows else old.T @ new
+    if reduce is not None and not rows:
+        overlap = reduce(overlap)
     return float((overlap.float() ** 2).sum() / max(1, min(old.shape)))
 
 
 __all__ = ["PROJECTIONS", "PROJ_TYPES", "basis_numel", "project", "project_back", "projected_shape",
-           "projection_side", "random_bases", "sketched_row_basis", "subspace_overlap", "svd_bases"]
+           "projection_side", "random_bases", "sharded_svd_bases", "sketched_row_basis", "subspace_overlap",
+           "svd_bases"]

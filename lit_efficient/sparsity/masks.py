@@ -122,7 +122,7 @@ def global_magnitude_masks(weights: Sequence[Tensor], masks: Sequence[Tensor], k
     ``weights`` and ``masks`` may be ranks' parts of the layers (``spans``, with the layers'
     ``active`` counts over ranks): the choice is the one made from the whole layers."""
     fixed = fixed or [False] * len(masks)
-    spans = spans or [Span(tuple(m.shape), 0, m.numel()) for m in masks]
+    spans = spans or [Span.whole_tensor(m.shape) for m in masks]
     active = list(active) if active is not None else counts(masks, None)
     group = next((s.group for s in spans if s.group is not None), None)
     values, positions, offset = [], [], 0
@@ -156,7 +156,7 @@ def drop_and_grow(weight: Tensor, mask: Tensor, count: int, grow_scores: Tensor,
     The tensors may be a rank's part of the layer (``span``, with the layer's ``active`` count over
     ranks): the choice is the one made from the whole layer.
     """
-    span = span or Span(tuple(mask.shape), 0, mask.numel())
+    span = span or Span.whole_tensor(mask.shape)
     active = int(mask.sum()) if active is None else active
     count = max(0, min(count, active, span.whole - active))
     if count == 0:
@@ -284,7 +284,7 @@ class SparseMasks:
             raise ValueError("no targets to sparsify")
         self.targets = list(targets)
         self._nonzeros: Optional[list[int]] = None
-        self.spans = [Span(tuple(t.param.shape), 0, t.param.numel()) for t in self.targets]
+        self.spans = [Span.whole_tensor(t.param.shape) for t in self.targets]
         self._sharded_params: Optional[list[nn.Parameter]] = None
         for target in self.targets:
             module = target.module
@@ -308,10 +308,7 @@ class SparseMasks:
             mask = getattr(target.module, MASK_BUFFER)
             if span.group is None or isinstance(mask, DTensor):
                 continue
-            rows = span.take(mask.to(local(param).device)).clone()
-            setattr(target.module, MASK_BUFFER, DTensor.from_local(rows, param.device_mesh, param.placements,
-                                                                   run_check=False, shape=param.shape,
-                                                                   stride=param.stride()))
+            setattr(target.module, MASK_BUFFER, span.as_dtensor(span.take(mask.to(local(param).device)).clone()))
         self.recount()
         return self.group is not None
 
