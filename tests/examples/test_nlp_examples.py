@@ -476,3 +476,29 @@ def test_combined_main_job_trains_the_lm(tmp_path, monkeypatch):
     kinds = (GaLore, InfoBatch, ProgressiveFreezing)
     assert all(any(isinstance(c, kind) for c in cli.trainer.callbacks) for kind in kinds)
     assert cli.trainer.global_step == 2 and math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
+
+
+def test_fsdp2_combined_yaml_trains_on_two_processes(tmp_path):
+    """examples/nlp/combined/lm_pydoc_fsdp2.yaml: GaLore + RigL + FreezeOut on the Llama sharded by
+    CausalLM.configure_model over 2 CPU processes (FSDP2), a tiny model for 4 steps, through the CLI."""
+    import subprocess
+
+    from tests.ddp_runner import _free_port
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "NODE_RANK")}
+    env.update(HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               LIT_EFFICIENT_CACHE=os.environ["LIT_EFFICIENT_CACHE"])
+    tiny = [f"--model.init_args.{k}={v}" for k, v in dict(TINY_LM, hidden_size=64).items()]
+    command = [sys.executable, "-m", "lit_efficient.cli", "fit", f"--config={NLP / 'lm_pydoc.yaml'}",
+               f"--config={NLP / 'combined' / 'lm_pydoc_fsdp2.yaml'}", "--trainer.max_steps=4",
+               "--trainer.limit_val_batches=1", "--trainer.val_check_interval=2", "--trainer.logger=false",
+               "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
+               "--data.init_args.batch_size=4", f"--trainer.default_root_dir={tmp_path}", *tiny]
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert "All distributed processes registered. Starting with 2 processes" in output
+    rows = [" ".join(line.split()) for line in output.splitlines() if line.startswith("| ")]  # the savings table
+    assert any(r.startswith("| galore | state of projected matrices |") for r in rows), rows
+    assert any(r.startswith("| rigl | weights of targeted layers | 90.0% zero") for r in rows), rows
+    assert any(r.startswith("| freezing | memory freed on each rank") for r in rows), rows
