@@ -187,6 +187,9 @@ REGISTRY = (
     Study("galore_refresh", "galore_refresh.py", ("--threads", "1"), (),
           "GaLore's basis refresh: time and subspace overlap with the exact SVD, 28 Llama matrices, one thread",
           "docs/methods/galore.md", "time vs Gram eigh", "subspace overlap with exact: mean"),
+    Study("fsdp2", "fsdp2.py", ("--val-steps", "200"), (),
+          "FSDP2 on the pydoc Llama, 1/2/4 CPU processes: per-rank bytes, bytes sent, step time; GaLore's val loss "
+          "sharded vs one process", "docs/methods/galore.md", "state × W / one process's", "best val loss"),
     Study("sparcl", "sparcl.py", ("--threads", "2"), (FIVE,),
           "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs", SPARCL_CARD,
           SPARCL_FLOPS, "Class-IL avg acc %"),
