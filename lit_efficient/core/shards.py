@@ -152,7 +152,7 @@ def row_shards(tensor: Tensor) -> Optional[Span]:
 
 def local(tensor: Tensor) -> Tensor:
     """The part of ``tensor`` this rank holds (the tensor itself when it is whole)."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local_part(tensor)[0]
 
 
 def counts(flags: Sequence[Tensor], group: Optional[dist.ProcessGroup]) -> list[int]:

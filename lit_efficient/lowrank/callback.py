@@ -35,21 +35,17 @@ from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_int
-from lit_efficient.core.distributed import local_part, refuse_sharded_strategies
+from lit_efficient.core.distributed import refuse_sharded_strategies
 from lit_efficient.core.lightning_internals import inner_schedulers, mark_step_tracked, replace_method, restore_method
 from lit_efficient.core.logs import step_logs_due
 from lit_efficient.core.savings import SavingsRow
+from lit_efficient.core.shards import local
 from lit_efficient.core.targets import ALL_LINEAR, rebind_targets, select_targets, validate_patterns
 from lit_efficient.core.time import step_interval
 from lit_efficient.lowrank.optim import GaLoreAdamW, MomentsOnRefresh, check_galore_group, state_bytes
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, Projection, ProjType
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
-
-
-def _local_numel(p: torch.Tensor) -> int:
-    """Elements of ``p`` on this rank (its shard's, under FSDP2)."""
-    return local_part(p)[0].numel()
 
 
 class GaLore(EfficientCallback):
@@ -286,7 +282,7 @@ class GaLore(EfficientCallback):
 
     def adamw_state_bytes(self) -> int:
         """What torch AdamW would hold for the same parameters on this rank: two fp32 moments each."""
-        return sum(2 * 4 * _local_numel(p) for opt in self.optimizers for g in opt.param_groups for p in g["params"])
+        return sum(2 * 4 * local(p).numel() for opt in self.optimizers for g in opt.param_groups for p in g["params"])
 
     def projected_state(self) -> tuple[int, int]:
         """(GaLore state bytes, AdamW state bytes) of the projected matrices alone."""
@@ -294,7 +290,7 @@ class GaLore(EfficientCallback):
         for opt in self.optimizers:
             params = [p for p, _ in opt.projected_params()]
             galore += state_bytes(opt, params)
-            adamw += sum(2 * 4 * _local_numel(p) for p in params)
+            adamw += sum(2 * 4 * local(p).numel() for p in params)  # this rank's part
         return galore, adamw
 
     @override

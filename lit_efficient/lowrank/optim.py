@@ -47,7 +47,7 @@ from torch.distributed.tensor import DTensor, Shard
 from lit_efficient.core.checks import check_int
 from lit_efficient.core.device import synchronize
 from lit_efficient.core.distributed import local_bytes, local_part
-from lit_efficient.core.shards import Span, row_shards
+from lit_efficient.core.shards import Span, local, row_shards
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
     PROJECTIONS,
@@ -349,24 +349,24 @@ def row_split_keys(side: str) -> tuple[str, ...]:
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
     """The state with every DTensor replaced by this rank's part (views: in-place updates reach it).
     The 8-bit block scales of row-split moments come back as this rank's blocks, without padding."""
-    local = {k: v.to_local() if isinstance(v, DTensor) else v for k, v in state.items()}
+    parts = {k: local(v) if isinstance(v, Tensor) else v for k, v in state.items()}
     for key in _BLOCK_SCALES:
         if isinstance(state.get(key), DTensor):
-            codes = local[key.replace("absmax", "q")]
-            local[key] = local[key].view(-1)[:math.ceil(codes.numel() / BLOCK)]
-    return local
+            codes = parts[key.replace("absmax", "q")]
+            parts[key] = parts[key].view(-1)[:math.ceil(codes.numel() / BLOCK)]
+    return parts
 
 
-def store_local_state(state: dict[str, Any], local: dict[str, Any], before: dict[str, Any], side: str,
+def store_local_state(state: dict[str, Any], parts: dict[str, Any], before: dict[str, Any], side: str,
                       rank: int, shards: Span) -> None:
-    """Write back into ``state`` what the update put into ``local`` anew (entries that are not the
+    """Write back into ``state`` what the update put into ``parts`` anew (entries that are not the
     objects they were in ``before``): rows as DTensors of the whole matrix, the 8-bit block scales of
     row-split moments as one padded row per rank (ranks quantize their rows alone, so their numbers of
     blocks differ: the DTensor (ranks × most blocks) is sharded evenly, and a checkpoint loads only at
     the number of ranks it was saved with), everything else as it is (the same on every rank)."""
     rows = row_split_keys(side)
     width = math.ceil(shards.rows_per_rank * rank / BLOCK)
-    for key, value in local.items():
+    for key, value in parts.items():
         if key in before and before[key] is value:
             continue
         if isinstance(value, Tensor) and key in rows:

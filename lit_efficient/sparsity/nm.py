@@ -164,6 +164,10 @@ class NMSparsity(EfficientCallback):
             self._handles.append(target.module.register_forward_pre_hook(self._sparsify_hook(index)))
             self._handles.append(target.module.register_forward_hook(self._restore_hook(index), always_call=True))
 
+    def _parameters(self) -> list[nn.Parameter]:
+        """The targets' parameters: those kept at ``on_fit_start`` under FSDP2, else the modules' own."""
+        return self._params if self._params is not None else [t.param for t in self.targets]
+
     def _detach(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -196,7 +200,7 @@ class NMSparsity(EfficientCallback):
         changed: Union[Tensor, int] = 0
         total = 0
         shards = None
-        for index, (target, param) in enumerate(zip(self.targets, self._params or [t.param for t in self.targets])):
+        for index, (target, param) in enumerate(zip(self.targets, self._parameters())):
             weight, group = local_part(param)  # FSDP2: this rank's rows, whole N:M groups
             shards = shards if group is None else group
             mask = self._last_masks.pop(index, None)
@@ -237,7 +241,7 @@ class NMSparsity(EfficientCallback):
     def finalize(self) -> None:
         """Stop re-computing masks and write them into the weights: the model is now N:M sparse."""
         self._detach()
-        for target, param in zip(self.targets, self._params or [t.param for t in self.targets]):
+        for target, param in zip(self.targets, self._parameters()):
             weight = local_part(param)[0]  # FSDP2: this rank's rows
             if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
                 continue
