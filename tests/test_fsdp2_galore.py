@@ -3,8 +3,8 @@
 GaLoreAdamW steps each matrix from this rank's rows of its gradient and ends where one process ends
 on the same global batches, within float tolerance, for every basis (svd, randomized_svd, random),
 Fira and 8-bit moments, and on 3 ranks, where the rows split unevenly (the head's 4 rows: 2, 2 and
-0). The state of a row-split entry (the right side's moments, the left side's basis) holds this
-rank's rows: half of one process's on 2 ranks. Runs resume bit for bit from a distributed (sharded)
+0). Every moment (m×r on the right side, r×n on the left) and the left side's basis hold this rank's
+rows: half of one process's on 2 ranks; only Q is whole on every rank. Runs resume bit for bit from a distributed (sharded)
 and from a full checkpoint taken after refreshes.
 
 The test MLP's targets: net.0 (64×16) and net.2 (64×64) project on the right, net.4 (32×64) on the
@@ -40,16 +40,19 @@ def one_process(tmp_path, entry, options):
 
 
 def expected_bytes_on_rank_0(name: str, key: str, alone: int, ranks: int, rank: int) -> int:
-    """Bytes of state entry ``key`` of matrix ``name`` on rank 0, from one process's ``alone``: the
-    rows it holds (torch.chunk's ceil(m/ranks)) of a row-split entry, all of one that is whole; 8-bit
-    block scales of row-split moments: one per 256 of its own elements."""
+    """Bytes of state entry ``key`` of matrix ``name`` on rank 0, from one process's ``alone``: its
+    rows (torch.chunk's ceil(rows/ranks)) of an entry split by rows — the moments (m×r on the right
+    side, r×n on the left) and P (m×r) — all of Q; 8-bit block scales of the moments: one per 256 of
+    its own elements."""
     m, n = SHAPES[name]
     side = projection_side((m, n), "std")
-    rows = -(-m // ranks)
-    if side == "right" and key.endswith("absmax"):
-        return 4 * math.ceil(rows * rank / BLOCK)
-    split = key == "basis_left" if side == "left" else key != "basis_right"
-    return alone * rows // m if split else alone
+    if key == "basis_right":
+        return alone
+    whole_rows, width = (m, rank) if side == "right" or key == "basis_left" else (rank, n)
+    rows = -(-whole_rows // ranks)
+    if key.endswith("absmax"):
+        return 4 * math.ceil(rows * width / BLOCK)
+    return alone * rows // whole_rows
 
 
 def assert_state_split_by_rows(sharded_facts, alone_facts, ranks, rank):
@@ -82,10 +85,11 @@ def test_two_ranks_end_where_one_process_ends_holding_half_the_split_state(tmp_p
     assert_close_states(sharded["state"], state, atol=ONE_PROCESS[entry])
     assert sharded["facts"]["with_state"] == facts["with_state"]
     assert_state_split_by_rows(sharded["facts"], facts, ranks=2, rank=8)
-    # the right side's moments are row-split: each rank holds half of them
-    right = sharded["facts"]["galore"]["net.2"]
-    moments = [key for key in right if key.startswith("exp_avg")]
-    assert moments and all(2 * right[key] == facts["galore"]["net.2"][key] for key in moments)
+    # moments on either side are row-split: each rank holds half of them
+    for name in ("net.2", "net.4"):  # right, left
+        held = sharded["facts"]["galore"][name]
+        moments = [key for key in held if key.startswith("exp_avg")]
+        assert moments and all(2 * held[key] == facts["galore"][name][key] for key in moments), name
 
 
 def test_three_ranks_with_uneven_and_empty_shards_end_where_one_process_ends(tmp_path):

@@ -66,14 +66,28 @@ class Span:
         if mesh.ndim != 1 or placements != (Shard(0),):
             raise ValueError(f"a tensor sharded as {placements} on a {mesh.ndim}-D mesh is not supported (only "
                              "FSDP2's Shard(0) on one mesh dimension)")
-        ranks, rank = mesh.size(), mesh.get_local_rank()
+        span = Span.chunked(shape, mesh.size(), mesh.get_local_rank(), group, mesh)
+        if local.shape[0] != span.local_rows:
+            raise ValueError(f"rank {mesh.get_local_rank()} holds {local.shape[0]} rows of a {shape} tensor; "
+                             f"torch.chunk gives it {span.local_rows}: a sharding this module does not know")
+        return span
+
+    @staticmethod
+    def chunked(shape: Sequence[int], ranks: int, rank: int, group: Optional[dist.ProcessGroup] = None,
+                mesh: Optional[DeviceMesh] = None) -> "Span":
+        """Rank ``rank``'s rows of a tensor of ``shape`` whose rows ``torch.chunk`` splits over ``ranks``
+        (FSDP2's split: ceil(rows/ranks) each, the last ranks fewer or none)."""
+        shape = tuple(shape)
         rows_per_rank = math.ceil(shape[0] / ranks) if shape[0] else 0
         first = min(rank * rows_per_rank, shape[0])
-        rows = max(0, min(rows_per_rank, shape[0] - first))
-        if local.shape[0] != rows:
-            raise ValueError(f"rank {rank} holds {local.shape[0]} rows of a {shape} tensor; torch.chunk gives it "
-                             f"{rows}: a sharding this module does not know")
-        return Span(shape, first, rows, rows_per_rank, group, mesh)
+        return Span(shape, first, max(0, min(rows_per_rank, shape[0] - first)), rows_per_rank, group, mesh)
+
+    def split_as(self, shape: Sequence[int]) -> "Span":
+        """This rank's span of another tensor, of ``shape``, split by rows over the same ranks (state
+        this module shards itself, e.g. low-rank moments); a whole span for a whole one."""
+        if self.group is None:
+            return Span.whole_tensor(shape)
+        return Span.chunked(shape, self.world_size, dist.get_rank(self.group), self.group, self.mesh)
 
     @property
     def sharded(self) -> bool:
@@ -121,6 +135,36 @@ class Span:
         parts = [torch.empty_like(padded) for _ in range(ranks)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat(parts)[: self.rows]
+
+    def gather_on(self, part: Tensor, root: int) -> Optional[Tensor]:
+        """The whole tensor on rank ``root`` of the group (None on the others) from every rank's rows
+        ``part``: one gather, (ranks - 1)/ranks of the whole received by one rank instead of by every
+        rank, for work one rank does for all (a decomposition it then broadcasts)."""
+        if self.group is None:
+            return part
+        padded = part.new_zeros((self.rows_per_rank, *part.shape[1:]))
+        padded[: part.shape[0]] = part
+        here = dist.get_rank(self.group) == root
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)] if here else None
+        dist.gather(padded, parts, dst=dist.get_global_rank(self.group, root), group=self.group)
+        return torch.cat(parts)[: self.rows] if here else None
+
+    def broadcast(self, tensor: Tensor, root: int) -> Tensor:
+        """``tensor`` as rank ``root`` of the group holds it, on every rank (in place)."""
+        if self.group is not None:
+            dist.broadcast(tensor, src=dist.get_global_rank(self.group, root), group=self.group)
+        return tensor
+
+    def reduce_scatter(self, tensor: Tensor) -> Tensor:
+        """This rank's rows of ``tensor`` (whole-shaped, a partial sum on each rank) summed over the
+        ranks: one reduce-scatter, half an all-reduce's traffic, when each rank needs only its rows."""
+        if self.group is None:
+            return tensor
+        padded = tensor.new_zeros((self.rows_per_rank * self.world_size, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        out = tensor.new_empty((self.rows_per_rank, *tensor.shape[1:]))
+        dist.reduce_scatter_single(out, padded, group=self.group)
+        return out[: self.local_rows]
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over the ranks, in place: a sum over rows completed from each rank's rows."""

@@ -195,13 +195,14 @@ def svd_refresh(grad: Tensor, rank: int, side: str, method: str, old: Bases, ind
     """GaLore (arXiv 2403.03507): a new basis from the top-``rank`` singular subspace of the fp32
     gradient (``svd`` or ``randomized_svd``). A failed decomposition keeps ``old``; with no basis
     yet, it falls back to a random orthonormal one seeded by the matrix ``index``. With ``shards``
-    (FSDP2) ``grad`` is this rank's rows and ``P`` comes back as its rows (:func:`sharded_svd_bases`);
-    every rank decomposes the same matrix, so all of them fail or succeed together."""
+    (FSDP2) ``grad`` is this rank's rows and ``P`` comes back as its rows (:func:`sharded_svd_bases`;
+    where one rank decomposes for all, the matrices take turns by ``index``); every rank ends with the
+    same basis, so all of them fail or succeed together."""
     shape = tuple(grad.shape) if shards is None else (shards.rows, grad.shape[1])
     try:
         if shards is None:
             return svd_bases(grad, rank, side, method, seed)
-        return sharded_svd_bases(grad, rank, side, method, shards, seed)
+        return sharded_svd_bases(grad, rank, side, method, shards, seed, root=index % shards.world_size)
     except (torch.linalg.LinAlgError, RuntimeError) as err:
         if isinstance(err, torch.distributed.DistError):  # a failed collective, not a decomposition
             raise
@@ -263,27 +264,36 @@ def rotate_moments(exp_avg: Tensor, exp_avg_sq: Tensor, change: tuple[Optional[T
 
 
 def carry_moments(state: dict[str, Any], old: Bases, new: Bases, how: str, eight_bit: bool,
-                  reduce: Optional[Callable[[Tensor], Tensor]] = None) -> Bases:
+                  reduce: Optional[Callable[[Tensor], Tensor]] = None, rows: Optional[Span] = None) -> Bases:
     """At a refresh from ``old`` to ``new`` bases: ``"keep"`` leaves the moments in the old coordinates
     (the reference implementation, galore-torch); ``"align"`` flips new vectors to their
     predecessors' signs; ``"rotate"`` aligns too, then maps the moments into the new basis
-    (:func:`rotate_moments`). ``reduce``: as in :func:`basis_change` (FSDP2, left bases as rows).
-    Returns the bases to store."""
+    (:func:`rotate_moments`). ``reduce``: as in :func:`basis_change` (FSDP2, left bases as rows);
+    ``rows``: the span of moments split by rows over ranks (FSDP2's left side, whose rotation mixes
+    rows: gathered for it, one all-gather of r×n per moment and refresh). Returns the bases to store."""
     if how == "keep" or (old[0] is None and old[1] is None):
         return new
     new = aligned_signs(new, basis_change(old, new, reduce))
     if how == "align":
         return new
     change = basis_change(old, new, reduce)  # of the aligned basis: the stored bases and moments never depend on signs
+    mixes_rows = rows is not None and rows.sharded and change[0] is not None
+
+    def rotated(exp_avg: Tensor, exp_avg_sq: Tensor) -> tuple[Tensor, Tensor]:
+        if not mixes_rows:
+            return rotate_moments(exp_avg, exp_avg_sq, change)
+        exp_avg, exp_avg_sq = rotate_moments(rows.gather(exp_avg), rows.gather(exp_avg_sq), change)
+        return rows.take(exp_avg).contiguous(), rows.take(exp_avg_sq).contiguous()
+
     if eight_bit:  # through fp32, as every 8-bit step does
         shape = state["exp_avg_q"].shape
         exp_avg = dequantize_8bit(state["exp_avg_q"], state["exp_avg_absmax"], True).view(shape)
         exp_avg_sq = dequantize_8bit(state["exp_avg_sq_q"], state["exp_avg_sq_absmax"], False).view(shape)
-        exp_avg, exp_avg_sq = rotate_moments(exp_avg, exp_avg_sq, change)
+        exp_avg, exp_avg_sq = rotated(exp_avg, exp_avg_sq)
         state["exp_avg_q"], state["exp_avg_absmax"] = quantize_8bit(exp_avg, signed=True)
         state["exp_avg_sq_q"], state["exp_avg_sq_absmax"] = quantize_8bit(exp_avg_sq, signed=False)
     else:
-        state["exp_avg"], state["exp_avg_sq"] = rotate_moments(state["exp_avg"], state["exp_avg_sq"], change)
+        state["exp_avg"], state["exp_avg_sq"] = rotated(state["exp_avg"], state["exp_avg_sq"])
     return new
 
 
@@ -331,19 +341,24 @@ def fira_residual(state: dict[str, Any], grad: Tensor, low: Tensor, direction: T
 # -- the state under FSDP2 -------------------------------------------------------------------------
 #
 # A matrix sharded on dim 0 (FSDP2) is updated from this rank's rows. What its state holds per rank:
-# the right side's moments (m×r) and 8-bit codes are this rank's rows, the left side's basis P
-# (m×r) too; Q and the left side's moments (r×n) are the whole tensors, the same on every rank. Torch's
-# distributed checkpoints save a plain tensor once, as if every rank held it, so row-split state is
-# kept as DTensors of the whole matrix (``Shard(0)``, the parameter's mesh), and the update works on
-# plain local views of them (:func:`local_state`, :func:`store_local_state`).
+# the moments are split by their rows over the ranks, as torch.chunk splits them — on the right side
+# (m×r) like the weight's rows, on the left side (r×n) by basis vector; the left side's basis P (m×r)
+# holds this rank's rows too; Q (r×n) is whole on every rank, since every row's projection needs all
+# of it. Torch's distributed checkpoints save a plain tensor once, as if every rank held it, so
+# split state is kept as DTensors of the whole (``Shard(0)``, the parameter's mesh), and the update
+# works on plain local views of them (:func:`local_state`, :func:`store_local_state`).
 
-_MOMENT_ROWS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_sq_q")  # right side: m×r, split like the rows
+_MOMENTS = ("exp_avg", "exp_avg_sq", "exp_avg_q", "exp_avg_sq_q")
 _BLOCK_SCALES = ("exp_avg_absmax", "exp_avg_sq_absmax")
 
 
-def row_split_keys(side: str) -> tuple[str, ...]:
-    """State entries of a projected matrix that hold its rows, hence are split with them under FSDP2."""
-    return _MOMENT_ROWS if side == "right" else ("basis_left",)
+def moment_rows(shards: Span, shape: tuple[int, int], rank: int, side: str) -> Optional[Span]:
+    """This rank's span of the moments of a sharded m×n matrix on ``side``: the right side's m×r
+    rows go with the weight's, the left side's r×n are split by their r rows; ``full``'s r×r stay whole
+    (None)."""
+    if side == "full":
+        return None
+    return shards.split_as(projected_shape(shape, rank, side))
 
 
 def local_state(state: dict[str, Any]) -> dict[str, Any]:
@@ -357,21 +372,25 @@ def local_state(state: dict[str, Any]) -> dict[str, Any]:
     return parts
 
 
-def store_local_state(state: dict[str, Any], parts: dict[str, Any], before: dict[str, Any], side: str,
-                      rank: int, shards: Span) -> None:
+def store_local_state(state: dict[str, Any], parts: dict[str, Any], before: dict[str, Any], shards: Span,
+                      moments: Optional[Span]) -> None:
     """Write back into ``state`` what the update put into ``parts`` anew (entries that are not the
-    objects they were in ``before``): rows as DTensors of the whole matrix, the 8-bit block scales of
-    row-split moments as one padded row per rank (ranks quantize their rows alone, so their numbers of
-    blocks differ: the DTensor (ranks × most blocks) is sharded evenly, and a checkpoint loads only at
-    the number of ranks it was saved with), everything else as it is (the same on every rank)."""
-    rows = row_split_keys(side)
-    width = math.ceil(shards.rows_per_rank * rank / BLOCK)
+    objects they were in ``before``): the moments as DTensors of their whole (``moments``, their span;
+    None: kept whole), P as rows of the weight's (``shards``); the 8-bit block scales of split moments
+    as one padded row per rank (ranks quantize their rows alone, so their numbers of blocks differ:
+    the DTensor (ranks × most blocks) is sharded evenly, and a checkpoint loads only at the number of
+    ranks it was saved with); everything else as it is (the same on every rank)."""
     for key, value in parts.items():
         if key in before and before[key] is value:
             continue
-        if isinstance(value, Tensor) and key in rows:
+        if not isinstance(value, Tensor):
+            pass
+        elif key == "basis_left":
             value = shards.as_dtensor(value)
-        elif isinstance(value, Tensor) and side == "right" and key in _BLOCK_SCALES:
+        elif moments is not None and key in _MOMENTS:
+            value = moments.as_dtensor(value)
+        elif moments is not None and key in _BLOCK_SCALES:
+            width = math.ceil(moments.rows_per_rank * moments.shape[1] / BLOCK)
             padded = value.new_zeros(1, width)
             padded[0, :value.numel()] = value
             value = DTensor.from_local(padded, shards.mesh, [Shard(0)], run_check=False,
@@ -402,10 +421,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
     Parameters sharded on dim 0 (FSDP2's ``fully_shard`` on a 1-D mesh) are stepped from this rank's
     rows, with GaLore's side choice for the whole matrix. Per m×n matrix at rank r on N ranks: the
     right side (Q, r×n) communicates nothing per step and keeps ceil(m/N)·r rows of each moment; the
-    left side (P, m×r) all-reduces ``PᵀG`` (r×n) every step, keeps both r×n moments whole and
-    ceil(m/N)·r rows of P. Refreshes: the right side's ``svd`` all-reduces the n×n Gram matrix,
-    its ``randomized_svd`` the sketch's n×(r+8) products; the left side all-gathers the gradient
-    (m×n); ``random`` needs nothing. Fira adds one scalar all-reduce per step. Every rank must step
+    left side (P, m×r) reduce-scatters ``PᵀG`` (r×n) and all-gathers the r×n direction every step,
+    keeps ceil(r/N)·n rows of each moment and ceil(m/N)·r rows of P. Refreshes: the right side's ``svd`` all-reduces the n×n Gram matrix,
+    ``randomized_svd`` (either side) the sketch's n×(r+8) products; the left side's ``svd`` gathers
+    the gradient on one rank, which decomposes it and broadcasts P (the matrices take turns);
+    ``random`` needs nothing. Fira adds one scalar all-reduce per step. Every rank must step
     the same matrices, as FSDP2's training step does.
     """
 
@@ -541,9 +561,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_addcdiv_(chosen, exp_avgs, denom, value=-lr / (1 - beta1**step))
 
     def _bases(self, p: Tensor, group: dict[str, Any], state: dict[str, Any], grad: Tensor, side: str,
-               shards: Optional[Span] = None) -> Bases:
+               shards: Optional[Span] = None, moments: Optional[Span] = None) -> Bases:
         """The current (P, Q), refreshed every ``update_proj_gap`` steps, by the projection kind's function
-        (with ``shards``, FSDP2: ``grad`` and ``P`` are this rank's rows)."""
+        (with ``shards``, FSDP2: ``grad`` and ``P`` are this rank's rows, the moments ``moments``' rows)."""
         shape, rank = tuple(p.shape), group["rank"]
         due = state["step"] % group["update_proj_gap"] == 0
         if group["projection"] == "random":
@@ -559,7 +579,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if new is not old:  # a failed decomposition keeps the old basis, and the moments with it
                 # a group restored from a checkpoint written before this option continues as it ran: "keep"
                 how = group.get("moments_on_refresh", "keep")
-                new = carry_moments(state, old, new, how, group["eight_bit"], reduce)
+                new = carry_moments(state, old, new, how, group["eight_bit"], reduce, moments)
             synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1
@@ -578,27 +598,42 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         A parameter sharded on dim 0 (FSDP2) is stepped from this rank's rows of its gradient, with
         the same numbers one process would compute: the side stays GaLore's choice for the whole
-        matrix; the right side (``G Qᵀ``, row by row) needs no communication per step, the left side
-        (``Pᵀ G``, a sum over row blocks) one all-reduce of r×n, ``full`` one of r×r; Fira's limiter one
-        of a scalar; refreshes as :func:`sharded_svd_bases` says (``random``: none)."""
+        matrix, and each rank keeps its rows of the moments. The right side (``G Qᵀ``, row by row)
+        needs no communication per step. On the left side ``Pᵀ G`` is a sum over row blocks: one
+        reduce-scatter of r×n gives each rank its rows of it (an all-reduce where APOLLO or Fira need
+        all of it), and one all-gather assembles the direction (r×n) from every rank's rows. ``full``
+        all-reduces r×r, Fira's limiter a scalar; refreshes as :func:`sharded_svd_bases` says."""
         shards = row_shards(p.grad)
         grad = (p.grad if shards is None else p.grad.to_local()).float()
         side = projection_side(tuple(p.shape), group["proj_type"])
+        rows = None if shards is None else moment_rows(shards, tuple(p.shape), group["rank"], side)
         state = stored if shards is None else local_state(stored)
         before = None if shards is None else dict(state)
         if "step" not in state:
             state["step"] = 0
             if "index" not in state:  # distinct seeds per matrix, the same on every rank
                 state["index"] = self.matrix_index(p)
-            init_moments(state, projected_shape(tuple(grad.shape), group["rank"], side), p.device, group["eight_bit"])
-        bases = self._bases(p, group, state, grad, side, shards)
+            low_shape = projected_shape(tuple(grad.shape), group["rank"], side)
+            if rows is not None:
+                low_shape = (rows.local_rows, rows.shape[1])
+            init_moments(state, low_shape, p.device, group["eight_bit"])
+        bases = self._bases(p, group, state, grad, side, shards, rows)
         low = project(grad, *bases)
-        if shards is not None and side != "right":
-            shards.all_reduce(low)  # Pᵀ G = Σ_k P_kᵀ G_k over the row blocks: the same r×n on every rank
+        low_here = low  # the rows of the projected gradient whose moments this rank keeps
+        whole_low = group["projection"] == "random" or group["fira"]  # APOLLO's and Fira's scales read all of it
+        if shards is not None and side == "full":
+            shards.all_reduce(low)
+        elif shards is not None and side == "left":
+            if whole_low:
+                low_here = rows.take(shards.all_reduce(low))
+            else:
+                low = low_here = rows.reduce_scatter(low)
         state["step"] += 1
         moments = moments_8bit if group["eight_bit"] else moments_fp32
-        exp_avg, exp_avg_sq = moments(state, low, group["betas"])
+        exp_avg, exp_avg_sq = moments(state, low_here, group["betas"])
         direction, correction = adam_direction(exp_avg, exp_avg_sq, state["step"], group["betas"], group["eps"])
+        if shards is not None and side == "left":
+            direction = rows.gather(direction)  # Σ over rows of the basis needs every vector's coefficients
         if group["projection"] == "random":
             update, factor = apollo_update(grad, direction, low, correction, side), 1.0
         elif group["fira"]:
@@ -614,7 +649,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             weight.mul_(1 - lr * group["weight_decay"])
         weight.add_(update.to(weight.dtype), alpha=-lr * group["scale"] * factor)
         if shards is not None:
-            store_local_state(stored, state, before, side, group["rank"], shards)
+            store_local_state(stored, state, before, shards, rows)
 
 
 # -- memory accounting -----------------------------------------------------------------------------

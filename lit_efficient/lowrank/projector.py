@@ -13,7 +13,8 @@ seeded sketch of ``GᵀG`` (``randomized_svd``: cheaper, and shardable by rows),
 matrices regenerated from a seed (``random``: nothing stored, APOLLO-style, see ``optim.py``).
 
 Under FSDP2 a gradient arrives as this rank's rows; :func:`sharded_svd_bases` computes the same
-basis one process would from them (``Q`` whole on every rank, ``P`` as this rank's rows).
+basis one process would from them (``Q`` whole on every rank, ``P`` as this rank's rows), without
+every rank receiving the whole gradient.
 """
 
 from __future__ import annotations
@@ -86,22 +87,25 @@ def svd_bases(grad: Tensor, rank: int, side: str, method: Projection,
 
 
 def sharded_svd_bases(grad: Tensor, rank: int, side: str, method: Projection, shards: Span,
-                      seed: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
+                      seed: int = 0, root: int = 0) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """:func:`svd_bases` of a matrix whose rows are split over ranks (FSDP2), from ``grad``, this rank's
     rows (``shards`` says which): the same decomposition one process makes of the whole matrix, so
-    ``Q`` (r×n) comes back whole, identical on every rank, and ``P`` (m×r) as this rank's rows.
+    ``Q`` (r×n) comes back whole, identical on every rank, and ``P`` (m×r) as this rank's rows. No
+    rank receives the whole gradient except, where an exact decomposition needs every row at once,
+    the one rank (``root``) that makes it for all.
 
     Communication per refresh, by what one process would compute:
 
     * right side, ``svd`` with n ≤ m: the Gram matrix ``GᵀG = Σ_k G_kᵀG_k`` is a sum over row blocks:
       one all-reduce of n×n;
-    * right side, ``randomized_svd``: every product of the sketch is a sum over rows
-      (:func:`sketched_row_basis`): three all-reduces of n×(r+8) and one of (r+8)×(r+8);
-    * anything else (the left side, ``full``, the right side of a wide matrix): the whole gradient is
-      all-gathered (m×n, each rank receiving what the others hold) and decomposed on every rank, which
-      then keeps its rows of ``P``. On the left side this is the cheaper way for the ``std`` choice
-      (m < n): the Gram matrix of the split dimension, ``G Gᵀ``, needs every row anyway, and the other
-      one, ``GᵀG``, would be n×n > m×n.
+    * ``randomized_svd``, right or left: every product of the sketch with ``G`` is either a sum over
+      row blocks or made row by row (:func:`sketched_row_basis`, :func:`sketched_column_basis`):
+      a few all-reduces of n×(r+8) (the left side adds all-gathers of the thin m×(r+8) sketch);
+    * anything else (the left side's ``svd``, ``full``, the right side of a wide matrix): the
+      eigenvectors of ``G Gᵀ`` need every pair of rows, so rank ``root`` gathers the gradient
+      (m×n, received by that rank only), decomposes it and broadcasts the basis (m×r and/or r×n);
+      the caller spreads ``root`` over the matrices. A failed decomposition broadcasts NaNs, so
+      every rank raises together.
 
     Every rank must call it for the same matrices, in the same order.
     """
@@ -112,12 +116,34 @@ def sharded_svd_bases(grad: Tensor, rank: int, side: str, method: Projection, sh
         p, q = None, vectors[:, -rank:].flip(1).T.contiguous()
     elif side == "right" and method == "randomized_svd":
         p, q = None, sketched_row_basis(g, rank, seed, reduce=shards.all_reduce)
+    elif side == "left" and method == "randomized_svd":
+        p, q = sketched_column_basis(g, rank, seed, shards), None
     else:
-        p, q = svd_bases(shards.gather(g), rank, side, method, seed)  # checks the whole basis is finite
-        return (None if p is None else shards.take(p).contiguous()), q
-    if not bool(torch.isfinite(q).all()):
+        p, q = decomposed_on_one_rank(g, rank, side, method, shards, seed, root)
+    if not all(b is None or bool(torch.isfinite(b).all()) for b in (p, q)):
         raise torch.linalg.LinAlgError("non-finite singular vectors")
     return p, q
+
+
+def decomposed_on_one_rank(g: Tensor, rank: int, side: str, method: Projection, shards: Span, seed: int,
+                           root: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """:func:`svd_bases` of the whole matrix made by rank ``root`` from the gathered rows and
+    broadcast: ``P`` as this rank's rows, ``Q`` whole; NaN everywhere when ``root``'s decomposition failed."""
+    whole = shards.gather_on(g, root)
+    p = g.new_empty(shards.rows, rank) if side in ("left", "full") else None
+    q = g.new_empty(rank, g.shape[1]) if side in ("right", "full") else None
+    if whole is not None:
+        try:
+            made = svd_bases(whole, rank, side, method, seed)
+        except (torch.linalg.LinAlgError, RuntimeError):
+            made = (None, None)
+        for basis, value in zip((p, q), made):
+            if basis is not None:
+                basis.copy_(value) if value is not None else basis.fill_(math.nan)
+    for basis in (p, q):
+        if basis is not None:
+            shards.broadcast(basis, root)
+    return (None if p is None else shards.take(p).contiguous()), q
 
 
 def sketched_bases(g: Tensor, rank: int, side: str, seed: int) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -168,6 +194,30 @@ def sketched_row_basis(grad: Tensor, rank: int, seed: int, oversample: int = 8, 
     return (y @ vectors[:, -rank:].flip(1)).T.contiguous()
 
 
+def sketched_column_basis(grad: Tensor, rank: int, seed: int, shards: Span, oversample: int = 8,
+                          power_iterations: int = 2) -> Tensor:
+    """This rank's rows of P (m×r), the top-``rank`` left singular vectors of a matrix split by rows,
+    from ``grad``, its local rows: :func:`sketched_row_basis` of ``Gᵀ`` (the same sketch, drawn whole
+    from ``seed``, and the same steps), with every product formed where the rows are. ``Gᵀ·X`` is a
+    sum over row blocks (an all-reduce of n×(r+p)), ``G·Z`` is made row by row, and each
+    orthonormalisation runs on the thin m×(r+p) sketch, all-gathered, as one process runs it."""
+    g = grad.detach().float()
+    width = min(rank + oversample, shards.rows)
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    sketch = shards.take(torch.randn(shards.rows, width, generator=generator).to(g.device))
+
+    def gram_times(x: Tensor) -> Tensor:  # this rank's rows of G Gᵀ X from its rows of X
+        return g @ shards.all_reduce(g.T @ x)
+
+    y = gram_times(sketch)
+    for _ in range(power_iterations):
+        y = gram_times(shards.take(torch.linalg.qr(shards.gather(y))[0]))
+    y = torch.linalg.qr(shards.gather(y))[0]
+    gy = shards.all_reduce(g.T @ shards.take(y))
+    _, vectors = torch.linalg.eigh(gy.T @ gy)  # ascending: the last columns are the top ones
+    return shards.take(y @ vectors[:, -rank:].flip(1)).contiguous()
+
+
 def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int,
                  device: torch.device) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """Gaussian (P, Q) with entries N(0, 1/r), identical wherever ``seed`` is (all DDP ranks)."""
@@ -210,5 +260,5 @@ def subspace_overlap(old: Tensor, new: Tensor, rows: bool,
 
 
 __all__ = ["PROJECTIONS", "PROJ_TYPES", "basis_numel", "project", "project_back", "projected_shape",
-           "projection_side", "random_bases", "sharded_svd_bases", "sketched_row_basis", "subspace_overlap",
-           "svd_bases"]
+           "projection_side", "random_bases", "sharded_svd_bases", "sketched_column_basis", "sketched_row_basis",
+           "subspace_overlap", "svd_bases"]
