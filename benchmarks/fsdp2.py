@@ -12,7 +12,9 @@ thread per process, gloo. ``CausalLM.configure_model`` shards each decoder block
 Part 1 (``--steps`` steps per run; AdamW, GaLore, GaLore 8-bit and RigL at 90%): per-rank bytes of
 parameters, gradients (at the optimizer step) and optimizer state (after the last step), on the
 rank that holds most; bytes each rank hands to collectives per step (the input of every
-all-gather, reduce-scatter, all-reduce and broadcast, counted by wrapping ``torch.distributed``),
+all-gather, reduce-scatter, all-reduce, gather and broadcast, counted by wrapping ``torch.distributed``)
+and an estimate of what it sends on the wire (ring algorithms: an all-reduce sends 2(W-1)/W of its
+input, a reduce-scatter (W-1)/W, an all-gather W-1 times its part),
 on an ordinary step and on the step that refreshes GaLore's bases / updates RigL's masks; the
 median step time against the FSDP2 AdamW baseline at the same W. More processes than the 2 cores
 share the cores: step times at W=4 measure oversubscription, not scaling.
@@ -56,9 +58,14 @@ METHODS = {
     "RigL 90%": lambda gap: [RigL(sparsity=0.9, update_every=f"{gap}st", stop=1.0)],
 }
 # collective -> (position, name) of the argument whose bytes this rank hands in (FSDP2 passes it by name)
-COLLECTIVES = {"all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "all_gather": (1, "tensor"),
-               "all_gather_into_tensor": (1, "input_tensor"), "all_gather_single": (1, "input_tensor"),
+COLLECTIVES = {"all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "gather": (0, "tensor"),
+               "all_gather": (1, "tensor"), "all_gather_into_tensor": (1, "input_tensor"),
+               "all_gather_single": (1, "input_tensor"),
                "reduce_scatter_tensor": (1, "input"), "reduce_scatter_single": (1, "input")}
+# bytes a rank sends on the wire per byte it hands in, for ring algorithms on W ranks
+WIRE = {"all_reduce": lambda w: 2 * (w - 1) / w, "broadcast": lambda w: (w - 1) / w, "gather": lambda w: (w - 1) / w,
+        "all_gather": lambda w: w - 1, "all_gather_into_tensor": lambda w: w - 1, "all_gather_single": lambda w: w - 1,
+        "reduce_scatter_tensor": lambda w: (w - 1) / w, "reduce_scatter_single": lambda w: (w - 1) / w}
 UPDATE_BATCH = {"GaLore": GAP, "GaLore 8-bit": GAP,  # the refresh runs in the step of global step GAP
                 "RigL 90%": GAP - 1}  # the mask update after optimizer step GAP, at the end of batch GAP - 1
 
@@ -68,6 +75,7 @@ class CommunicationCounter:
 
     def __init__(self) -> None:
         self.bytes: dict[str, int] = defaultdict(int)
+        self.wire = 0.0  # estimated bytes sent on the wire (WIRE)
         self._saved: dict[str, object] = {}
 
     def install(self) -> "CommunicationCounter":
@@ -80,14 +88,17 @@ class CommunicationCounter:
             def counted(*args, __original=original, __name=name, __position=position, __keyword=keyword, **kwargs):
                 tensor = args[__position] if len(args) > __position else kwargs.get(__keyword)
                 if isinstance(tensor, torch.Tensor):
-                    self.bytes[__name] += tensor.numel() * tensor.element_size()
+                    handed = tensor.numel() * tensor.element_size()
+                    self.bytes[__name] += handed
+                    self.wire += WIRE[__name](dist.get_world_size(kwargs.get("group"))) * handed
                 return __original(*args, **kwargs)
 
             setattr(dist, name, counted)
         return self
 
-    def total(self) -> int:
-        return sum(self.bytes.values())
+    def total(self) -> tuple[int, float]:
+        """(bytes handed in, estimated bytes on the wire) so far."""
+        return sum(self.bytes.values()), self.wire
 
 
 class Record(pl.Callback):
@@ -96,9 +107,10 @@ class Record(pl.Callback):
     def __init__(self, counter: CommunicationCounter) -> None:
         self.counter = counter
         self.sent: list[int] = []
+        self.wire: list[float] = []
         self.times: list[float] = []
         self.grad_bytes = 0
-        self._start = (0, 0.0)
+        self._start = ((0, 0.0), 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = (self.counter.total(), time.perf_counter())
@@ -109,7 +121,9 @@ class Record(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._start[1])
-        self.sent.append(self.counter.total() - self._start[0])
+        (handed, wire), (handed_before, wire_before) = self.counter.total(), self._start[0]
+        self.sent.append(handed - handed_before)
+        self.wire.append(wire - wire_before)
 
 
 def state_bytes(optimizer) -> int:
@@ -157,7 +171,7 @@ def worker(method: str, ranks: int, steps: int, val_steps: int, out: str) -> Non
     trainer.callbacks.append(Validation())
     trainer.fit(model, train_dataloaders=train, val_dataloaders=val if validating else None)
     result = dict(params=sum(local_bytes(p) for p in model.parameters()), grads=record.grad_bytes,
-                  state=state_bytes(trainer.optimizers[0]), sent=record.sent, times=record.times,
+                  state=state_bytes(trainer.optimizers[0]), sent=record.sent, wire=record.wire, times=record.times,
                   by_collective=dict(counter.bytes), val=val_losses)
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
@@ -215,8 +229,9 @@ def main(argv=None) -> None:
                 sent, at = runs[0]["sent"], UPDATE_BATCH.get(method, GAP)
                 ordinary = statistics.median(n for i, n in enumerate(sent) if i >= 2 and i != at)
                 update = sent[at] if len(sent) > at else float("nan")
+                wire = statistics.median(n for i, n in enumerate(runs[0]["wire"]) if i >= 2 and i != at)
                 time_ms = 1000 * statistics.median(t for i, t in enumerate(runs[0]["times"]) if i >= 2 and i != at)
-                table[(method, ranks)] = dict(most, ordinary=ordinary, update=update, time=time_ms)
+                table[(method, ranks)] = dict(most, ordinary=ordinary, wire=wire, update=update, time=time_ms)
                 print(f"{method} on {ranks}: {table[(method, ranks)]}", flush=True)
         losses = {}
         for method, ranks in [("GaLore", 1), ("GaLore", 2), ("AdamW", 1), ("AdamW", 2)] if args.val_steps else []:
@@ -228,17 +243,20 @@ def main(argv=None) -> None:
           f"{args.steps} steps (GaLore's refresh and RigL's update at step {GAP}); W=1 is one process, "
           "unsharded; MiB per rank (the rank holding most)")
     print("| method | W | parameters MiB | gradients MiB | optimizer state MiB | state × W / one process's "
-          "| sent per step MiB | sent on the update step MiB | extra sent vs AdamW | step ms | step vs AdamW |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| sent per step MiB | sent on the update step MiB | extra sent vs AdamW | extra on the wire vs AdamW "
+          "| step ms | step vs AdamW |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (method, ranks), row in table.items():
         one = table.get((method, 1))
         adamw = table.get(("AdamW", ranks))
         share = f"{row['state'] * ranks / one['state']:.3f}" if one and one["state"] else "–"
         extra = f"{(row['ordinary'] - adamw['ordinary']) / adamw['ordinary']:+.2%}" \
             if adamw and adamw["ordinary"] and method != "AdamW" else "–"
+        wire = f"{(row['wire'] - adamw['wire']) / adamw['wire']:+.2%}" \
+            if adamw and adamw["wire"] and method != "AdamW" else "–"
         speed = f"{row['time'] / adamw['time']:.2f}x" if adamw else "–"
         print(f"| {method} | {ranks} | {mib(row['params'])} | {mib(row['grads'])} | {mib(row['state'])} | {share} | "
-              f"{mib(row['ordinary'])} | {mib(row['update'])} | {extra} | {row['time']:.0f} | {speed} |")
+              f"{mib(row['ordinary'])} | {mib(row['update'])} | {extra} | {wire} | {row['time']:.0f} | {speed} |")
     if losses:
         print(f"\nBest validation loss over {args.val_steps} steps (validation every 50), update_proj_gap 200")
         print("| method | one process | FSDP2, 2 processes | difference |")

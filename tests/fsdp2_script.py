@@ -56,8 +56,10 @@ def _galore(**options):
 
 FACTORIES.update(galore_randomized=_galore(projection="randomized_svd"), galore_random=_galore(projection="random"),
                  galore_fira=_galore(fira=True), galore_8bit=_galore(eight_bit=True),
+                 galore_fira_shard_basis=_galore(fira=True, shard_basis=True),
                  # every Linear, the head (4×32, left) too: on 3 ranks its rows split 2, 2 and 0
-                 galore_every_linear=_galore(rank=3, include=["net.0", "net.2", "net.4", "net.6"], fira=True))
+                 galore_every_linear=_galore(rank=3, include=["net.0", "net.2", "net.4", "net.6"], fira=True,
+                                             shard_basis=True))
 
 
 class ShardedMLP(MLP):

@@ -4,8 +4,8 @@ GaLoreAdamW steps each matrix from this rank's rows of its gradient and ends whe
 on the same global batches, within float tolerance, for every basis (svd, randomized_svd, random),
 Fira and 8-bit moments, and on 3 ranks, where the rows split unevenly (the head's 4 rows: 2, 2 and
 0). Every moment (m×r on the right side, r×n on the left) and the left side's basis hold this rank's
-rows: half of one process's on 2 ranks; only Q is whole on every rank. Runs resume bit for bit from a distributed (sharded)
-and from a full checkpoint taken after refreshes.
+rows: half of one process's on 2 ranks; Q is whole on every rank unless ``shard_basis`` splits it too.
+Runs resume bit for bit from a distributed (sharded) and from a full checkpoint taken after refreshes.
 
 The test MLP's targets: net.0 (64×16) and net.2 (64×64) project on the right, net.4 (32×64) on the
 left; ``galore_every_linear`` adds the head net.6 (4×32, left) at rank 3."""
@@ -39,29 +39,30 @@ def one_process(tmp_path, entry, options):
     return trainer.global_step, full_state(model), facts(trainer)
 
 
-def expected_bytes_on_rank_0(name: str, key: str, alone: int, ranks: int, rank: int) -> int:
+def expected_bytes_on_rank_0(name: str, key: str, alone: int, ranks: int, rank: int, shard_basis: bool) -> int:
     """Bytes of state entry ``key`` of matrix ``name`` on rank 0, from one process's ``alone``: its
     rows (torch.chunk's ceil(rows/ranks)) of an entry split by rows — the moments (m×r on the right
     side, r×n on the left) and P (m×r) — all of Q; 8-bit block scales of the moments: one per 256 of
-    its own elements."""
+    its own elements; Q whole, or split by its r rows with ``shard_basis``."""
     m, n = SHAPES[name]
     side = projection_side((m, n), "std")
-    if key == "basis_right":
+    if key == "basis_right" and not shard_basis:
         return alone
-    whole_rows, width = (m, rank) if side == "right" or key == "basis_left" else (rank, n)
+    whole_rows, width = (m, rank) if side == "right" and key != "basis_right" or key == "basis_left" else (rank, n)
     rows = -(-whole_rows // ranks)
     if key.endswith("absmax"):
         return 4 * math.ceil(rows * width / BLOCK)
     return alone * rows // whole_rows
 
 
-def assert_state_split_by_rows(sharded_facts, alone_facts, ranks, rank):
+def assert_state_split_by_rows(sharded_facts, alone_facts, ranks, rank, shard_basis=False):
     assert sharded_facts["galore"].keys() == alone_facts["galore"].keys()
     for name, entries in alone_facts["galore"].items():
         assert sharded_facts["galore"][name].keys() == entries.keys(), name
         for key, alone in entries.items():
-            assert sharded_facts["galore"][name][key] == expected_bytes_on_rank_0(name, key, alone, ranks, rank), \
-                (name, key, sharded_facts["galore"][name][key], alone)
+            expected = expected_bytes_on_rank_0(name, key, alone, ranks, rank, shard_basis)
+            held = sharded_facts["galore"][name][key]
+            assert held == expected, (name, key, held, alone)
 
 
 # entry of tests/fsdp2_script.py (rank 8, refresh every 3 steps) -> largest weight difference allowed
@@ -94,17 +95,18 @@ def test_two_ranks_end_where_one_process_ends_holding_half_the_split_state(tmp_p
 
 def test_three_ranks_with_uneven_and_empty_shards_end_where_one_process_ends(tmp_path):
     """64, 32 and 4 rows over 3 ranks: 22/22/20, 11/11/10 and 2/2/0 (the head, on the left side:
-    rank 2 holds none of its rows, and still takes part in every collective); Fira's norms too."""
+    rank 2 holds none of its rows, and still takes part in every collective); Fira's norms too; and
+    ``shard_basis``: each rank holds one of Q's 3 rows and gathers the rest for each step."""
     options = dict(steps=12, ranks=3)
     sharded = sharded_run(tmp_path, "galore_every_linear", options)
     step, state, facts = one_process(tmp_path, "galore_every_linear", options)
     assert sharded["world_size"] == 3 and sharded["step"] == step
     assert_close_states(sharded["state"], state)
     assert set(facts["galore"]) == set(SHAPES)
-    assert_state_split_by_rows(sharded["facts"], facts, ranks=3, rank=3)
+    assert_state_split_by_rows(sharded["facts"], facts, ranks=3, rank=3, shard_basis=True)
 
 
-@pytest.mark.parametrize("entry, checkpoint", [("galore_8bit", "distributed"), ("galore_fira", "full")])
+@pytest.mark.parametrize("entry, checkpoint", [("galore_8bit", "distributed"), ("galore_fira_shard_basis", "full")])
 def test_resumes_exactly_from_a_checkpoint_taken_after_refreshes(tmp_path, entry, checkpoint):
     """Checkpointed at step 8 (bases from step 6, the next refresh at 9), resumed, the run ends bit
     for bit where the straight run ends. A distributed checkpoint holds the row-split state as

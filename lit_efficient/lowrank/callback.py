@@ -76,6 +76,11 @@ class GaLore(EfficientCallback):
             coordinates, as the reference implementation (galore-torch) does. Only ``"keep"`` lets
             the arbitrary signs of a decomposition change the update (e.g. between one process and
             DDP).
+        shard_basis: under FSDP2, keep only this rank's rows of each right-side basis Q (r×n) and
+            all-gather it at every step (default False: Q is whole on every rank and the right side
+            sends nothing per step). Per-rank optimizer state becomes one process's divided by the
+            number of ranks, for r×n more sent per matrix and step (see the method card's FSDP2
+            section). No effect without FSDP2.
         target_modules: alias of ``include`` (Hugging Face PEFT's and ``galore-torch``'s name);
             giving both with different selections is a ValueError. After construction both
             attributes hold the resolved selection, so the callback rebuilds from its attributes.
@@ -105,6 +110,7 @@ class GaLore(EfficientCallback):
         layerwise: bool = False,
         seed: int = 0,
         moments_on_refresh: MomentsOnRefresh = "rotate",
+        shard_basis: bool = False,
         target_modules: Union[str, list[str], None] = None,
     ) -> None:
         self.rank = rank
@@ -116,6 +122,7 @@ class GaLore(EfficientCallback):
         self.eight_bit = check_bool(eight_bit, "eight_bit")
         self.seed = check_int(seed, "seed")
         self.moments_on_refresh = moments_on_refresh
+        self.shard_basis = check_bool(shard_basis, "shard_basis")
         check_galore_group({**self.group_options, "params": []})  # ValueErrors naming the argument
         if eight_bit:
             try:
@@ -144,7 +151,8 @@ class GaLore(EfficientCallback):
         """The GaLoreAdamW group keys this callback sets on every converted group."""
         return {"rank": self.rank, "update_proj_gap": self.update_proj_gap, "scale": self.scale,
                 "proj_type": self.proj_type, "projection": self.projection, "fira": self.fira,
-                "eight_bit": self.eight_bit, "seed": self.seed, "moments_on_refresh": self.moments_on_refresh}
+                "eight_bit": self.eight_bit, "seed": self.seed, "moments_on_refresh": self.moments_on_refresh,
+                "shard_basis": self.shard_basis}
 
     # -- converting the module's optimizer --------------------------------------------------------
 

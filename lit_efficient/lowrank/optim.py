@@ -67,7 +67,7 @@ Bases = tuple[Optional[Tensor], Optional[Tensor]]  # (P, Q); None on a side that
 MomentsOnRefresh = Literal["align", "rotate", "keep"]
 MOMENTS_ON_REFRESH: tuple[str, ...] = ("align", "rotate", "keep")
 GALORE_DEFAULTS = {"update_proj_gap": 200, "scale": 0.25, "proj_type": "std", "projection": "svd", "fira": False,
-                   "eight_bit": False, "seed": 0, "moments_on_refresh": "rotate"}
+                   "eight_bit": False, "seed": 0, "moments_on_refresh": "rotate", "shard_basis": False}
 BLOCK = 256  # elements per 8-bit quantization block (bitsandbytes' optimizers use 256 too)
 FIRA_GROWTH = 1.01  # Fira's limiter: the residual's norm may grow at most 1% per step
 _CODES: dict[tuple[bool, str], Tensor] = {}
@@ -84,6 +84,8 @@ def check_galore_group(group: dict[str, Any]) -> None:
     if group.get("moments_on_refresh", GALORE_DEFAULTS["moments_on_refresh"]) not in MOMENTS_ON_REFRESH:
         raise ValueError(f"`moments_on_refresh` must be one of {list(MOMENTS_ON_REFRESH)}; "
                          f"got {group['moments_on_refresh']!r}")
+    if not isinstance(group.get("shard_basis", False), bool):
+        raise ValueError(f"`shard_basis` must be a bool; got {group['shard_basis']!r}")
     if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool) or not group["scale"] > 0:
         raise ValueError(f"`scale` must be a positive number; got {group['scale']!r}")
     projected = group.get("projected")
@@ -373,10 +375,11 @@ def local_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def store_local_state(state: dict[str, Any], parts: dict[str, Any], before: dict[str, Any], shards: Span,
-                      moments: Optional[Span]) -> None:
+                      moments: Optional[Span], basis_rows: Optional[Span] = None) -> None:
     """Write back into ``state`` what the update put into ``parts`` anew (entries that are not the
     objects they were in ``before``): the moments as DTensors of their whole (``moments``, their span;
-    None: kept whole), P as rows of the weight's (``shards``); the 8-bit block scales of split moments
+    None: kept whole), P as rows of the weight's (``shards``), Q as rows of its r×n where
+    ``basis_rows`` says (``shard_basis``); the 8-bit block scales of split moments
     as one padded row per rank (ranks quantize their rows alone, so their numbers of blocks differ:
     the DTensor (ranks × most blocks) is sharded evenly, and a checkpoint loads only at the number of
     ranks it was saved with); everything else as it is (the same on every rank)."""
@@ -387,6 +390,8 @@ def store_local_state(state: dict[str, Any], parts: dict[str, Any], before: dict
             pass
         elif key == "basis_left":
             value = shards.as_dtensor(value)
+        elif key == "basis_right" and basis_rows is not None:
+            value = basis_rows.as_dtensor(value)
         elif moments is not None and key in _MOMENTS:
             value = moments.as_dtensor(value)
         elif moments is not None and key in _BLOCK_SCALES:
@@ -412,7 +417,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             ``"svd"`` (``randomized_svd``, ``random``), ``fira`` False (add the out-of-subspace
             residual, Fira), ``eight_bit`` False (8-bit moments), ``seed`` 0 (random projections),
             ``moments_on_refresh`` ``"rotate"`` (``align``, ``keep``: what a refresh does to the moments;
-            see :func:`carry_moments`).
+            see :func:`carry_moments`), ``shard_basis`` False (FSDP2: keep this rank's rows of Q and
+            all-gather it at every step).
             An optional ``projected`` list of bools (one per parameter) projects only some of the
             group's matrices — how the GaLore callback converts a module's optimizer without
             changing its groups, so learning-rate schedulers stay valid.
@@ -420,13 +426,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     Parameters sharded on dim 0 (FSDP2's ``fully_shard`` on a 1-D mesh) are stepped from this rank's
     rows, with GaLore's side choice for the whole matrix. Per m×n matrix at rank r on N ranks: the
-    right side (Q, r×n) communicates nothing per step and keeps ceil(m/N)·r rows of each moment; the
-    left side (P, m×r) reduce-scatters ``PᵀG`` (r×n) and all-gathers the r×n direction every step,
-    keeps ceil(r/N)·n rows of each moment and ceil(m/N)·r rows of P. Refreshes: the right side's ``svd`` all-reduces the n×n Gram matrix,
-    ``randomized_svd`` (either side) the sketch's n×(r+8) products; the left side's ``svd`` gathers
-    the gradient on one rank, which decomposes it and broadcasts P (the matrices take turns);
-    ``random`` needs nothing. Fira adds one scalar all-reduce per step. Every rank must step
-    the same matrices, as FSDP2's training step does.
+    right side (Q, r×n) communicates nothing per step and keeps ceil(m/N)·r rows of each moment (and
+    Q whole, or with ``shard_basis`` ceil(r/N) rows of it, all-gathered at every step); the left side
+    (P, m×r) reduce-scatters ``PᵀG`` (r×n) and all-gathers the r×n direction every step, keeps
+    ceil(r/N)·n rows of each moment and ceil(m/N)·r rows of P. Refreshes: the right side's ``svd``
+    all-reduces the n×n Gram matrix, ``randomized_svd`` (either side) the sketch's n×(r+8)
+    products; the left side's ``svd`` gathers the gradient on one rank, which decomposes it and
+    broadcasts P (the matrices take turns); ``random`` needs nothing. Fira adds one scalar all-reduce
+    per step. Every rank must step the same matrices, as FSDP2's training step does.
     """
 
     # group lists aligned with group["params"], shrunk by whoever removes parameters
@@ -602,13 +609,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         needs no communication per step. On the left side ``Pᵀ G`` is a sum over row blocks: one
         reduce-scatter of r×n gives each rank its rows of it (an all-reduce where APOLLO or Fira need
         all of it), and one all-gather assembles the direction (r×n) from every rank's rows. ``full``
-        all-reduces r×r, Fira's limiter a scalar; refreshes as :func:`sharded_svd_bases` says."""
+        all-reduces r×r, Fira's limiter a scalar; refreshes as :func:`sharded_svd_bases` says. With the
+        group's ``shard_basis``, Q (r×n) is kept as this rank's rows and all-gathered for each step."""
         shards = row_shards(p.grad)
         grad = (p.grad if shards is None else p.grad.to_local()).float()
         side = projection_side(tuple(p.shape), group["proj_type"])
         rows = None if shards is None else moment_rows(shards, tuple(p.shape), group["rank"], side)
         state = stored if shards is None else local_state(stored)
         before = None if shards is None else dict(state)
+        basis_rows = None  # with shard_basis: this rank keeps its rows of Q, gathered whole for the step
+        if shards is not None and group.get("shard_basis") and side != "left" and group["projection"] != "random":
+            basis_rows = shards.split_as((group["rank"], p.shape[1]))
+            if state.get("basis_right") is not None:
+                state["basis_right"] = basis_rows.gather(state["basis_right"])
         if "step" not in state:
             state["step"] = 0
             if "index" not in state:  # distinct seeds per matrix, the same on every rank
@@ -649,7 +662,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             weight.mul_(1 - lr * group["weight_decay"])
         weight.add_(update.to(weight.dtype), alpha=-lr * group["scale"] * factor)
         if shards is not None:
-            store_local_state(stored, state, before, shards, rows)
+            if basis_rows is not None:
+                state["basis_right"] = basis_rows.take(state["basis_right"]).contiguous()
+            store_local_state(stored, state, before, shards, rows, basis_rows)
 
 
 # -- memory accounting -----------------------------------------------------------------------------
