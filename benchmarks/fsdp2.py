@@ -9,7 +9,8 @@ sequences per optimizer step whatever the number of processes (each of W ranks t
 thread per process, gloo. ``CausalLM.configure_model`` shards each decoder block and the root with
 ``fully_shard`` under ``ModelParallelStrategy(data_parallel_size=W, tensor_parallel_size=1)``.
 
-Part 1 (``--steps`` steps per run; AdamW, GaLore, GaLore 8-bit and RigL at 90%): per-rank bytes of
+Part 1 (``--steps`` steps per run; AdamW, GaLore, GaLore 8-bit, GaLore with ``shard_basis`` (sharded
+runs only) and RigL at 90%): per-rank bytes of
 parameters, gradients (at the optimizer step) and optimizer state (after the last step), on the
 rank that holds most; bytes each rank hands to collectives per step (the input of every
 all-gather, reduce-scatter, all-reduce, gather and broadcast, counted by wrapping ``torch.distributed``)
@@ -55,6 +56,7 @@ METHODS = {
     "AdamW": lambda gap: [],
     "GaLore": lambda gap: [GaLore(rank=RANK, update_proj_gap=gap, scale=SCALE)],
     "GaLore 8-bit": lambda gap: [GaLore(rank=RANK, update_proj_gap=gap, scale=SCALE, eight_bit=True)],
+    "GaLore, Q sharded": lambda gap: [GaLore(rank=RANK, update_proj_gap=gap, scale=SCALE, shard_basis=True)],
     "RigL 90%": lambda gap: [RigL(sparsity=0.9, update_every=f"{gap}st", stop=1.0)],
 }
 # collective -> (position, name) of the argument whose bytes this rank hands in (FSDP2 passes it by name)
@@ -66,7 +68,8 @@ COLLECTIVES = {"all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "gather"
 WIRE = {"all_reduce": lambda w: 2 * (w - 1) / w, "broadcast": lambda w: (w - 1) / w, "gather": lambda w: (w - 1) / w,
         "all_gather": lambda w: w - 1, "all_gather_into_tensor": lambda w: w - 1, "all_gather_single": lambda w: w - 1,
         "reduce_scatter_tensor": lambda w: (w - 1) / w, "reduce_scatter_single": lambda w: (w - 1) / w}
-UPDATE_BATCH = {"GaLore": GAP, "GaLore 8-bit": GAP,  # the refresh runs in the step of global step GAP
+SAME_AS_ONE_PROCESS = {"GaLore, Q sharded": "GaLore"}  # shard_basis changes nothing in one process
+UPDATE_BATCH = {"GaLore": GAP, "GaLore 8-bit": GAP, "GaLore, Q sharded": GAP,  # the refresh: in global step GAP
                 "RigL 90%": GAP - 1}  # the mask update after optimizer step GAP, at the end of batch GAP - 1
 
 
@@ -224,6 +227,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as root:
         for ranks in args.ranks:
             for method in args.methods:
+                if ranks == 1 and method in SAME_AS_ONE_PROCESS:
+                    continue
                 runs = launch(method, ranks, args.steps, 0, root)
                 most = {key: max(run[key] for run in runs) for key in ("params", "grads", "state")}
                 sent, at = runs[0]["sent"], UPDATE_BATCH.get(method, GAP)
@@ -247,7 +252,7 @@ def main(argv=None) -> None:
           "| step ms | step vs AdamW |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (method, ranks), row in table.items():
-        one = table.get((method, 1))
+        one = table.get((SAME_AS_ONE_PROCESS.get(method, method), 1))
         adamw = table.get(("AdamW", ranks))
         share = f"{row['state'] * ranks / one['state']:.3f}" if one and one["state"] else "–"
         extra = f"{(row['ordinary'] - adamw['ordinary']) / adamw['ordinary']:+.2%}" \
