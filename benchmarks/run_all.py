@@ -54,6 +54,8 @@ class Benchmark:
         quality: the column plotted as quality.
         curves: the script takes ``--json PATH`` and stores each run's ``step_times``, ``val_steps``
             and ``val_losses`` there: the report also plots validation loss against wall-clock time.
+        every_table: the report shows the log's tables from the first whose header names ``cost``
+            to the last (its plot still reads the last one); by default only the last.
     """
 
     script: str
@@ -63,6 +65,7 @@ class Benchmark:
     cost: str
     quality: str
     curves: bool = False
+    every_table: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Study:
     cost: str
     quality: str
     curves: bool = False
+    every_table: bool = False
 
     def expand(self) -> dict[str, Benchmark]:
         """One :class:`Benchmark` per group of seeds, by log name, in the order of the groups."""
@@ -98,7 +102,7 @@ class Study:
                     name, question = f"{name}_seeds_{group[0]}_{group[-1]}", f"{question}, seeds {listed}"
             seeds = ("--seeds", *map(str, group)) if group else ()
             out[name] = Benchmark(self.script, (*self.args, *seeds), question, self.card, self.cost, self.quality,
-                                  self.curves)
+                                  self.curves, self.every_table)
         return out
 
 
@@ -189,7 +193,8 @@ REGISTRY = (
           "docs/methods/galore.md", "time vs Gram eigh", "subspace overlap with exact: mean"),
     Study("fsdp2", "fsdp2.py", ("--val-steps", "200"), (),
           "FSDP2 on the pydoc Llama, 1/2/4 CPU processes: per-rank bytes, bytes sent, step time; GaLore's val loss "
-          "sharded vs one process", "docs/methods/galore.md", "state × W / one process's", "best val loss"),
+          "sharded vs one process", "docs/methods/galore.md", "state × W / one process's", "best val loss",
+          every_table=True),
     Study("sparcl", "sparcl.py", ("--threads", "2"), (FIVE,),
           "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs", SPARCL_CARD,
           SPARCL_FLOPS, "Class-IL avg acc %"),
@@ -300,6 +305,19 @@ def run(job: Run, quick: bool) -> float:
 
 def last_table(text: str) -> list[str]:
     """The last markdown table in ``text`` (its lines), or [] if there is none."""
+    tables = all_tables(text)
+    return tables[-1] if tables else []
+
+
+def report_tables(text: str, bench: "Benchmark") -> list[list[str]]:
+    """The log's tables from the first whose header names ``bench.cost`` on (every table if none does)."""
+    tables = all_tables(text)
+    first = next((i for i, t in enumerate(tables) if bench.cost in t[0]), 0)
+    return tables[first:]
+
+
+def all_tables(text: str) -> list[list[str]]:
+    """Every markdown table in ``text`` (each as its lines), in order."""
     tables, current = [], []
     for line in text.splitlines():
         if line.startswith("|"):
@@ -309,7 +327,7 @@ def last_table(text: str) -> list[str]:
             current = []
     if current:
         tables.append(current)
-    return tables[-1] if tables else []
+    return tables
 
 
 def cells(line: str) -> list[str]:
@@ -434,7 +452,8 @@ def report(where: Optional[Plan] = None) -> str:
         if not table:
             parts += ["The log holds no table (the run failed or was cut short).", ""]
             continue
-        parts += [*table, ""]
+        for shown in report_tables(text, bench) if bench.every_table else [table]:
+            parts += [*shown, ""]
         figure = plot(name, bench, table, where.figures)
         if figure is not None:
             parts += [f"![{name}]({link(figure)})", ""]
