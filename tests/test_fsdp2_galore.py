@@ -70,7 +70,7 @@ ONE_PROCESS = {
     "galore": 1e-5,  # svd
     "galore_randomized": 1e-5,
     "galore_random": 1e-5,
-    "galore_fira": 1e-5,
+    # Fira: on 3 ranks below, and resumed from a full checkpoint
     # 8-bit: every rank's 32 rows × rank 8 are one block of 256, the one process's blocks; but a moment
     # on a code boundary rounds to the neighbouring code when float rounding moves it (fp32: 1e-7)
     "galore_8bit": 1e-3,
