@@ -60,3 +60,24 @@ def equal_on_all_ranks(tensor) -> bool:
 
     parts = gathered(tensor)
     return all(torch.equal(parts[0], p) for p in parts[1:])
+
+
+def _gloo_rank(rank: int, world: int, port: int, check, failures) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        check(rank, world, failures)
+    finally:
+        dist.destroy_process_group()
+
+
+def failures_on_gloo_ranks(check, ranks: int) -> list:
+    """Run ``check(rank, world, failures)`` (a module-level function) on ``ranks`` spawned gloo
+    processes; the failures they appended to ``failures``."""
+    import torch.multiprocessing as mp
+
+    failures = mp.Manager().list()
+    mp.spawn(_gloo_rank, args=(ranks, _free_port(), check, failures), nprocs=ranks, join=True)
+    return list(failures)

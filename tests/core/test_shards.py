@@ -2,14 +2,12 @@
 of the whole (ties to the lower position), for every k, with the complement taken past half, on 3
 gloo ranks holding uneven parts; counts add up over ranks."""
 
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_efficient.core.shards import Span, counts, largest
+from tests.ddp_runner import failures_on_gloo_ranks
 
 
 def whole_values():
@@ -28,30 +26,21 @@ def test_a_whole_tensor_spans_itself():
     assert (span.start, span.numel, span.group, span.whole) == (0, 12, None, 12)
 
 
-def _ranks(rank: int, world: int, port: int, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        values = whole_values()
-        bounds = [0, 10, 10, 23]  # uneven parts, one of them empty
-        here = values[bounds[rank]: bounds[rank + 1]]
-        positions = torch.arange(bounds[rank], bounds[rank + 1])
-        group = dist.group.WORLD
-        for k in range(values.numel() + 1):
-            expected = largest(values, k)[bounds[rank]: bounds[rank + 1]]
-            got = largest(here, k, positions, group)
-            if not torch.equal(got, expected):
-                failures.append((rank, k, got.tolist(), expected.tolist()))
-        if counts([here > 2, here >= 0], group) != [int((values > 2).sum()), values.numel()]:
-            failures.append((rank, "counts"))
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world: int, failures) -> None:
+    values = whole_values()
+    bounds = [0, 10, 10, 23]  # uneven parts, one of them empty
+    here = values[bounds[rank]: bounds[rank + 1]]
+    positions = torch.arange(bounds[rank], bounds[rank + 1])
+    group = dist.group.WORLD
+    for k in range(values.numel() + 1):
+        expected = largest(values, k)[bounds[rank]: bounds[rank + 1]]
+        got = largest(here, k, positions, group)
+        if not torch.equal(got, expected):
+            failures.append((rank, k, got.tolist(), expected.tolist()))
+    if counts([here > 2, here >= 0], group) != [int((values > 2).sum()), values.numel()]:
+        failures.append((rank, "counts"))
 
 
 def test_the_k_largest_over_uneven_ranks_are_the_whole_tensors():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    failures = mp.Manager().list()
-    mp.spawn(_ranks, args=(3, port, failures), nprocs=3, join=True)
-    assert not list(failures), list(failures)[:3]
+    failures = failures_on_gloo_ranks(_ranks, 3)
+    assert not failures, failures[:3]

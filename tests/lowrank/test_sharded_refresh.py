@@ -4,15 +4,13 @@ rows of P, all of Q) for every side and decomposition, and no rank receives the 
 except the one rank that decomposes it for all, where an exact decomposition needs every row."""
 
 import math
-import os
-import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from lit_efficient.core.shards import Span
 from lit_efficient.lowrank.projector import sharded_svd_bases, svd_bases
+from tests.ddp_runner import failures_on_gloo_ranks
 
 RANK = 4
 BOUNDS = {23: [0, 8, 16, 23], 40: [0, 14, 28, 40]}  # torch.chunk's split over 3 ranks
@@ -67,39 +65,30 @@ class Received:
             setattr(dist, name, original)
 
 
-def _ranks(rank, world, port, failures):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for case, (shape, side, method, gathered) in enumerate(CASES):
-            whole = gradient(shape, seed=case)
-            bounds = BOUNDS[shape[0]]
-            rows = slice(bounds[rank], bounds[rank + 1])
-            span = Span(shape, bounds[rank], bounds[rank + 1] - bounds[rank], bounds[1], dist.group.WORLD)
-            root = case % world
-            with Received() as received:
-                p, q = sharded_svd_bases(whole[rows], RANK, side, method, span, seed=7, root=root)
-            want_p, want_q = svd_bases(whole, RANK, side, method, seed=7)
-            if (p is None) != (want_p is None) or (q is None) != (want_q is None):
-                failures.append((case, rank, "sides"))
-                continue
-            if p is not None and not same_up_to_signs(p, want_p[rows], columns=True):
-                failures.append((case, rank, "P"))
-            if q is not None and not same_up_to_signs(q, want_q, columns=False):
-                failures.append((case, rank, "Q"))
-            largest = max((size for name, size in received.sizes if name != "gather"), default=0)
-            whole_here = sum(size for name, size in received.sizes if name == "gather")
-            padded = bounds[1] * world * shape[1]
-            if largest >= math.prod(shape) or whole_here != (padded if gathered and rank == root else 0):
-                failures.append((case, rank, "received", received.sizes))
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank, world, failures):
+    for case, (shape, side, method, gathered) in enumerate(CASES):
+        whole = gradient(shape, seed=case)
+        bounds = BOUNDS[shape[0]]
+        rows = slice(bounds[rank], bounds[rank + 1])
+        span = Span(shape, bounds[rank], bounds[rank + 1] - bounds[rank], bounds[1], dist.group.WORLD)
+        root = case % world
+        with Received() as received:
+            p, q = sharded_svd_bases(whole[rows], RANK, side, method, span, seed=7, root=root)
+        want_p, want_q = svd_bases(whole, RANK, side, method, seed=7)
+        if (p is None) != (want_p is None) or (q is None) != (want_q is None):
+            failures.append((case, rank, "sides"))
+            continue
+        if p is not None and not same_up_to_signs(p, want_p[rows], columns=True):
+            failures.append((case, rank, "P"))
+        if q is not None and not same_up_to_signs(q, want_q, columns=False):
+            failures.append((case, rank, "Q"))
+        largest = max((size for name, size in received.sizes if name != "gather"), default=0)
+        whole_here = sum(size for name, size in received.sizes if name == "gather")
+        padded = bounds[1] * world * shape[1]
+        if largest >= math.prod(shape) or whole_here != (padded if gathered and rank == root else 0):
+            failures.append((case, rank, "received", received.sizes))
 
 
 def test_every_rank_ends_with_one_process_basis_without_receiving_the_whole_gradient():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    failures = mp.Manager().list()
-    mp.spawn(_ranks, args=(3, port, failures), nprocs=3, join=True)
-    assert not list(failures), list(failures)[:4]
+    failures = failures_on_gloo_ranks(_ranks, 3)
+    assert not failures, failures[:4]
