@@ -30,7 +30,7 @@ FSDP2 = {
 def two_ranks(tmp_path, entry, strategy, options):
     folder = tmp_path / strategy
     folder.mkdir()
-    return run_ddp_script(SCRIPT, [entry, strategy, json.dumps(options)], folder)
+    return run_ddp_script(SCRIPT, [entry, strategy, json.dumps(options)], folder, ranks=options.get("ranks", 2))
 
 
 def assert_close_states(a, b, atol=1e-5):  # atol 0: bit for bit

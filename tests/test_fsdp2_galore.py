@@ -29,7 +29,7 @@ SHAPES = {"net.0": (64, 16), "net.2": (64, 64), "net.4": (32, 64), "net.6": (4, 
 def sharded_run(tmp_path, entry, options, folder="fsdp2"):
     path = tmp_path / folder
     path.mkdir()
-    return run_ddp_script(SCRIPT, [entry, "fsdp2", json.dumps(options)], path)
+    return run_ddp_script(SCRIPT, [entry, "fsdp2", json.dumps(options)], path, ranks=options.get("ranks", 2))
 
 
 def one_process(tmp_path, entry, options):
