@@ -195,6 +195,10 @@ REGISTRY = (
           "FSDP2 on the pydoc Llama, 1/2/4 CPU processes: per-rank bytes, bytes sent, step time; GaLore's val loss "
           "sharded vs one process", "docs/methods/galore.md", "state × W / one process's", "best val loss",
           every_table=True),
+    Study("communication", "communication.py", (), (),
+          "DDP over gloo, 2/4 CPU processes: bytes all-reduced per step and step time, ddp_exact_compression vs plain "
+          "DDP vs PowerSGD (GaLore on the pydoc Llama, RigL 90% on the 32×32 ViT); validation at the end",
+          "docs/methods/ddp_exact_compression.md", "sent vs plain DDP", "val loss", every_table=True),
     Study("sparcl", "sparcl.py", ("--threads", "2"), (FIVE,),
           "SparCL on Split-digits (5 tasks): continual accuracy, forgetting and training FLOPs", SPARCL_CARD,
           SPARCL_FLOPS, "Class-IL avg acc %"),

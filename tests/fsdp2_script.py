@@ -4,7 +4,8 @@ processes (gloo), sharded with FSDP2 (``fully_shard`` on every Linear and the ro
 or under plain DDP for comparison. Rank r takes samples r, r+2, ... of the same global batches one
 process takes (``one_process``), so results compare with one process. Writes the final full weights.
 
-Usage: python fsdp2_script.py ENTRY STRATEGY OPTIONS_JSON OUT   (STRATEGY: fsdp2 or ddp)"""
+Usage: python fsdp2_script.py ENTRY STRATEGY OPTIONS_JSON OUT   (STRATEGY: fsdp2, ddp or exact: DDP through
+``ddp_exact_compression``)"""
 
 import json
 import os
@@ -44,7 +45,23 @@ def _mix():
             LossReweighting(warmup="3st", temperature=0.5)]
 
 
-FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout, "progressive_linear": _linear_progressive, "mix": _mix}
+def _exact_mix():
+    from lit_efficient import GaLore, LossReweighting, RigL
+
+    # ddp_exact_compression's mix: projected, masked and whole gradients in the same buckets
+    return [GaLore(rank=8, update_proj_gap=3, include=["net.0", "net.2"]),
+            RigL(sparsity=0.8, update_every="3st", stop=0.9, include=["net.4"]), LossReweighting(warmup="3st")]
+
+
+def _galore_adaptive():
+    from lit_efficient import AutoFreeze, GaLore
+
+    # AutoFreeze reads the gradient norms GaLore's projections would change: those steps send them whole
+    return [GaLore(rank=8, update_proj_gap=3), AutoFreeze(freeze_start="2st", check_every="2st", percentile=90)]
+
+
+FACTORIES = {**ENTRIES, "freezeout_stem": _stem_freezeout, "progressive_linear": _linear_progressive, "mix": _mix,
+             "exact_mix": _exact_mix, "galore_adaptive": _galore_adaptive}
 
 
 def _galore(**options):
@@ -75,6 +92,19 @@ class ShardedMLP(MLP):
         fully_shard(self, mesh=mesh)
 
 
+class TrafficRecorder(pl.Callback):
+    """Under ``ddp_exact_compression``: the bytes each optimizer step handed to the all-reduce, per
+    technique."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        traffic = trainer.strategy.traffic  # the strategy's report, added after this, closes the step
+        self.steps.append({"step": trainer.global_step + 1, "sent": dict(traffic.step_sent),
+                           "whole": dict(traffic.step_whole)})
+
+
 def full_state(model) -> dict:
     """Every parameter and buffer whole (DTensor shards gathered), as lists."""
     out = {}
@@ -94,6 +124,9 @@ def facts(trainer) -> dict:
     out["gathered"] = sum(not isinstance(p, DTensor) for p in params) if any(isinstance(p, DTensor) for p in params) \
         else 0
     for callback in trainer.callbacks:
+        if isinstance(callback, TrafficRecorder):
+            out["traffic"] = callback.steps
+            out["savings"] = [[r.quantity, r.value, r.ratio] for r in trainer.strategy.report.savings(trainer, None)]
         masks = getattr(callback, "masks", None)
         if masks is not None and hasattr(masks, "spans"):  # sparse training: whole-layer counts, this rank's part
             out.update(updates=callback.updates, nonzeros=masks.nonzeros(), sizes=masks.sizes(),
@@ -130,12 +163,19 @@ def fit(entry: str, strategy: str, options: dict, root: str):
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         shards = not options.get("full_checkpoint", False)  # else checkpoints are one whole file
-        chosen = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=shards) if strategy == "fsdp2" else "ddp"
+        if strategy == "fsdp2":
+            chosen = ModelParallelStrategy(data_parallel_size=ranks, tensor_parallel_size=1,
+                                           save_distributed_checkpoint=shards)
+        elif strategy == "exact":  # DDP sending only what the techniques read
+            chosen = "ddp_exact_compression"
+        else:
+            chosen = "ddp"
         trainer_kwargs = dict(devices=ranks, strategy=chosen, use_distributed_sampler=False)
         model = ShardedMLP() if strategy == "fsdp2" else MLP()
     precision = options.get("precision", "32-true")
     callbacks = FACTORIES[entry]()
+    if strategy == "exact":
+        callbacks.append(TrafficRecorder())
     if options.get("save_every"):  # checkpoints inside epochs (one per ``save_every`` steps, all kept)
         from lightning.pytorch.callbacks import ModelCheckpoint
 

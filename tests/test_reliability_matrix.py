@@ -294,7 +294,8 @@ def callback_class(name):
 
 
 def test_every_callback_and_every_argument_has_a_bad_input_case():
-    public = [n for n in lit_efficient.__all__ if n != "GaLoreAdamW"]
+    # the strategy takes DDPStrategy's arguments: its own refusals are in tests/strategies
+    public = [n for n in lit_efficient.__all__ if n not in ("GaLoreAdamW", "ExactCompressionDDPStrategy")]
     assert sorted(BAD) == sorted([*public, "AccuracyMatrix"])
     for name, cases in BAD.items():
         arguments = list(inspect.signature(callback_class(name).__init__).parameters)[1:]

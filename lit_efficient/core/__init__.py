@@ -5,6 +5,8 @@
 * :mod:`~lit_efficient.core.composition` — what a callback owns alone; combinations refused.
 * :mod:`~lit_efficient.core.clock` — the run clock every schedule reads.
 * :mod:`~lit_efficient.core.protocols` — the named hooks between techniques.
+* :mod:`~lit_efficient.core.gradient_travel` — what of a gradient a step reads (a projection, kept
+  entries), packed and written back by the exact-compression DDP strategy.
 * :mod:`~lit_efficient.core.time` — time specs, run lengths and ramps.
 * :mod:`~lit_efficient.core.checks` — argument checks.
 * :mod:`~lit_efficient.core.targets` — which modules and weights a technique touches.

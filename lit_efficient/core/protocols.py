@@ -10,6 +10,9 @@ implements a Protocol named here and the first calls it at one place, found thro
   :func:`lit_efficient.core.clock.run_position` and ``TrainingLength.from_trainer`` (the run clock).
 * :class:`PerParameterOptions` — implemented by ``GaLoreAdamW``; called by the freezer's
   ``remove_from_optimizer`` when parameters leave the optimizer.
+* :class:`ReadsPartOfGradients` — implemented by ``GaLoreAdamW``, the masked-training callbacks
+  (GraNet, RigL, SET, SparCL) and ``AutoFreeze``; called by
+  ``ExactCompressionDDPStrategy`` before each backward, to send only what the step reads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning.pytorch as pl
+
+    from lit_efficient.core.gradient_travel import Part
 
 
 @runtime_checkable
@@ -51,3 +56,15 @@ class PerParameterOptions(Protocol):
     ``projected`` flags): whoever removes parameters from a group shrinks these lists alongside."""
 
     per_parameter_options: tuple[str, ...]
+
+
+@runtime_checkable
+class ReadsPartOfGradients(Protocol):
+    """A callback or optimizer whose coming optimizer step reads only part of some gradients
+    (:mod:`lit_efficient.core.gradient_travel`), or needs some whole where another technique would
+    send part (a part of None): data parallelism may then all-reduce only those parts."""
+
+    def gradient_parts(self, trainer: "pl.Trainer") -> list[tuple[str, torch.Tensor, "Part"]]:
+        """``(technique, parameter, part)`` for the optimizer step the coming backward computes
+        gradients for (``trainer.global_step + 1``); identical on every rank."""
+        ...

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 from typing_extensions import override
 
 from lit_efficient.core.checks import check_fraction
 from lit_efficient.core.distributed import squared_sums
+from lit_efficient.core.gradient_travel import Part
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
 from lit_efficient.freezing.base import BlockFreezing, TiedEmbeddings
 from lit_efficient.freezing.linear import check_freeze_level
@@ -98,12 +100,22 @@ class AutoFreeze(BlockFreezing):
     def frozen_at(self, step: int) -> int:
         return self._pending
 
+    def _checks_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` compares the gradient norms."""
+        return self.position(step) >= self._start_step and (self._check_deferred or is_due(step, self._every))
+
+    def gradient_parts(self, trainer: "pl.Trainer") -> list[tuple[str, torch.Tensor, Part]]:
+        """On a check step every trainable block's gradients are read whole (their norms), also where
+        another technique would send only part of them
+        (:class:`lit_efficient.core.protocols.ReadsPartOfGradients`)."""
+        if not getattr(self, "blocks", None) or not self._checks_at(trainer.global_step + 1):
+            return []
+        return [(self.technique, p, None) for block in self.blocks[self.frozen:] for _, p in block.params]
+
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
         step = trainer.global_step + 1
-        if self.position(step) < self._start_step:
-            return
-        if not (self._check_deferred or is_due(step, self._every)):
+        if not self._checks_at(step):
             return
         # not from an fp16 overflow step: NaN norms once froze every block at once, irreversibly
         self._check_deferred = not self.gradients_finite(optimizer, "the adaptive freezing check", step)

@@ -47,6 +47,7 @@ from torch.distributed.tensor import DTensor, Shard
 from lit_efficient.core.checks import check_int
 from lit_efficient.core.device import synchronize
 from lit_efficient.core.distributed import local_bytes, local_part
+from lit_efficient.core.gradient_travel import Part, Projection
 from lit_efficient.core.shards import Span, local, row_shards
 from lit_efficient.lowrank.projector import (
     PROJ_TYPES,
@@ -506,6 +507,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return [(p, group) for group in self.param_groups
                 for p, flag in zip(group["params"], group.get("projected") or [True] * len(group["params"]))
                 if self.is_projected(p, group, flag)]
+
+    def gradient_parts(self, trainer: Any = None) -> list[tuple[str, Tensor, Part]]:
+        """What the coming step reads of each projected matrix's gradient
+        (:class:`lit_efficient.core.protocols.ReadsPartOfGradients`): its projection onto the current
+        bases, except on a refresh step (the decomposition reads the whole gradient) and for the
+        variants that read the whole gradient at every step (APOLLO's random projection scales it,
+        Fira adds its residual)."""
+        parts: list[tuple[str, Tensor, Part]] = []
+        for p, group in self.projected_params():
+            state = self.state.get(p, {})
+            left, right = state.get("basis_left"), state.get("basis_right")
+            whole = (group["projection"] == "random" or group["fira"] or "step" not in state
+                     or state["step"] % group["update_proj_gap"] == 0 or (left is None and right is None))
+            parts.append(("galore", p, None if whole else Projection(left, right)))
+        return parts
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:

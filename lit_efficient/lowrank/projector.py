@@ -25,6 +25,7 @@ from typing import Callable, Literal, Optional
 import torch
 from torch import Tensor
 
+from lit_efficient.core.gradient_travel import project, project_back  # noqa: F401  (the maps: shared with DDP)
 from lit_efficient.core.shards import Span
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
@@ -227,24 +228,6 @@ def random_bases(shape: tuple[int, int], rank: int, side: str, seed: int,
     p = torch.randn(m, rank, generator=generator).mul_(scale).to(device) if side in ("left", "full") else None
     q = torch.randn(rank, n, generator=generator).mul_(scale).to(device) if side in ("right", "full") else None
     return p, q
-
-
-def project(grad: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
-    out = grad
-    if p is not None:
-        out = p.T @ out
-    if q is not None:
-        out = out @ q.T
-    return out
-
-
-def project_back(low: Tensor, p: Optional[Tensor], q: Optional[Tensor]) -> Tensor:
-    out = low
-    if p is not None:
-        out = p @ out
-    if q is not None:
-        out = out @ q
-    return out
 
 
 def subspace_overlap(old: Tensor, new: Tensor, rows: bool,

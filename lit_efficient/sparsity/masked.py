@@ -28,6 +28,7 @@ from lit_efficient.core.checks import check_fraction, check_int
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.composition import Claim, weight_claim
 from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.gradient_travel import KeptEntries, Part
 from lit_efficient.core.logs import bar_image, log_image
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.shards import local
@@ -142,6 +143,20 @@ class MaskedTraining(EfficientCallback):
             torch.zeros_like(w) if p.grad is None else local(p.grad).detach().abs().clone()
             for p, w in zip(self.masks.params, self.masks.weights)
         ]
+
+    def gradient_parts(self, trainer: "pl.Trainer") -> list[tuple[str, torch.Tensor, Part]]:
+        """What the coming step reads of each target's gradient
+        (:class:`lit_efficient.core.protocols.ReadsPartOfGradients`): the entries the mask keeps —
+        the optimizer's update of active weights reads only those, and the masks zero the rest
+        after the step — except on a mask update that regrows by gradient or momentum, which
+        scores the inactive positions too."""
+        if self.masks is None or not self.initialized:
+            return []
+        step = trainer.global_step + 1
+        update = self.update_deferred or self.is_update_step(step)
+        whole = update and getattr(self, "growth", "random") != "random"
+        return [(self.technique, p, None if whole else KeptEntries(indices))
+                for p, indices in zip(self.masks.params, self.masks.kept_indices())]
 
     @property
     def last_applied_step(self) -> int:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lit_efficient.core.gradient_travel import kept_indices
 from lit_efficient.core.protocols import RestartableState
 from lit_efficient.core.shards import Span, counts, largest, local
 from lit_efficient.core.targets import Target
@@ -284,6 +285,7 @@ class SparseMasks:
             raise ValueError("no targets to sparsify")
         self.targets = list(targets)
         self._nonzeros: Optional[list[int]] = None
+        self._kept: Optional[list[Tensor]] = None
         self.spans = [Span.whole_tensor(t.param.shape) for t in self.targets]
         self._sharded_params: Optional[list[nn.Parameter]] = None
         for target in self.targets:
@@ -352,6 +354,14 @@ class SparseMasks:
     def recount(self) -> None:
         """Forget the counts: the masks changed outside :meth:`set_masks` (a checkpoint was loaded into them)."""
         self._nonzeros = None
+        self._kept = None
+
+    def kept_indices(self) -> list[Tensor]:
+        """Flat positions of each mask's active entries (this rank's part); found once after each
+        change (one sync with the device)."""
+        if self._kept is None:
+            self._kept = [kept_indices(m) for m in self.masks]
+        return list(self._kept)
 
     def sizes(self) -> list[int]:
         return [span.whole for span in self.spans]

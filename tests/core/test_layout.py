@@ -1,5 +1,5 @@
-"""The package's layout, read from the source: imports flow down (core ← data ← techniques), no
-technique package imports another, and private Lightning/torch attributes are touched only in
+"""The package's layout, read from the source: imports flow down (core ← data ← techniques; core ←
+strategies), no technique package imports another, and private Lightning/torch attributes are touched only in
 ``core/lightning_internals.py``."""
 
 import ast
@@ -13,7 +13,9 @@ import lit_efficient
 PACKAGE = Path(lit_efficient.__file__).parent
 TECHNIQUES = {"sparsity", "freezing", "reweighting", "lowrank", "continual"}
 # who may import whom, by the first part of the module path inside lit_efficient
-ALLOWED = {"core": {"core"}, "data": {"core", "data"}, **{t: {"core", "data", t} for t in TECHNIQUES}}
+# strategies (data parallelism) stand on core alone: they learn what a technique reads through its protocols
+ALLOWED = {"core": {"core"}, "data": {"core", "data"}, **{t: {"core", "data", t} for t in TECHNIQUES},
+           "strategies": {"core", "strategies"}}
 SEAM = PACKAGE / "core" / "lightning_internals.py"
 PRIVATE = re.compile(r"\b(_data_source|_update_dataloader|_gather_all_tensors|_logger_connector|_ddp_kwargs|_opt_called"
                      r"|_wrapped_by_lr_sched|_compiler_ctx|_schedulers|_parameters\[)|\"_trainer\"")

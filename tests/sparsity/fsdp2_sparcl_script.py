@@ -56,8 +56,11 @@ if __name__ == "__main__":
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().tolist()
              for k, v in model.state_dict().items()}
     grad_masks = [g.tolist() for g in sparcl._whole_grad_masks()]  # every rank takes part
+    traffic = getattr(trainer.strategy, "traffic", None)  # ddp_exact_compression: bytes all-reduced over the run
+    traffic = [dict(traffic.total_sent), dict(traffic.total_whole)] if traffic is not None else None
     if trainer.is_global_zero:
         with open(out, "w") as f:
             json.dump({"step": trainer.global_step, "state": state, "grad_masks": grad_masks,
                        "updates": sparcl.updates, "removed": sparcl.removed.tolist(), "events": sparcl.events.tolist(),
-                       "sparsity": sparcl.masks.sparsity(), "task": sparcl.task}, f)
+                       "sparsity": sparcl.masks.sparsity(), "task": sparcl.task,
+                       "traffic": traffic}, f)
