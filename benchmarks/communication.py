@@ -14,6 +14,8 @@ RigL's kept entries between updates, everything else whole), and torch's PowerSG
 whose bytes per step come closest to ours. Lightning registers communication hooks on CUDA only, so
 the PowerSGD runs register theirs themselves. One thread per process, gloo on one machine: more
 processes than the 2 cores share them, so step times at W=4 measure oversubscription, not a slow link.
+All four use one gradient bucket per step (``bucket_cap_mb=100``): PowerSGD's chained all-reduces
+can interleave across buckets under gloo and mismatch between ranks.
 
 Part 1 (``--steps`` steps at W = 2 and 4): bytes each rank hands to the gradient all-reduce per step
 (plain DDP: every gradient, the sum of its parameters' sizes; ours and PowerSGD's: counted as they
@@ -52,6 +54,7 @@ GAP = 200  # GaLore's refresh: at step 0 only in these runs (the issue's r = d/4
 RIGL_EVERY = 20
 TECHNIQUE = {"lm": "galore", "vit": "rigl"}
 WAYS = ("DDP", "exact", "PowerSGD 4", "PowerSGD matched")
+BUCKET_MB = 100
 
 
 class PowerSGDStrategy(DDPStrategy):
@@ -102,11 +105,13 @@ class Record(pl.Callback):
 
 
 def strategy_for(way: str, rank: int):
+    # one bucket per step for all four: PowerSGD chains its all-reduces in futures, which under gloo
+    # can interleave across buckets differently on each rank (seen: "Received data size doesn't match")
     if way == "DDP":
-        return DDPStrategy()
+        return DDPStrategy(bucket_cap_mb=BUCKET_MB)
     if way == "exact":
-        return ExactCompressionDDPStrategy()
-    return PowerSGDStrategy(rank)
+        return ExactCompressionDDPStrategy(bucket_cap_mb=BUCKET_MB)
+    return PowerSGDStrategy(rank, bucket_cap_mb=BUCKET_MB)
 
 
 def worker(task: str, way: str, rank: int, ranks: int, steps: int, epochs: int, out: str) -> None:
@@ -161,10 +166,17 @@ def launch(task: str, way: str, rank: int, ranks: int, steps: int, epochs: int, 
     return result
 
 
+def powersgd_bytes(rank: int, run: dict) -> int:
+    """What torch's PowerSGD hook hands to its all-reduces per step at ``rank``: ``k·(m+n)`` per matrix
+    it compresses (those where that is at most half of ``m·n``, its ``min_compression_rate`` 2), every
+    other tensor whole."""
+    matrices = sum(rank * (m + n) if m * n >= 2 * rank * (m + n) else m * n for m, n in run["matrices"])
+    return 4 * (matrices + run["vectors"])
+
+
 def matched_rank(sent: float, run: dict) -> int:
-    """PowerSGD's rank whose bytes per step (``k·(m+n)`` per matrix, vectors whole) come closest to ``sent``."""
-    per_rank = 4 * sum(m + n for m, n in run["matrices"])
-    return max(1, round((sent - 4 * run["vectors"]) / per_rank))
+    """PowerSGD's rank whose bytes per step come closest to ``sent``."""
+    return min(range(1, 513), key=lambda k: abs(powersgd_bytes(k, run) - sent))
 
 
 def ordinary(values: list, task: str, skip: int = 3) -> float:
