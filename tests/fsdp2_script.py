@@ -181,7 +181,14 @@ def fit(entry: str, strategy: str, options: dict, root: str):
 
         callbacks.append(ModelCheckpoint(dirpath=options["checkpoints"], every_n_train_steps=options["save_every"],
                                          save_top_k=-1, save_weights_only=False))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, callbacks=callbacks,
+    logger = False
+    if options.get("logger"):  # TensorBoard events in ROOT/tb/version_0, every step
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        logger = TensorBoardLogger(root, name="tb")
+    if logger:
+        kwargs["log_every_n_steps"] = 1
+    trainer = pl.Trainer(accelerator="cpu", logger=logger, callbacks=callbacks,
                          enable_checkpointing=bool(options.get("save_every")), enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root, precision=precision,
                          accumulate_grad_batches=options.get("accumulate", 1), **trainer_kwargs, **kwargs)

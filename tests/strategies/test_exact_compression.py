@@ -281,3 +281,17 @@ def test_a_lightning_cli_yaml_selects_it_by_name(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     cli = main(["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)
     assert isinstance(cli.trainer.strategy, ExactCompressionDDPStrategy)
+
+
+def test_tensorboard_shows_the_bytes_of_every_step_per_technique(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    exact = ranks_run(tmp_path, "exact_mix", "exact", dict(steps=12, logger=True))
+    events = EventAccumulator(str(tmp_path / "exact" / "tb" / "version_0"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("sent_mib", "sent_ratio", "sent_ratio/galore", "sent_ratio/rigl", "sent_ratio/other"):
+        assert f"efficient/exact_ddp/{tag}" in tags, sorted(tags)
+    logged = [e.value for e in events.Scalars("efficient/exact_ddp/sent_mib")]
+    counted = [sum(r["sent"].values()) / 2**20 for r in exact["facts"]["traffic"]]
+    assert len(logged) == 12 and logged == pytest.approx(counted)
