@@ -68,7 +68,10 @@ class Projection:
         m, n = grad.shape
         low = values.to(dtype).view(self.left.shape[1] if self.left is not None else m,
                                     self.right.shape[0] if self.right is not None else n)
-        grad.copy_(project_back(low, self.left, self.right))
+        if grad.dtype == dtype and (self.left is None) != (self.right is None):  # one side: straight into grad
+            torch.mm(*((self.left, low) if self.left is not None else (low, self.right)), out=grad)
+        else:
+            grad.copy_(project_back(low, self.left, self.right))
 
 
 @dataclass(frozen=True)
