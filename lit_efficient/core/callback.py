@@ -18,7 +18,13 @@ from lit_efficient.core.clock import run_position
 from lit_efficient.core.composition import Claim, check_composition
 from lit_efficient.core.distributed import local_part
 from lit_efficient.core.logs import Number, log_metrics, log_text
-from lit_efficient.core.savings import SavingsRow, callback_settings, format_savings_table, savings_metrics
+from lit_efficient.core.savings import (
+    SavingsRow,
+    callback_settings,
+    format_savings_table,
+    savings_metrics,
+    write_savings_file,
+)
 
 
 def collect_savings(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
@@ -124,6 +130,7 @@ class EfficientCallback(Callback):
         table = format_savings_table(rows)
         rank_zero_info(f"lit_efficient savings:\n{table}")
         log_text(trainer, "report", "savings", table)
+        write_savings_file(trainer, table)
         metrics = savings_metrics(rows)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):  # the HPARAMS tab: each run's settings beside its savings

@@ -8,6 +8,7 @@ callbacks prints one table covering all of them on rank 0 and writes it to Tenso
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -49,6 +50,22 @@ def format_savings_table(rows: Sequence[SavingsRow]) -> str:
     lines = [fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     lines += [fmt(line) for line in body]
     return "\n".join(lines)
+
+
+SAVINGS_FILE = "savings.md"
+
+
+def write_savings_file(trainer: Any, table: str) -> Optional[str]:
+    """Write ``table`` as ``savings.md`` in the run's directory (the logger's version folder, else
+    ``default_root_dir``) on rank 0, readable without TensorBoard; its path (None on other ranks)."""
+    if not trainer.is_global_zero:
+        return None
+    folder = trainer.log_dir if trainer.loggers else trainer.default_root_dir
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, SAVINGS_FILE)
+    with open(path, "w") as f:
+        f.write(f"# lit_efficient savings\n\nAt step {trainer.global_step}.\n\n{table}\n")
+    return path
 
 
 def savings_metrics(rows: Sequence[SavingsRow]) -> dict[str, float]:

@@ -91,7 +91,10 @@ class GaLore(EfficientCallback):
     Logged under ``efficient/galore/``: ``optimizer_state_bytes`` and ``adamw_state_bytes`` (what
     AdamW would hold for the same parameters) and their ``state_ratio``, ``refresh_seconds``
     (cumulative basis computation time), ``subspace_overlap`` (mean squared cosine of the principal
-    angles between consecutive bases, 1 = unchanged) at refreshes, and ``rank``.
+    angles between consecutive bases, 1 = unchanged) at refreshes, and ``rank``. The savings table
+    has the optimizer state's peak and mean over the run (sampled on logging steps and at the end)
+    against AdamW's for the same parameters, and the state at the end, which says so when freezing
+    had emptied the optimizer.
     """
 
     technique = "galore"
@@ -145,6 +148,8 @@ class GaLore(EfficientCallback):
         self._hooks: list = []
         self._original_configure = None
         self._seen_refreshes = 0
+        # optimizer state over the run, sampled on logging steps and at the end: (ours, AdamW's) peak and sum
+        self.state_peak, self.state_sum, self.state_samples = [0, 0], [0.0, 0.0], 0
 
     @property
     def group_options(self) -> dict[str, Any]:
@@ -312,8 +317,7 @@ class GaLore(EfficientCallback):
             self.log_metrics(pl_module, {"subspace_overlap": sum(overlaps) / len(overlaps)})
         self._seen_refreshes = refreshes
         if step_logs_due(trainer):
-            ours = sum(state_bytes(o) for o in self.optimizers)
-            adamw = self.adamw_state_bytes()
+            ours, adamw = self.sample_state()
             self.log_metrics(pl_module, {
                 "optimizer_state_bytes": float(ours), "adamw_state_bytes": float(adamw),
                 "state_ratio": ours / max(1, adamw), "rank": float(self.rank),
@@ -321,18 +325,52 @@ class GaLore(EfficientCallback):
             })
 
     @override
+    def sample_state(self) -> tuple[int, int]:
+        """This rank's optimizer-state bytes and AdamW's for the same parameters now, kept for the
+        run's peak and mean."""
+        ours, adamw = sum(state_bytes(o) for o in self.optimizers), self.adamw_state_bytes()
+        self.state_peak = [max(self.state_peak[0], ours), max(self.state_peak[1], adamw)]
+        self.state_sum = [self.state_sum[0] + ours, self.state_sum[1] + adamw]
+        self.state_samples += 1
+        return ours, adamw
+
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
         if not self.optimizers:
             return []
-        ours, adamw = sum(state_bytes(o) for o in self.optimizers), self.adamw_state_bytes()
-        projected, projected_adamw = self.projected_state()
-        return [
-            SavingsRow(self.technique, "optimizer state", f"{ours / 2**20:.2f} MiB vs {adamw / 2**20:.2f} MiB AdamW",
-                       ours / max(1, adamw), "AdamW"),
-            SavingsRow(self.technique, "state of projected matrices",
-                       f"{projected / 2**20:.2f} MiB, rank {self.rank}",
-                       projected / max(1, projected_adamw), "AdamW"),
-        ]
+        ours, adamw = self.sample_state()
+        rows = []
+        (peak, peak_adamw), samples = self.state_peak, self.state_samples
+        mean, mean_adamw = (total / samples for total in self.state_sum)
+        # another technique (freezing) may have emptied the optimizer by the end: the run's peak and mean say more
+        for quantity, value, versus in (("optimizer state, peak over the run", peak, peak_adamw),
+                                        ("optimizer state, mean over the run", mean, mean_adamw)):
+            rows.append(SavingsRow(self.technique, quantity,
+                                   f"{value / 2**20:.2f} MiB vs {versus / 2**20:.2f} MiB AdamW",
+                                   value / versus if versus else None, "AdamW"))
+        if adamw:
+            projected, projected_adamw = self.projected_state()
+            rows.append(SavingsRow(self.technique, "optimizer state",  # at the end
+                                   f"{ours / 2**20:.2f} MiB vs {adamw / 2**20:.2f} MiB AdamW", ours / adamw, "AdamW"))
+            value = (f"{projected / 2**20:.2f} MiB, rank {self.rank}" if projected_adamw else
+                     "none at the end: every projected matrix had left the optimizer (frozen by another technique)")
+            rows.append(SavingsRow(self.technique, "state of projected matrices", value,
+                                   projected / projected_adamw if projected_adamw else None, "AdamW"))
+        else:
+            rows.append(SavingsRow(self.technique, "optimizer state",
+                                   "none at the end: every parameter had left the optimizer (frozen by another "
+                                   "technique); see the peak and mean"))
+        return rows
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"state_peak": list(self.state_peak), "state_sum": list(self.state_sum),
+                "state_samples": self.state_samples}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.state_peak = [int(v) for v in state_dict["state_peak"]]
+        self.state_sum = [float(v) for v in state_dict["state_sum"]]
+        self.state_samples = int(state_dict["state_samples"])
 
 
 __all__ = ["GaLore", "PROJECTIONS", "PROJ_TYPES"]

@@ -1,6 +1,8 @@
 import logging
+import os
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -127,3 +129,12 @@ def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, mo
     events = EventAccumulator(logger.log_dir)
     events.Reload()
     assert [e.value for e in events.Scalars("efficient/probe/step_seen")] == [4.0, 8.0]
+
+
+@pytest.mark.parametrize("with_logger", [True, False])
+def test_the_savings_table_is_written_as_markdown_in_the_run_directory(tmp_path, with_logger):
+    logger = TensorBoardLogger(tmp_path, name="tb") if with_logger else False
+    trainer = fit(tmp_path, [Probe("alpha", 0.25), Probe("beta", 0.5)], logger)
+    folder = trainer.log_dir if with_logger else str(tmp_path)
+    text = open(os.path.join(folder, "savings.md")).read()
+    assert "At step 8." in text and "| alpha " in text and "| beta " in text and "0.25x dense" in text

@@ -198,8 +198,29 @@ def test_state_and_savings_are_reported(tmp_path):
     m = t.callback_metrics
     assert 0 < float(m["efficient/galore/state_ratio"]) < 1
     assert 0 <= float(m["efficient/galore/subspace_overlap"]) <= 1.0001
-    rows = callback.savings(t, t.lightning_module)
-    assert rows[1].ratio < rows[0].ratio < 1  # projected matrices save most; the head and biases keep AdamW state
+    rows = {row.quantity: row for row in callback.savings(t, t.lightning_module)}
+    # projected matrices save most; the head and biases keep AdamW state
+    assert rows["state of projected matrices"].ratio < rows["optimizer state"].ratio < 1
+    assert rows["optimizer state, peak over the run"].ratio < 1 and rows["optimizer state, mean over the run"].ratio < 1
+
+
+def test_the_savings_report_the_runs_peak_and_mean_when_freezing_empties_the_optimizer(tmp_path):
+    """FreezeOut freezes every projected matrix by the end and takes it out of the optimizer (the head
+    trains on with AdamW): the projected state at the end is none, and says so; the peak and mean over
+    the run still show what GaLore saved."""
+    from lit_efficient import FreezeOut
+
+    callback = GaLore(rank=4, update_proj_gap=2)
+    t = trainer(tmp_path, [callback, FreezeOut(t0=0.3, warp="linear", blocks=["net.0", "net.2", "net.4"])],
+                24, log_every_n_steps=2)
+    t.fit(MLP(), loader(96, 16))
+    assert not t.optimizers[0].projected_params()
+    rows = {row.quantity: row for row in callback.savings(t, t.lightning_module)}
+    projected = rows["state of projected matrices"]
+    assert "none at the end" in projected.value and projected.ratio is None
+    assert rows["optimizer state"].ratio == pytest.approx(1.0)  # the head's AdamW state alone
+    assert 0 < rows["optimizer state, peak over the run"].ratio < 1
+    assert 0 < rows["optimizer state, mean over the run"].ratio <= 1
 
 
 def test_bf16_mixed_precision_trains(tmp_path):
