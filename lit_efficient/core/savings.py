@@ -60,7 +60,9 @@ def write_savings_file(trainer: Any, table: str) -> Optional[str]:
     ``default_root_dir``) on rank 0, readable without TensorBoard; its path (None on other ranks)."""
     if not trainer.is_global_zero:
         return None
-    folder = trainer.log_dir if trainer.loggers else trainer.default_root_dir
+    # the logger's own folder: ``Trainer.log_dir`` broadcasts it, a collective rank 0 alone would hang in
+    folder = next((logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)),
+                  trainer.default_root_dir)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SAVINGS_FILE)
     with open(path, "w") as f:
