@@ -179,10 +179,14 @@ def matched_rank(sent: float, run: dict) -> int:
     return min(range(1, 513), key=lambda k: abs(powersgd_bytes(k, run) - sent))
 
 
-def ordinary(values: list, task: str, skip: int = 3) -> float:
-    """Median over the steps after the first ``skip`` (PowerSGD's uncompressed start), without RigL's update step."""
+def ordinary_steps(values: list, task: str, skip: int = 3) -> list:
+    """The steps after the first ``skip`` (PowerSGD's uncompressed start), without RigL's update step."""
     update = {RIGL_EVERY - 1} if task == "vit" else set()
-    return statistics.median(v for i, v in enumerate(values) if i >= skip and i not in update)
+    return [v for i, v in enumerate(values) if i >= skip and i not in update]
+
+
+def ordinary(values: list, task: str) -> float:
+    return statistics.median(ordinary_steps(values, task))
 
 
 def main(argv=None) -> None:
@@ -224,9 +228,7 @@ def main(argv=None) -> None:
                         row["update"] = update
                     if way == "exact":
                         technique = TECHNIQUE[task]
-                        steps = run["technique"][3:]
-                        if task == "vit":
-                            steps = [s for i, s in enumerate(run["technique"]) if i >= 3 and i != RIGL_EVERY - 1]
+                        steps = ordinary_steps(run["technique"], task)
                         row["target_ratio"] = statistics.median(s[0][technique] / s[1][technique] for s in steps)
                     speed[(task, ranks, way)] = row
                     ranks_used.setdefault((task, way), rank)  # part 2 runs at the first W's

@@ -54,21 +54,26 @@ class Projection:
     left: Optional[Tensor]
     right: Optional[Tensor]
 
-    def numel(self, shape: Sequence[int]) -> int:
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype if self.left is not None else self.right.dtype
+
+    def low_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """The shape of ``R`` for a gradient of ``shape``."""
         m, n = shape
-        return (self.left.shape[1] if self.left is not None else m) * (self.right.shape[0] if self.right is not None
-                                                                        else n)
+        return (self.left.shape[1] if self.left is not None else m, self.right.shape[0] if self.right is not None
+                else n)
+
+    def numel(self, shape: Sequence[int]) -> int:
+        rows, cols = self.low_shape(shape)
+        return rows * cols
 
     def pack(self, grad: Tensor) -> Tensor:
-        dtype = self.left.dtype if self.left is not None else self.right.dtype
-        return project(grad.to(dtype), self.left, self.right).reshape(-1).to(grad.dtype)
+        return project(grad.to(self.dtype), self.left, self.right).reshape(-1).to(grad.dtype)
 
     def unpack(self, values: Tensor, grad: Tensor) -> None:
-        dtype = self.left.dtype if self.left is not None else self.right.dtype
-        m, n = grad.shape
-        low = values.to(dtype).view(self.left.shape[1] if self.left is not None else m,
-                                    self.right.shape[0] if self.right is not None else n)
-        if grad.dtype == dtype and (self.left is None) != (self.right is None):  # one side: straight into grad
+        low = values.to(self.dtype).view(self.low_shape(grad.shape))
+        if grad.dtype == self.dtype and (self.left is None) != (self.right is None):  # one side: straight into grad
             torch.mm(*((self.left, low) if self.left is not None else (low, self.right)), out=grad)
         else:
             grad.copy_(project_back(low, self.left, self.right))

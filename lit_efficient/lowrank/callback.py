@@ -334,13 +334,20 @@ class GaLore(EfficientCallback):
         self.state_samples += 1
         return ours, adamw
 
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.optimizers:
+            self.sample_state()  # the run's last state counts towards its peak and mean
+
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
         if not self.optimizers:
             return []
-        ours, adamw = self.sample_state()
+        ours, adamw = sum(state_bytes(o) for o in self.optimizers), self.adamw_state_bytes()
         rows = []
-        (peak, peak_adamw), samples = self.state_peak, self.state_samples
-        mean, mean_adamw = (total / samples for total in self.state_sum)
+        if self.state_samples:  # sampled on logging steps and at the end of training
+            (peak, peak_adamw), (mean, mean_adamw) = self.state_peak, (t / self.state_samples for t in self.state_sum)
+        else:  # asked before training ended
+            peak, peak_adamw, mean, mean_adamw = ours, adamw, ours, adamw
         # another technique (freezing) may have emptied the optimizer by the end: the run's peak and mean say more
         for quantity, value, versus in (("optimizer state, peak over the run", peak, peak_adamw),
                                         ("optimizer state, mean over the run", mean, mean_adamw)):

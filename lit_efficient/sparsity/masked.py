@@ -154,9 +154,10 @@ class MaskedTraining(EfficientCallback):
             return []
         step = trainer.global_step + 1
         update = self.update_deferred or self.is_update_step(step)
-        whole = update and getattr(self, "growth", "random") != "random"
-        return [(self.technique, p, None if whole else KeptEntries(indices))
-                for p, indices in zip(self.masks.params, self.masks.kept_indices())]
+        if update and getattr(self, "growth", "random") != "random":
+            return [(self.technique, p, None) for p in self.masks.params]  # no index lists: the masks change next
+        return [(self.technique, p, KeptEntries(indices)) for p, indices in zip(self.masks.params,
+                                                                               self.masks.kept_indices())]
 
     @property
     def last_applied_step(self) -> int:
