@@ -17,7 +17,7 @@ from typing_extensions import override
 from lit_efficient.core.clock import run_position
 from lit_efficient.core.composition import Claim, check_composition
 from lit_efficient.core.distributed import local_part
-from lit_efficient.core.logs import Number, log_metrics, log_text
+from lit_efficient.core.logs import Number, log_metrics, log_text, step_logs_due
 from lit_efficient.core.savings import (
     SavingsRow,
     callback_settings,
@@ -52,6 +52,9 @@ class EfficientCallback(Callback):
 
     technique: ClassVar[str] = "efficient"
     _trainer: Optional["pl.Trainer"] = None
+    #: whether :meth:`show_progress` puts this technique in the progress bar (each callback's
+    #: ``progress_bar`` argument)
+    progress_bar: bool = True
 
     def position(self, step: int) -> int:
         """Optimizer step ``step`` in full-data steps, the clock every schedule reads
@@ -73,6 +76,20 @@ class EfficientCallback(Callback):
 
     def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
         log_metrics(pl_module, self.technique, metrics, **kwargs)
+
+    def show_progress(self, pl_module: "pl.LightningModule", label: str, value: float) -> None:
+        """This technique's entry in the progress bar (``label=value``, e.g. ``sparsity=0.9``), through
+        Lightning's progress-bar metrics. Sent when it changes and on logging steps only: Lightning
+        keeps showing the last value, and each ``log`` costs about a millisecond. Call it from a
+        training-batch hook with a Python number (no device sync)."""
+        if not self.progress_bar:
+            return
+        shown = self.__dict__.setdefault("_shown", {})
+        if shown.get(label) == value and not step_logs_due(self._trainer):
+            return
+        shown[label] = value
+        pl_module.log(label, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1,
+                      sync_dist=False)
 
     def warn_once(self, key: str, message: str) -> None:
         """Warn (on rank 0) the first time ``key`` happens to this callback."""

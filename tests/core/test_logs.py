@@ -138,3 +138,78 @@ def test_the_savings_table_is_written_as_markdown_in_the_run_directory(tmp_path,
     folder = trainer.log_dir if with_logger else str(tmp_path)
     text = open(os.path.join(folder, "savings.md")).read()
     assert "At step 8." in text and "| alpha " in text and "| beta " in text and "0.25x dense" in text
+
+
+# -- figures and the progress bar ---------------------------------------------------------------------
+class Drawer(EfficientCallback):
+    """Draws a bar chart on steps in ``at`` and shows a progress entry that changes every 3 steps."""
+
+    technique = "drawer"
+
+    def __init__(self, at=(3,), progress_bar=True):
+        self.at = set(at)
+        self.progress_bar = progress_bar
+        self.sent = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lit_efficient.core.figures import bar_chart, log_figure
+
+        if trainer.global_step in self.at:
+            log_figure(trainer, self.technique, "chart",
+                       lambda f: bar_chart(f, ["a", "b"], {"actual": [0.2, 0.4]}, "density", "density"))
+        self.show_progress(pl_module, "level", float(trainer.global_step // 3))
+
+
+def test_figures_are_written_at_their_size_only_when_asked(tmp_path):
+    from figure_events import events_of, figure_steps
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    fit(tmp_path, [Drawer(at=(3, 6))], logger)
+    events = events_of(logger.log_dir)
+    assert figure_steps(events, "efficient/drawer/chart") == [3, 6]
+    image = events.Images("efficient/drawer/chart")[0]
+    assert (image.width, image.height) == (800, 500)
+
+
+def test_without_matplotlib_figures_are_skipped_with_one_message(tmp_path, monkeypatch):
+    import sys
+
+    from lit_efficient.core import figures
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(figures, "_available", None)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    with pytest.warns(UserWarning, match="matplotlib is not installed") as caught:
+        trainer = fit(tmp_path, [Drawer(at=(2, 3, 4, 5))], logger)
+    assert sum("matplotlib is not installed" in str(w.message) for w in caught) == 1
+    assert trainer.progress_bar_metrics["level"] == 2.0
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == []
+
+
+def test_progress_bar_entry_is_sent_when_it_changes_and_kept_between(tmp_path, monkeypatch):
+    sent = []
+    original = pl.LightningModule.log
+
+    def counting_log(self, name, value, *args, **kwargs):
+        if name == "level":
+            sent.append((self.trainer.global_step, value, kwargs["prog_bar"], kwargs["logger"]))
+        return original(self, name, value, *args, **kwargs)
+
+    monkeypatch.setattr(pl.LightningModule, "log", counting_log)
+    trainer = pl.Trainer(max_steps=8, callbacks=[Drawer(at=())], logger=False, log_every_n_steps=50,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Regression())
+    # steps 1..8 show 0, 0, 1, 1, 1, 2, 2, 2: sent at 1, 3 and 6 only, never to the loggers
+    assert [(s, v) for s, v, _, _ in sent] == [(1, 0.0), (3, 1.0), (6, 2.0)]
+    assert all(bar and not logged for _, _, bar, logged in sent)
+    assert trainer.progress_bar_metrics["level"] == 2.0
+
+    sent.clear()
+    trainer = pl.Trainer(max_steps=8, callbacks=[Drawer(at=(), progress_bar=False)], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Regression())
+    assert sent == [] and "level" not in trainer.progress_bar_metrics
