@@ -113,14 +113,38 @@ def bar_chart(figure, labels: Sequence[str], series: Mapping[str, Sequence[float
     axes.legend(fontsize=8)
 
 
+def stacked_bars(axes, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str, xlabel: str,
+                 ylabel: str) -> None:
+    """Bars stacked per label (e.g. kept and removed fractions per epoch), one colour per series."""
+    bottom = np.zeros(len(labels))
+    for name, values in series.items():
+        values = np.asarray(list(values), dtype=float)
+        axes.bar(range(len(labels)), values, 0.7, bottom=bottom, label=name)
+        bottom = bottom + values
+    axes.set_xticks(range(len(labels)))
+    axes.set_xticklabels(labels, rotation=90 if len(labels) > 12 else 0, fontsize=_label_size(len(labels)))
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+
+
 def histogram(axes, values: torch.Tensor | np.ndarray, title: str, xlabel: str, bins: int = 50,
-              threshold: Optional[tuple[str, float]] = None, color: Optional[str] = None, log: bool = False) -> None:
-    """A histogram of ``values`` on ``axes``; ``threshold=(label, x)`` draws a vertical line."""
+              threshold: Optional[tuple[str, float]] = None, color: Optional[str] = None, log: bool = False,
+              label: Optional[str] = None, integer: bool = False) -> None:
+    """A histogram of ``values`` on ``axes`` (call again on the same axes to overlay another, with
+    its ``label``); ``threshold=(label, x)`` draws a vertical line; ``integer`` ticks counts only."""
     values = _numpy(values)
+    if integer:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     if values.size:
-        axes.hist(values, bins=bins, color=color, alpha=0.85, log=log)
+        axes.hist(values, bins=bins, color=color, alpha=0.85 if label is None else 0.6, log=log, label=label)
     if threshold is not None and math.isfinite(threshold[1]):
         axes.axvline(threshold[1], color="black", linestyle="--", linewidth=1.2, label=threshold[0])
+    if label is not None or threshold is not None:
         axes.legend(fontsize=8)
     axes.set_title(title)
     axes.set_xlabel(xlabel)
@@ -178,6 +202,21 @@ def thumbnails(figure, pictures: Sequence[tuple[str, torch.Tensor]], title: str,
     figure.suptitle(title)
 
 
+def scatter_chart(axes, xs: torch.Tensor | np.ndarray, ys: torch.Tensor | np.ndarray, title: str, xlabel: str,
+                  ylabel: str, line: Optional[tuple[str, float]] = None) -> None:
+    """One point per ``(x, y)`` pair (e.g. a sample's weight against its loss); ``line=(label, y)``
+    adds a horizontal reference line."""
+    xs, ys = _numpy(xs), _numpy(ys)
+    axes.scatter(xs, ys, s=12 if xs.size <= 512 else 4, alpha=0.7, edgecolors="none", label=f"{xs.size} points")
+    if line is not None:
+        axes.axhline(line[1], color="black", linestyle="--", linewidth=1, label=line[0])
+    axes.set_title(title)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+
+
 def pooled(picture: torch.Tensor, size: int = 64) -> torch.Tensor:
     """``picture`` (2-D, or more: flattened after the first dimension) averaged down to at most
     ``size``×``size`` cells, as floats in [0, 1]."""
@@ -197,4 +236,4 @@ def _numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
 
 
 __all__ = ["DPI", "FIGURE_INCHES", "bar_chart", "figure_writer", "figures_available", "histogram", "line_chart",
-           "log_figure", "matrix_chart", "pooled", "render", "thumbnails", "width_for"]
+           "log_figure", "matrix_chart", "pooled", "render", "scatter_chart", "stacked_bars", "thumbnails", "width_for"]

@@ -11,7 +11,7 @@ throughput.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -102,17 +102,6 @@ def log_text(trainer: "pl.Trainer", technique: str, name: str, text: str, step: 
         return False
     writer.add_text(metric_key(technique, name), text, trainer.global_step if step is None else step)
     return True
-
-
-def bar_image(values: Sequence[float], height: int = 32, gap: int = 1, width: int = 4) -> torch.Tensor:
-    """A grey HW image with one vertical bar per value in [0, 1] (e.g. per-layer density)."""
-    n = len(values)
-    image = torch.zeros(height, max(1, n * (width + gap)))
-    for i, value in enumerate(values):
-        filled = int(round(min(1.0, max(0.0, float(value))) * height))
-        if filled:
-            image[height - filled :, i * (width + gap) : i * (width + gap) + width] = 1.0
-    return image
 
 
 class Throughput:

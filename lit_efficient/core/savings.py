@@ -56,13 +56,15 @@ SAVINGS_FILE = "savings.md"
 
 
 def write_savings_file(trainer: Any, table: str) -> Optional[str]:
-    """Write ``table`` as ``savings.md`` in the run's directory (the logger's version folder, else
-    ``default_root_dir``) on rank 0, readable without TensorBoard; its path (None on other ranks)."""
+    """Write ``table`` as ``savings.md`` in the run's directory (the first logger's version folder) on
+    rank 0, readable without TensorBoard; its path (None on other ranks and without a logger: a run
+    that keeps no logs gets no file in its working directory)."""
     if not trainer.is_global_zero:
         return None
     # the logger's own folder: ``Trainer.log_dir`` broadcasts it, a collective rank 0 alone would hang in
-    folder = next((logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)),
-                  trainer.default_root_dir)
+    folder = next((logger.log_dir for logger in trainer.loggers if getattr(logger, "log_dir", None)), None)
+    if folder is None:
+        return None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, SAVINGS_FILE)
     with open(path, "w") as f:

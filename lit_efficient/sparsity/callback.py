@@ -35,6 +35,7 @@ class SparseTrainingCallback(MaskedTraining):
             stem and the head; see :mod:`lit_efficient.core.targets`).
         exclude: module-name patterns never to sparsify.
         seed: seed of every random choice (identical on all ranks).
+        progress_bar: show ``sparsity=<fraction>`` in the progress bar (default True).
     """
 
     def __init__(
@@ -45,8 +46,9 @@ class SparseTrainingCallback(MaskedTraining):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
-        super().__init__(sparsity, include, exclude, seed)
+        super().__init__(sparsity, include, exclude, seed, progress_bar)
         self.update_every = Time.parse(update_every, "update_every")
         if self.update_every.value == 0:
             raise ValueError("`update_every` must be positive")
@@ -75,6 +77,16 @@ class SparseTrainingCallback(MaskedTraining):
         counts = keep_counts(shapes, densities, total_density=density)
         # drawn for the whole layer on every rank alike; a sharded rank keeps its rows
         return [span.take(random_mask(s, k, self.generator)) for s, k, span in zip(shapes, counts, self.masks.spans)]
+
+    @override
+    def target_densities(self) -> Optional[tuple[str, list[float]]]:
+        """The layer densities of ``distribution`` at the final sparsity."""
+        assert self.masks is not None
+        shapes, density = self.masks.shapes, 1.0 - self.sparsity
+        densities = erk_densities(shapes, density) if self.distribution == "erk" else uniform_densities(shapes, density)
+        counts = keep_counts(shapes, densities, total_density=density)
+        return f"{self.distribution.upper() if self.distribution == 'erk' else 'uniform'} target", [
+            k / size for k, size in zip(counts, self.masks.sizes())]
 
     def initial_density(self) -> float:
         return 1.0 - self.sparsity

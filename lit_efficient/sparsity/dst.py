@@ -52,6 +52,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
         distribution: layer densities, ``"erk"`` (default) or ``"uniform"``.
         include, exclude: module-name patterns (see :mod:`lit_efficient.core.targets`).
         seed: seed of the random choices (identical on all ranks).
+        progress_bar: show ``sparsity=<fraction>`` in the progress bar (default True).
     """
 
     growth: ClassVar[str] = "gradient"
@@ -67,8 +68,9 @@ class DynamicSparseTraining(SparseTrainingCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
-        super().__init__(sparsity, update_every, distribution, include, exclude, seed)
+        super().__init__(sparsity, update_every, distribution, include, exclude, seed, progress_bar)
         self.drop_fraction = check_fraction(drop_fraction, "drop_fraction")
         self.stop = Time.parse(stop, "stop")
         if drop_schedule not in ("cosine", "constant"):

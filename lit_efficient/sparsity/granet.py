@@ -53,6 +53,7 @@ class GraNet(SparseTrainingCallback):
         distribution: layer densities of the initial random masks, ``"erk"`` (default) or ``"uniform"``.
         include, exclude: module-name patterns (see :mod:`lit_efficient.core.targets`).
         seed: seed of the random choices (identical on all ranks).
+        progress_bar: show ``sparsity=<fraction>`` in the progress bar (default True).
     """
 
     technique = "granet"
@@ -71,8 +72,9 @@ class GraNet(SparseTrainingCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
-        super().__init__(sparsity, update_every, distribution, include, exclude, seed)
+        super().__init__(sparsity, update_every, distribution, include, exclude, seed, progress_bar)
         self.initial_density_value = check_fraction(initial_density, "initial_density", 0.0, 1.0, high_open=False)
         if self.initial_density_value == 0.0:
             raise ValueError("`initial_density` must lie in (0, 1]; got 0.0")

@@ -24,12 +24,13 @@ import torch
 from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
-from lit_efficient.core.checks import check_fraction, check_int
+from lit_efficient.core.checks import check_bool, check_fraction, check_int
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.composition import Claim, weight_claim
 from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.figures import bar_chart, figure_writer, log_figure, pooled, thumbnails, width_for
 from lit_efficient.core.gradient_travel import KeptEntries, Part
-from lit_efficient.core.logs import bar_image, log_image
+from lit_efficient.core.logs import log_histogram
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.shards import local
 from lit_efficient.core.targets import select_targets, validate_patterns
@@ -49,6 +50,12 @@ class MaskedTraining(EfficientCallback):
             stem and the head; see :mod:`lit_efficient.core.targets`).
         exclude: module-name patterns never to sparsify.
         seed: seed of every random choice (identical on all ranks).
+        progress_bar: show ``sparsity=<fraction>`` in the progress bar (default True).
+
+    At each mask update three TensorBoard figures (rank 0, matplotlib installed) show the layers:
+    ``layer_density`` (each layer's density beside its target), ``mask_changes`` (positions pruned
+    and regrown per layer by this update) and ``masks`` (thumbnails of a few masks, white = kept),
+    with a histogram ``weight_magnitude`` of the active targeted weights.
     """
 
     supports_fsdp2: ClassVar[bool] = True  # masks sharded like the weights (``SparseMasks.shard_like_params``)
@@ -59,8 +66,10 @@ class MaskedTraining(EfficientCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
         self.sparsity = check_fraction(sparsity, "sparsity")
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         self.include = validate_patterns(include, "include") or None
         self.exclude = validate_patterns(exclude, "exclude") or None
         self.seed = check_int(seed, "seed")
@@ -177,10 +186,12 @@ class MaskedTraining(EfficientCallback):
         update, self._update_now = self._update_now, False
         self.account_step(dense_gradient=update and getattr(self, "growth", None) == "gradient")
         if update:
+            before = self.masks.count_changes()
             stats = self.update(step, optimizer, self._grad_scores)
             self._grad_scores = None
             self.updates += 1
-            self.log_update(trainer, pl_module, stats)
+            self.log_update(trainer, pl_module, stats, *self.masks.changes_since(before))
+        self.show_progress(pl_module, "sparsity", round(self.masks.sparsity(), 3))
 
     def account_step(self, dense_gradient: bool = False) -> None:
         """Add this step's training FLOPs (fwd + bwd, relative to dense) to the running mean."""
@@ -204,7 +215,13 @@ class MaskedTraining(EfficientCallback):
         return list(frozen) if frozen is not None else [not p.requires_grad for p in self.masks.params]
 
     # -- reporting ----------------------------------------------------------------------------
-    def log_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stats: dict[str, float]) -> None:
+    def target_densities(self) -> Optional[tuple[str, list[float]]]:
+        """The per-layer densities this technique aims at, with their name (e.g. ERK's), drawn
+        beside the actual ones (override; None: no per-layer target)."""
+        return None
+
+    def log_update(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stats: dict[str, float],
+                   pruned: list[int], grown: list[int]) -> None:
         assert self.masks is not None
         densities = self.masks.layer_densities()
         metrics: dict[str, Any] = {"sparsity": self.masks.sparsity(), "updates": float(self.updates), **stats}
@@ -213,7 +230,43 @@ class MaskedTraining(EfficientCallback):
             metrics["inference_flops_ratio"] = self.flops.ratio(densities)
             metrics["training_flops_ratio"] = self.density_steps / max(1, self.counted_steps)
         self.log_metrics(pl_module, metrics)
-        log_image(trainer, self.technique, "layer_density", bar_image(densities))
+        if figure_writer(trainer) is not None:
+            self.draw_layers(trainer, densities, pruned, grown)
+
+    def draw_layers(self, trainer: "pl.Trainer", densities: list[float], pruned: list[int], grown: list[int]) -> None:
+        """The figures and histogram of one mask update (rank 0; see the class docstring)."""
+        assert self.masks is not None
+        names, step = self.masks.names(), trainer.global_step
+        wide = width_for(len(names))
+        series = {"actual": densities}
+        target = self.target_densities()
+        if target is not None:
+            series[target[0]] = target[1]
+        top = max(max(values) for values in series.values())
+        log_figure(trainer, self.technique, "layer_density", lambda f: bar_chart(
+            f, names, series, f"{self.technique}: density per layer after update {self.updates} (step {step}), "
+            f"sparsity {self.masks.sparsity():.1%}", "density (fraction of weights kept)",
+            ylim=(0.0, min(1.05, 1.15 * top + 0.02)), line=("overall", self.masks.density())), width=wide)
+        log_figure(trainer, self.technique, "mask_changes", lambda f: bar_chart(
+            f, names, {"pruned": pruned, "regrown": grown},
+            f"{self.technique}: positions changed per layer by update {self.updates} (step {step}): "
+            f"{sum(pruned)} pruned, {sum(grown)} regrown", "positions"), width=wide)
+        shown = self.thumbnail_layers()
+        sharded = self.masks.group is not None
+        log_figure(trainer, self.technique, "masks", lambda f: thumbnails(
+            f, [(f"{names[i]} {densities[i]:.0%}", pooled(self.masks.masks[i])) for i in shown],
+            f"{self.technique}: masks at step {step} (white = kept{', rows on rank 0' if sharded else ''}; "
+            "averaged to at most 64x64 cells)"))
+        active = [w.detach()[m].abs().float() for w, m in zip(self.masks.weights, self.masks.masks)]
+        log_histogram(trainer, self.technique, "weight_magnitude", torch.cat([a.flatten() for a in active]), step)
+
+    def thumbnail_layers(self, count: int = 4) -> list[int]:
+        """Up to ``count`` targets spread over the network (first, last and between)."""
+        assert self.masks is not None
+        n = len(self.masks.targets)
+        if n <= count:
+            return list(range(n))
+        return sorted({round(i * (n - 1) / (count - 1)) for i in range(count)})
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:

@@ -286,6 +286,7 @@ class SparseMasks:
         self.targets = list(targets)
         self._nonzeros: Optional[list[int]] = None
         self._kept: Optional[list[Tensor]] = None
+        self._grown: Optional[list[int]] = None  # per layer, summed over set_masks calls while counting
         self.spans = [Span.whole_tensor(t.param.shape) for t in self.targets]
         self._sharded_params: Optional[list[nn.Parameter]] = None
         for target in self.targets:
@@ -391,6 +392,8 @@ class SparseMasks:
             grown_masks.append(grown)
             mask.copy_(new)
         grown_counts = counts(grown_masks, self.group)
+        if self._grown is not None:
+            self._grown = [a + b for a, b in zip(self._grown, grown_counts)]
         if isinstance(optimizer, RestartableState):  # no entry-wise zeroing (GaLore)
             for param, grown in zip(self.params, grown_counts):
                 if grown:
@@ -398,6 +401,20 @@ class SparseMasks:
         self.recount()
         self.apply(optimizer)
         return grown_counts
+
+    def count_changes(self) -> list[int]:
+        """Start counting the positions grown per layer by the coming :meth:`set_masks` calls (an
+        update may prune, then drop and grow); returns the active counts before them."""
+        self._grown = [0] * len(self.targets)
+        return self.nonzeros()
+
+    def changes_since(self, before: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Positions (pruned, grown) per layer since :meth:`count_changes` returned ``before``; stops
+        counting."""
+        grown = self._grown if self._grown is not None else [0] * len(self.targets)
+        self._grown = None
+        pruned = [b + g - a for b, g, a in zip(before, grown, self.nonzeros())]
+        return pruned, list(grown)
 
     @torch.no_grad()
     def apply(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:

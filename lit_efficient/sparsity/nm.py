@@ -35,6 +35,7 @@ from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.composition import Claim, weight_claim
 from lit_efficient.core.distributed import local_part, refuse_sharded_strategies
 from lit_efficient.core.lightning_internals import swap_parameter
+from lit_efficient.core.logs import log_histogram, step_logs_due, tensorboard_writer
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.targets import Target, select_targets, validate_patterns
 
@@ -74,6 +75,10 @@ class NMSparsity(EfficientCallback):
             elsewhere a message says why nothing was converted). Default False. Lightning moves
             the model to the CPU before ``on_fit_end``, so after a GPU run call :meth:`export`
             on the model moved back to the GPU (unverified here: no GPU was lent to this project).
+        progress_bar: show ``sparsity=<1 - n/m>`` in the progress bar (default True).
+
+    On logging steps a TensorBoard histogram ``weight_magnitude`` shows the targeted dense weights'
+    magnitudes: SR-STE's decay pulls the pruned ones apart from the kept ones.
     """
 
     technique = "nm"
@@ -86,6 +91,7 @@ class NMSparsity(EfficientCallback):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         export_semi_structured: bool = False,
+        progress_bar: bool = True,
     ) -> None:
         check_int(n, "n", 1)
         check_int(m, "m", 1)
@@ -97,6 +103,7 @@ class NMSparsity(EfficientCallback):
         self.include = validate_patterns(include, "include") or None
         self.exclude = validate_patterns(exclude, "exclude") or None
         self.export_semi_structured = check_bool(export_semi_structured, "export_semi_structured")
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         self.targets: list[Target] = []
         self._handles: list = []
         self._dense: dict[int, nn.Parameter] = {}  # target index -> its dense weight, during a forward
@@ -228,6 +235,10 @@ class NMSparsity(EfficientCallback):
             return  # no optimizer step since the last call (gradient accumulation)
         # mask flips between consecutive steps: high early, settling as SR-STE's decay works
         self.log_metrics(pl_module, {"mask_flip_rate": self._flips, "sparsity": 1.0 - self.density})
+        self.show_progress(pl_module, "sparsity", round(1.0 - self.density, 3))
+        if step_logs_due(trainer) and tensorboard_writer(trainer) is not None:
+            magnitudes = torch.cat([local_part(p)[0].detach().abs().float().flatten() for p in self._parameters()])
+            log_histogram(trainer, self.technique, "weight_magnitude", magnitudes)
 
     # -- the end ------------------------------------------------------------------------------
     @override

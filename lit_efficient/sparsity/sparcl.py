@@ -52,7 +52,9 @@ from typing_extensions import override
 
 from lit_efficient.core.checks import check_bool, check_fraction
 from lit_efficient.core.distributed import reduced_across_ranks
+from lit_efficient.core.figures import figure_writer, histogram, log_figure, stacked_bars
 from lit_efficient.core.lightning_internals import is_last_batch
+from lit_efficient.core.logs import log_histogram
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.seeding import epoch_generator
 from lit_efficient.core.shards import Span, counts, local
@@ -150,8 +152,11 @@ class SparCL(PlannedOrder, MaskedTraining):
             10, 15, 20 of 50); each removes an equal share of ``removal_fraction``.
         include, exclude: module-name patterns of the layers to sparsify (see :mod:`lit_efficient.core.targets`).
         seed: seed of every random choice (identical on all ranks).
+        progress_bar: show ``sparsity=<fraction>`` and, with data removal, ``removed%=<percent>`` of
+            the task's samples in the progress bar (default True).
 
-    Logged under ``efficient/sparcl/``: ``sparsity``, per-layer densities and a density image at
+    Logged under ``efficient/sparcl/``: ``sparsity``, per-layer densities and figures (see
+    :class:`~lit_efficient.sparsity.masked.MaskedTraining`) at
     each TDM update, ``gradient_sparsity`` at each DGM refresh, ``task``, ``removed_fraction``
     and ``forgetting_events_mean`` each epoch; rows in the savings table for weight sparsity,
     gradient sparsity, samples removed and training FLOPs relative to dense training on all data.
@@ -177,8 +182,9 @@ class SparCL(PlannedOrder, MaskedTraining):
         include: Optional[list[str]] = None,
         exclude: Optional[list[str]] = None,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
-        super().__init__(sparsity, include, exclude, seed)
+        super().__init__(sparsity, include, exclude, seed, progress_bar)
         self.tdm, self.dgm, self.ddr = check_bool(tdm, "tdm"), check_bool(dgm, "dgm"), check_bool(ddr, "ddr")
         self.gradient_sparsity = check_fraction(gradient_sparsity, "gradient_sparsity")
         self.removal_fraction = check_fraction(removal_fraction, "removal_fraction")
@@ -209,6 +215,7 @@ class SparCL(PlannedOrder, MaskedTraining):
         self.opened_epoch = -1  # the last epoch whose start was processed
         self.removed_total = 0  # over all tasks
         self.samples_total = 0
+        self.removal_history: list[tuple[int, int, float]] = []  # (epoch, task, removed fraction) per closed epoch
         # gradient masks and the step accounting of FLOPs
         self.grad_masks: list[Tensor] = []
         self._grad_nonzeros: list[int] = []  # per gradient mask, counted once per refresh
@@ -404,7 +411,12 @@ class SparCL(PlannedOrder, MaskedTraining):
         if self.ddr:
             self.finish_batch()
             self.record_visits(outputs)
+            self.show_progress(pl_module, "removed%", round(100 * self.removed_fraction(), 1))
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def removed_fraction(self) -> float:
+        """Fraction of the current task's training samples removed so far."""
+        return self.removal_history[-1][2] if self.removal_history and self.removal_history[-1][1] == self.task else 0.0
 
     def record_visits(self, outputs: Any) -> None:
         correct = outputs.get("sample_correct") if isinstance(outputs, Mapping) else None
@@ -445,11 +457,41 @@ class SparCL(PlannedOrder, MaskedTraining):
             self.removed |= newly
             self.removed_total += int(newly.sum())
         self.closed_epoch = self.plan_epoch
+        removed_fraction = float(self.removed.float().mean()) if self.num_samples else 0.0
+        self.removal_history.append((self.plan_epoch, progress.task, removed_fraction))
         if log:
             self.log_metrics(pl_module, {
-                "removed_fraction": float(self.removed.float().mean()) if self.num_samples else 0.0,
+                "removed_fraction": removed_fraction,
                 "forgetting_events_mean": float(self.events.float().mean()) if self.num_samples else 0.0,
             }, on_step=False, on_epoch=True)
+            if count and figure_writer(trainer) is not None:
+                self.draw_removal(trainer, newly)
+
+    def draw_removal(self, trainer: "pl.Trainer", newly: Tensor) -> None:
+        """Figure ``data`` at a removal point (rank 0): the task's kept and removed fractions per epoch,
+        and the forgetting events of the samples kept and removed, with the cut between them."""
+        task = self.removal_history[-1][1]
+        epochs = [(e, f) for e, t, f in self.removal_history if t == task]
+        xs = [e for e, _ in epochs]
+        removed, kept = self.events[self.removed].float(), self.events[~self.removed].float()
+        never = int((~self.learned & ~self.removed).sum())
+        cut = float(self.events[newly].max()) if bool(newly.any()) else float("nan")
+        top = int(self.events.max()) if self.events.numel() else 0
+
+        def draw(figure) -> None:
+            left, right = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+            stacked_bars(left, [str(e) for e in xs], {"kept": [1.0 - f for _, f in epochs],
+                                                      "removed": [f for _, f in epochs]},
+                         f"task {task}: its training samples, per epoch", "epoch", "fraction of the task's samples")
+            bins = [b - 0.5 for b in range(top + 2)]
+            title = f"forgetting events per sample ({never} never learned)"
+            histogram(right, kept, title, "forgetting events", bins=bins, label=f"kept ({kept.numel()})",
+                      integer=True)
+            histogram(right, removed, title, "forgetting events", bins=bins, label=f"removed ({removed.numel()})",
+                      threshold=("removed up to here", cut), integer=True)
+
+        log_figure(trainer, self.technique, "data", draw, width=10.0)
+        log_histogram(trainer, self.technique, "forgetting_events", self.events.float())
 
     # -- reporting ------------------------------------------------------------------------------
     @override
@@ -489,7 +531,8 @@ class SparCL(PlannedOrder, MaskedTraining):
             "grad_masks": self._whole_grad_masks(), "grad_mask_step": self.grad_mask_step,
             "grad_mask_epoch": self.grad_mask_epoch,
             "full_steps": self.full_steps, "grad_density_steps": self.grad_density_steps,
-            "opened_epoch": self.opened_epoch, **self.planned_position(),
+            "opened_epoch": self.opened_epoch, "removal_history": list(self.removal_history),
+            **self.planned_position(),
         }
 
     @override
@@ -510,6 +553,7 @@ class SparCL(PlannedOrder, MaskedTraining):
         self.full_steps = int(state_dict["full_steps"])
         self.grad_density_steps = float(state_dict["grad_density_steps"])
         self.opened_epoch = int(state_dict.get("opened_epoch", self.plan_epoch))
+        self.removal_history = [tuple(r) for r in state_dict.get("removal_history", [])]
         self.restore_planned_position(state_dict)
         if "closed_epoch" not in state_dict and bool((self.visit < 0).all()):
             self.closed_epoch = self.plan_epoch  # an epoch-end checkpoint from before: that epoch was closed

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, TensorDataset
 
 from lit_efficient.core.callback import EfficientCallback
-from lit_efficient.core.logs import bar_image, log_histogram, log_image, metric_key, tensorboard_writer
+from lit_efficient.core.logs import log_histogram, log_image, metric_key, tensorboard_writer
 from lit_efficient.core.savings import SavingsRow, format_savings_table
 
 
@@ -43,7 +43,7 @@ class Probe(EfficientCallback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.log_metrics(pl_module, {"step_seen": float(trainer.global_step), "tensor": torch.tensor(2.0)})
         log_histogram(trainer, self.technique, "weights", pl_module.layer.weight)
-        log_image(trainer, self.technique, "density", bar_image([0.2, 1.0, 0.5]))
+        log_image(trainer, self.technique, "density", torch.linspace(0, 1, 15).repeat(32, 1))
 
     def savings(self, trainer, pl_module):
         self.reported += 1
@@ -109,11 +109,6 @@ def test_format_savings_table():
     assert len({len(line) for line in lines}) == 1
 
 
-def test_bar_image():
-    image = bar_image([0.0, 0.5, 1.0], height=4, width=1, gap=0)
-    assert image.tolist() == [[0, 0, 1], [0, 0, 1], [0, 1, 1], [0, 1, 1]]
-
-
 def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, monkeypatch):
     calls = []
     original = pl.LightningModule.log
@@ -132,11 +127,13 @@ def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, mo
 
 
 @pytest.mark.parametrize("with_logger", [True, False])
-def test_the_savings_table_is_written_as_markdown_in_the_run_directory(tmp_path, with_logger):
+def test_the_savings_table_is_written_as_markdown_in_the_logs_directory(tmp_path, with_logger):
     logger = TensorBoardLogger(tmp_path, name="tb") if with_logger else False
     trainer = fit(tmp_path, [Probe("alpha", 0.25), Probe("beta", 0.5)], logger)
-    folder = trainer.log_dir if with_logger else str(tmp_path)
-    text = open(os.path.join(folder, "savings.md")).read()
+    if not with_logger:  # no logs, no file: nothing lands in the working directory either
+        assert not (tmp_path / "savings.md").exists() and not os.path.exists("savings.md")
+        return
+    text = open(os.path.join(trainer.log_dir, "savings.md")).read()
     assert "At step 8." in text and "| alpha " in text and "| beta " in text and "0.25x dense" in text
 
 

@@ -197,3 +197,18 @@ def test_tied_weights_are_refused(tmp_path):
     model.net[4].weight = model.net[2].weight = nn.Parameter(torch.randn(64, 64))
     with pytest.raises(ValueError, match="tied weights"):
         NMSparsity().setup(trainer(tmp_path, [], 1), model, "fit")
+
+
+def test_weight_magnitudes_on_logging_steps_and_sparsity_in_the_progress_bar(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from figure_events import events_of, histogram_steps
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    t = trainer(tmp_path, [NMSparsity(n=1, m=4)], 9, logger=logger, log_every_n_steps=3)
+    t.fit(MLP(), loader(n=64, batch=8))
+    assert histogram_steps(events_of(logger.log_dir), "efficient/nm/weight_magnitude") == [3, 6, 9]
+    assert t.progress_bar_metrics["sparsity"] == 0.75
+    t = trainer(tmp_path, [NMSparsity(progress_bar=False)], 2)
+    t.fit(MLP(), loader())
+    assert "sparsity" not in t.progress_bar_metrics

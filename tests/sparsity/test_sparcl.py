@@ -311,3 +311,38 @@ def test_tensorboard_shows_the_accuracy_matrix_sparsity_gradients_and_removed_da
     assert len(averages) == 2 and all(0 <= e.value <= 100 for e in averages)  # one per task
     removed = [e.value for e in events.Scalars("efficient/sparcl/removed_fraction")]
     assert max(removed) == pytest.approx(0.3, abs=0.01)
+
+
+def test_data_removal_figure_at_each_removal_point_and_removed_in_the_progress_bar(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from figure_events import events_of, figure_steps, histogram_steps, keep_figure
+
+    drawn = []
+    original = SparCL.draw_removal
+
+    def recording(self, trainer, newly):
+        drawn.append((trainer.current_epoch, trainer.global_step, int(newly.sum())))
+        return original(self, trainer, newly)
+
+    monkeypatch.setattr(SparCL, "draw_removal", recording)
+    pl.seed_everything(0)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    callback = SparCL(sparsity=0.75, removal_points=[0.25, 0.5])
+    trainer = pl.Trainer(max_epochs=8, callbacks=[callback], logger=logger, log_every_n_steps=5,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(ContinualClassifier(width=8, buffer_size=50), datamodule=SplitDigits(num_tasks=2, epochs_per_task=4))
+    # removal points 0.25 and 0.5 of a 4-epoch task: the ends of each task's epochs 1 and 2
+    assert [epoch for epoch, _, _ in drawn] == [0, 1, 4, 5] and all(n > 0 for *_, n in drawn)
+    events = events_of(logger.log_dir)
+    steps = [step for _, step, _ in drawn]
+    assert figure_steps(events, "efficient/sparcl/data") == steps
+    assert histogram_steps(events, "efficient/sparcl/forgetting_events") == steps
+    assert figure_steps(events, "efficient/sparcl/layer_density") != []  # TDM updates draw the layers
+    history = callback.state_dict()["removal_history"]
+    assert [(e, t) for e, t, _ in history] == [(e, e // 4) for e in range(8)]
+    assert history[3][2] == pytest.approx(0.3, abs=0.01) and history[4][2] < history[3][2]
+    assert trainer.progress_bar_metrics["removed%"] == pytest.approx(30.0, abs=1.0)
+    assert trainer.progress_bar_metrics["sparsity"] == pytest.approx(0.75, abs=0.01)
+    keep_figure(events, "efficient/sparcl/data", "sparcl_data")
