@@ -45,11 +45,12 @@ def figure_dir() -> Optional[str]:
     return os.environ.get("LIT_EFFICIENT_FIGURES") or None
 
 
-def keep_figure(events: EventAccumulator, tag: str, name: str) -> None:
-    """Save the last picture of ``tag`` as ``<figure_dir>/<name>.png`` when figures are asked for."""
+def keep_figure(events: EventAccumulator, tag: str, name: str, index: int = -1) -> None:
+    """Save the ``index``-th (default: last) picture of ``tag`` as ``<figure_dir>/<name>.png`` when
+    figures are asked for."""
     folder = figure_dir()
     if folder is not None:
-        save_figure(events, tag, os.path.join(folder, f"{name}.png"))
+        save_figure(events, tag, os.path.join(folder, f"{name}.png"), index)
 
 
 def image_bytes(events: EventAccumulator, tag: str, index: int = -1) -> io.BytesIO:

@@ -91,10 +91,15 @@ def _label_size(labels: int) -> float:
 
 # -- the charts every technique draws from ------------------------------------------------------------
 def bar_chart(figure, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str,
-              ylim: Optional[tuple[float, float]] = None, line: Optional[tuple[str, float]] = None) -> None:
+              ylim: Optional[tuple[float, float]] = None, line: Optional[tuple[str, float]] = None,
+              integer: bool = False) -> None:
     """Grouped bars, one group per label (names on the x axis) and one colour per series;
-    ``line=(label, y)`` adds a horizontal reference line."""
+    ``line=(label, y)`` adds a horizontal reference line; ``integer`` ticks counts only."""
     axes = figure.add_subplot(1, 1, 1)
+    if integer:
+        from matplotlib.ticker import MaxNLocator
+
+        axes.yaxis.set_major_locator(MaxNLocator(integer=True))
     count = len(series)
     width = 0.8 / max(1, count)
     x = np.arange(len(labels))

@@ -244,13 +244,13 @@ class MaskedTraining(EfficientCallback):
             series[target[0]] = target[1]
         top = max(max(values) for values in series.values())
         log_figure(trainer, self.technique, "layer_density", lambda f: bar_chart(
-            f, names, series, f"{self.technique}: density per layer after update {self.updates} (step {step}), "
-            f"sparsity {self.masks.sparsity():.1%}", "density (fraction of weights kept)",
+            f, names, series, f"{self.technique}: density per layer, update {self.updates} at step {step} "
+            f"(sparsity {self.masks.sparsity():.1%})", "density (fraction of weights kept)",
             ylim=(0.0, min(1.05, 1.15 * top + 0.02)), line=("overall", self.masks.density())), width=wide)
         log_figure(trainer, self.technique, "mask_changes", lambda f: bar_chart(
             f, names, {"pruned": pruned, "regrown": grown},
-            f"{self.technique}: positions changed per layer by update {self.updates} (step {step}): "
-            f"{sum(pruned)} pruned, {sum(grown)} regrown", "positions"), width=wide)
+            f"{self.technique}: update {self.updates} at step {step}: {sum(pruned)} pruned, {sum(grown)} regrown",
+            "positions per layer", integer=True), width=wide)
         shown = self.thumbnail_layers()
         sharded = self.masks.group is not None
         log_figure(trainer, self.technique, "masks", lambda f: thumbnails(

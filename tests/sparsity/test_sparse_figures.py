@@ -60,6 +60,7 @@ def test_granet_changes_count_pruning_and_regrowth(tmp_path, monkeypatch):
         previous = densities
     assert sum(sum(p) for *_, p, _ in drawn) > sum(sum(g) for *_, g in drawn)
     assert t.progress_bar_metrics["sparsity"] == pytest.approx(0.8, abs=0.01)
+    keep_figure(events, "efficient/granet/mask_changes", "granet_mask_changes", index=1)
 
 
 def test_target_densities_are_the_distribution_at_the_final_sparsity(tmp_path):
