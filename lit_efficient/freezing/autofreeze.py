@@ -61,6 +61,7 @@ class AutoFreeze(BlockFreezing):
             head (GPT-2). Default ``"train"``.
         cache_frozen_mb: MiB (``>= 0``) for serving the frozen blocks' outputs instead of running
             them again, for inputs that repeat every epoch. Default ``0.0``: off.
+        progress_bar: show ``frozen/<blocks>=<n>`` in the progress bar (default True).
 
     Example::
 
@@ -68,6 +69,7 @@ class AutoFreeze(BlockFreezing):
     """
 
     needs_run_length = False  # it decides from gradients, not from where the run is
+    plans_ahead = False  # nor is there a plan to draw: the timeline shows the actual freeze steps only
 
     def __init__(
         self,
@@ -79,13 +81,14 @@ class AutoFreeze(BlockFreezing):
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
         cache_frozen_mb: float = 0.0,
+        progress_bar: bool = True,
     ) -> None:
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
         self.freeze_level = check_freeze_level(freeze_level)
         self.check_every = parse_check_every(check_every)
         self.percentile = check_percentile(percentile)
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
-                         cache_frozen_mb=cache_frozen_mb)
+                         cache_frozen_mb=cache_frozen_mb, progress_bar=progress_bar)
         self.previous_norms: list[float] = []  # the active blocks' gradient norms at the last check
         self._pending = 0  # blocks the last check froze, applied after the step
         self._check_deferred = False  # a check fell on an overflow step: check on the next one

@@ -21,6 +21,7 @@ steps, so DDP ranks agree.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from typing import Any, Callable, ClassVar, Literal, Optional
@@ -34,6 +35,7 @@ from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_fraction
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.distributed import local_bytes, on_every_rank, refuse_sharded_strategies, shards_parameters
+from lit_efficient.core.figures import figure_writer, line_chart, log_figure
 from lit_efficient.core.lightning_internals import before_late_restore, ensure_find_unused_parameters, is_compiled
 from lit_efficient.core.logs import Throughput, step_logs_due
 from lit_efficient.core.savings import SavingsRow
@@ -48,6 +50,11 @@ TiedEmbeddings = Literal["train", "freeze"]
 # The checkpoint key of every freezer: the one ProgressiveFreezing always had, so that a checkpoint
 # taken with it resumes in the named callback of its schedule and back.
 STATE_KEY = "ProgressiveFreezing"
+
+#: throughput points (step, samples/s) kept for the timeline figure: the latest ones
+THROUGHPUT_HISTORY = 500
+# where a checkpoint keeps them: beside the callbacks' states, not in them (see on_save_checkpoint)
+THROUGHPUT_KEY = "lit_efficient/freezing/throughput_history"
 
 
 def check_tied_embeddings(value: str) -> str:
@@ -89,10 +96,19 @@ class BlockFreezing(EfficientCallback):
             a warning. Needs ``frozen_eval``; not under ``torch.compile``; a model returning
             intermediate hidden states gets the skipped blocks' inputs there. See
             :mod:`lit_efficient.freezing.cache`.
+        progress_bar: show ``frozen/<blocks>=<n>`` in the progress bar (default True).
+
+    On global rank 0 with a TensorBoardLogger (and matplotlib), the figure
+    ``efficient/freezing/timeline`` shows when each block was planned to freeze and when it did,
+    above the measured throughput; it is drawn on the steps a block freezes and at the end of each
+    training epoch, never on an ordinary step.
     """
 
     technique = "freezing"
     needs_run_length: ClassVar[bool] = True  # the schedule reads fractions of the run
+    #: whether :meth:`frozen_at` is a plan fixed by the run length (FreezeOut, the linear ramp), so the
+    #: timeline can show it; an adaptive rule (AutoFreeze) decides as it goes and shows the actual steps only
+    plans_ahead: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -100,11 +116,13 @@ class BlockFreezing(EfficientCallback):
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
         cache_frozen_mb: float = 0.0,
+        progress_bar: bool = True,
     ) -> None:
         self.tied_embeddings = check_tied_embeddings(tied_embeddings)
         self.block_patterns = validate_patterns(blocks, "blocks") or None
         self.frozen_eval = check_bool(frozen_eval, "frozen_eval")
         self.cache_frozen_mb = check_cache_frozen_mb(cache_frozen_mb, self.frozen_eval)
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         self._cache: Optional[FrozenOutputCache] = None
         self._served_before = self._idle_epochs = 0
         self._epoch_mark: tuple[int, int] = (-1, -1)
@@ -117,6 +135,11 @@ class BlockFreezing(EfficientCallback):
         self.freed_state_bytes = 0  # optimizer state of the frozen parameters, on this rank, when freed
         self.counted_steps = 0
         self.throughput = Throughput()  # samples/s over windows of steps, this process only (not state)
+        # for the timeline figure, both in checkpoints: the optimizer step each frozen block froze at
+        # (None: before a checkpoint that did not record it), and the latest (step, samples/s) of the windows
+        self.freeze_steps: list[Optional[int]] = []
+        self.throughput_history: collections.deque[tuple[int, float]] = collections.deque(maxlen=THROUGHPUT_HISTORY)
+        self._drawn_at = -1
         self._total_params = 0
         self._tied: set[int] = set()
         self._hooks: list = []
@@ -369,7 +392,7 @@ class BlockFreezing(EfficientCallback):
 
     @override
     def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.throughput.close(pl_module.device, restart=False)  # validation is not training throughput
+        self._close_window(trainer, pl_module, restart=False)  # validation is not training throughput
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -378,7 +401,8 @@ class BlockFreezing(EfficientCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.throughput.close(pl_module.device)
+        self._close_window(trainer, pl_module)
+        self.draw_timeline(trainer, pl_module)
         cache = self._cache
         if cache is None or cache.disabled is not None or not self.frozen:
             return
@@ -424,17 +448,31 @@ class BlockFreezing(EfficientCallback):
         step = trainer.global_step
         self.frozen_param_steps += self.frozen_fraction()
         self.counted_steps += 1
+        before = self.frozen
         self.freeze_to(self.scheduled_count(step), trainer, pl_module)
+        self.show_progress(pl_module, f"frozen/{len(self.blocks)}", self.frozen)
         metrics: dict[str, Any] = {"frozen_fraction": self.frozen_fraction(), "frozen_blocks": float(self.frozen)}
         if step_logs_due(trainer):  # the clock is read (after a device sync) only on the steps Lightning logs
-            rate = self.throughput.close(pl_module.device)
+            rate = self._close_window(trainer, pl_module)
             if rate is not None:
                 metrics["samples_per_second"] = rate
+        if self.frozen > before:
+            self.freeze_steps += [step] * (self.frozen - before)
+            self.draw_timeline(trainer, pl_module)
         if self._cache is not None:
             metrics["cache_served"] = float(self._cache.served > self._served_before)  # whole prefix, this step
             metrics["cache_megabytes"] = self._cache.nbytes / 2**20
             self._served_before = self._cache.served
         self.log_metrics(pl_module, metrics)
+
+    def _close_window(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                      restart: bool = True) -> Optional[float]:
+        """Close the throughput window (a device sync: only where the run syncs anyway) and keep its
+        rate for the timeline figure."""
+        rate = self.throughput.close(pl_module.device, restart=restart)
+        if rate is not None:
+            self.throughput_history.append((trainer.global_step, rate))
+        return rate
 
     # -- freezing -----------------------------------------------------------------------------
     def freeze_to(self, count: int, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -488,6 +526,51 @@ class BlockFreezing(EfficientCallback):
             self._cache = None
 
     # -- reporting ----------------------------------------------------------------------------
+    def planned_freeze_steps(self) -> Optional[list[Optional[int]]]:
+        """The optimizer step at which the plan freezes each block (None: never in this run), from
+        :meth:`frozen_at` over the known run length; None without a plan (adaptive rules, or an unknown
+        run length)."""
+        total = self._length.total_steps if self._length else None
+        if not self.plans_ahead or not total:
+            return None
+        planned: list[Optional[int]] = []
+        low = 0
+        for count in range(1, len(self.blocks) + 1):  # the first step whose plan has ``count`` blocks frozen
+            if min(self.frozen_at(total), len(self.blocks)) < count:
+                planned += [None] * (len(self.blocks) - len(planned))
+                break
+            high = total
+            while low < high:  # frozen_at never decreases with the step
+                middle = (low + high) // 2
+                if self.frozen_at(middle) >= count:
+                    high = middle
+                else:
+                    low = middle + 1
+            planned.append(low)
+        return planned
+
+    def draw_timeline(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """The figure ``efficient/freezing/timeline`` at this step (rank 0 with TensorBoard only; once a
+        step): when each block was planned to freeze and when it did, above the throughput. The time
+        spent drawing is left out of the throughput windows."""
+        step = trainer.global_step
+        if step == self._drawn_at or not self.blocks or figure_writer(trainer) is None:
+            return
+        self._drawn_at = step
+        self._close_window(trainer, pl_module, restart=False)  # the window so far, with this step's point
+        names = [block.name for block in self.blocks]
+        planned = self.planned_freeze_steps()
+        actual = list(self.freeze_steps)
+        total = self._length.total_steps if self._length else None
+        history = list(self.throughput_history)
+        title = (f"{type(self).__name__}: {self.frozen}/{len(names)} blocks frozen at step {step}"
+                 + ("" if planned is not None else " (adaptive: no plan, actual freeze steps only)"))
+        height = 1.2 + sum(_panel_inches(len(names)))
+        log_figure(trainer, self.technique, "timeline",
+                   lambda figure: _draw_timeline(figure, names, planned, actual, step, total, history, title),
+                   height=height)
+        self.throughput.start(pl_module.device)
+
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
         if not self.blocks:
@@ -527,7 +610,8 @@ class BlockFreezing(EfficientCallback):
                 "freed_state_bytes": self.freed_state_bytes,
                 "last_step": self._steps.last, "check_deferred": False,
                 "joined_modules": list(self._joined_modules),
-                "joined_params": list(self._joined_params)}
+                "joined_params": list(self._joined_params),
+                "freeze_steps": list(self.freeze_steps)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -535,12 +619,87 @@ class BlockFreezing(EfficientCallback):
         self.frozen_param_steps = float(state_dict["frozen_param_steps"])
         self.freed_state_bytes = int(state_dict.get("freed_state_bytes", 0))  # older checkpoints: not counted
         self.counted_steps = int(state_dict["counted_steps"])
+        # the timeline's history (older checkpoints: freeze steps unknown, no throughput points)
+        steps = [None if s is None else int(s) for s in state_dict.get("freeze_steps", [])][: self.frozen]
+        self.freeze_steps = steps + [None] * (self.frozen - len(steps))
         self._steps.last = int(state_dict["last_step"])
         # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)
         self._restored_join = ([str(n) for n in state_dict.get("joined_modules", [])],
                                [str(n) for n in state_dict.get("joined_params", [])])
         if self._restored_early:  # the same state, applied already before the optimizer loaded (FSDP2)
             self._restored_join, self._restored_early = ([], []), False
+
+    @override
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        # measured wall-clock, so not in ``state_dict``: a resumed run's state stays equal to the
+        # uninterrupted run's; the checkpoint still carries it, for the timeline of a resumed run
+        checkpoint[THROUGHPUT_KEY] = [list(point) for point in self.throughput_history]
+
+    @override
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        self.throughput_history.clear()  # older checkpoints: none
+        self.throughput_history.extend((int(s), float(r)) for s, r in checkpoint.get(THROUGHPUT_KEY, []))
+
+
+def _panel_inches(blocks: int) -> tuple[float, float]:
+    """Heights of the timeline's two panels: a row per block on top, the throughput below."""
+    return max(2.6, 0.9 + 0.25 * blocks), 2.4
+
+
+def _draw_timeline(figure, names: list[str], planned: Optional[list[Optional[int]]], actual: list[Optional[int]],
+                   step: int, total: Optional[int], history: list[tuple[int, float]], title: str) -> None:
+    """Top: one row per block, trained (blue) until it froze, frozen (grey) after, with the planned
+    freeze step as a black diamond. Bottom: samples/s against the step, a dotted line at each freeze."""
+    from matplotlib.ticker import MaxNLocator
+
+    grid = figure.add_gridspec(2, 1, height_ratios=_panel_inches(len(names)))
+    timeline, speed = figure.add_subplot(grid[0]), figure.add_subplot(grid[1])
+    end = total or max([step, 1] + [s for s in planned or [] if s is not None])
+    rows = range(len(names))
+    for row in rows:
+        froze = actual[row] if row < len(actual) else None
+        trained_until = step if row >= len(actual) else (froze if froze is not None else 0)
+        timeline.barh(row, trained_until, height=0.6, color="#4c72b0", label="training" if row == 0 else None)
+        if row < len(actual):
+            start = froze if froze is not None else 0
+            timeline.barh(row, step - start, left=start, height=0.6, color="#999999",
+                          hatch=None if froze is not None else "//",
+                          label="frozen" if froze is not None else "frozen (step not recorded)")
+            if froze is not None:
+                timeline.plot([froze], [row], marker="o", color="#c44e52", markersize=7, linestyle="none",
+                              label="actual freeze")
+    if planned is not None:
+        shown = [(row, s) for row, s in zip(rows, planned) if s is not None]
+        if shown:
+            timeline.plot([s for _, s in shown], [row for row, _ in shown], marker="D", markerfacecolor="none",
+                          markeredgecolor="black", markersize=8, markeredgewidth=1.5, linestyle="none",
+                          label="planned freeze")
+    timeline.axvline(step, color="black", linestyle=":", linewidth=1, label=f"now (step {step})")
+    timeline.set_yticks(list(rows))
+    timeline.set_yticklabels(names, fontsize=9 if len(names) <= 16 else 7 if len(names) <= 48 else 5.5)
+    timeline.set_ylim(len(names) - 0.5, -0.5)  # block 0 on top
+    timeline.set_xlim(0, end)
+    timeline.set_xlabel("optimizer step")
+    timeline.set_title(title)
+    timeline.grid(axis="x", alpha=0.3)
+    handles, labels = timeline.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    timeline.legend(unique.values(), unique.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+    line_chart(speed, {"samples/s": ([s for s, _ in history], [r for _, r in history])},
+               "throughput over the windows between logging steps and freezes", "optimizer step", "samples/s")
+    for i, froze in enumerate(s for s in actual if s is not None):
+        speed.axvline(froze, color="#c44e52", linestyle=":", linewidth=1.2, label="block froze" if i == 0 else None)
+    speed.set_xlim(0, end)
+    speed.set_ylim(bottom=0)
+    for axes in (timeline, speed):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if not history:
+        speed.text(0.5, 0.5, "no throughput window closed yet", ha="center", va="center", transform=speed.transAxes)
+        speed.set_yticks([])
+    speed.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def _batch_size(batch: Any) -> int:

@@ -53,6 +53,7 @@ class FreezeOut(BlockFreezing):
             head (GPT-2). Default ``"train"``.
         cache_frozen_mb: MiB (``>= 0``) for serving the frozen blocks' outputs instead of running
             them again, for inputs that repeat every epoch. Default ``0.0``: off.
+        progress_bar: show ``frozen/<blocks>=<n>`` in the progress bar (default True).
 
     Example::
 
@@ -68,12 +69,13 @@ class FreezeOut(BlockFreezing):
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
         cache_frozen_mb: float = 0.0,
+        progress_bar: bool = True,
     ) -> None:
         self.t0 = check_t0(t0)
         self.warp = check_warp(warp)
         self.lr_annealing = check_bool(lr_annealing, "lr_annealing")
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
-                         cache_frozen_mb=cache_frozen_mb)
+                         cache_frozen_mb=cache_frozen_mb, progress_bar=progress_bar)
         self._annealing: list[tuple[torch.Tensor, torch.Tensor, float]] = []
 
     @override

@@ -41,6 +41,7 @@ class LinearFreezing(BlockFreezing):
             head (GPT-2). Default ``"train"``.
         cache_frozen_mb: MiB (``>= 0``) for serving the frozen blocks' outputs instead of running
             them again, for inputs that repeat every epoch. Default ``0.0``: off.
+        progress_bar: show ``frozen/<blocks>=<n>`` in the progress bar (default True).
 
     Example::
 
@@ -55,11 +56,12 @@ class LinearFreezing(BlockFreezing):
         frozen_eval: bool = True,
         tied_embeddings: TiedEmbeddings = "train",
         cache_frozen_mb: float = 0.0,
+        progress_bar: bool = True,
     ) -> None:
         self.freeze_start = Time.parse(freeze_start, "freeze_start")
         self.freeze_level = check_freeze_level(freeze_level)
         super().__init__(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
-                         cache_frozen_mb=cache_frozen_mb)
+                         cache_frozen_mb=cache_frozen_mb, progress_bar=progress_bar)
         self._start_step = 0
 
     @override

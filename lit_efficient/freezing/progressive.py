@@ -55,6 +55,7 @@ class ProgressiveFreezing(BlockFreezing):
         lr_annealing: FreezeOut: anneal each block's step size to zero at its freeze time (default False).
         cache_frozen_mb: MiB for serving the frozen blocks' outputs instead of running them again
             (default 0: off).
+        progress_bar: show ``frozen/<blocks>=<n>`` in the progress bar (default True).
 
     Every argument is checked whatever the schedule, as before the named callbacks existed; those
     another schedule reads stay as attributes.
@@ -74,6 +75,7 @@ class ProgressiveFreezing(BlockFreezing):
         tied_embeddings: TiedEmbeddings = "train",
         lr_annealing: bool = False,
         cache_frozen_mb: float = 0.0,
+        progress_bar: bool = True,
     ) -> None:
         # the checks, in the order and with the messages they always had
         if schedule not in SCHEDULES:
@@ -92,11 +94,12 @@ class ProgressiveFreezing(BlockFreezing):
             raise ValueError("`lr_annealing` anneals each block to its FreezeOut freeze time: use schedule='freezeout'")
         self.lr_annealing = check_bool(lr_annealing, "lr_annealing")
         check_cache_frozen_mb(cache_frozen_mb, frozen_eval)
+        check_bool(progress_bar, "progress_bar")
 
         # from here on this is the named callback of the schedule: its __init__ and hooks run
         self.__class__ = _behaving_as(getattr(type(self), "_umbrella", type(self)), SCHEDULES[schedule])
         common = dict(blocks=blocks, frozen_eval=frozen_eval, tied_embeddings=tied_embeddings,
-                      cache_frozen_mb=cache_frozen_mb)
+                      cache_frozen_mb=cache_frozen_mb, progress_bar=progress_bar)
         if schedule == "freezeout":
             super().__init__(t0=t0, warp=warp, lr_annealing=lr_annealing, **common)
         elif schedule == "linear":

@@ -31,6 +31,8 @@ from typing_extensions import override
 
 from lit_efficient.core.checks import check_bool, check_fraction, check_int
 from lit_efficient.core.distributed import reduced_across_ranks
+from lit_efficient.core.figures import figure_writer, histogram, log_figure, stacked_bars
+from lit_efficient.core.logs import log_histogram
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.seeding import epoch_generator
 from lit_efficient.core.time import Time, TimeSpec
@@ -129,16 +131,20 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             steps (``"st"``) are refused.
         shuffle: shuffle each epoch's order (default: as the original training dataloader did).
         seed: seed of the pruning draws and of the shuffling (identical on all ranks).
+        progress_bar: show ``skipped%=<percent of this epoch's samples removed>`` in the progress
+            bar (default True).
 
     Logged under ``efficient/infobatch/``: ``skipped_fraction`` (of the dataset, this epoch),
     ``samples_saved`` (cumulative), ``well_learned_fraction``, ``score_mean``; a row in the
-    savings table with the samples forwarded relative to full-data training.
+    savings table with the samples forwarded relative to full-data training. In TensorBoard, at
+    the start of every epoch that prunes: the figure ``data`` (kept/pruned fractions of the epochs
+    so far; the scores with the mean-score threshold) and the histogram ``scores``.
     """
 
     technique = "infobatch"
 
     def __init__(self, prune_ratio: float = 0.5, delta: TimeSpec = 0.875, shuffle: Optional[bool] = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, progress_bar: bool = True) -> None:
         self.prune_ratio = check_fraction(prune_ratio, "prune_ratio")
         self.delta = delta
         self._pruning_until = Time.parse(delta, "delta")
@@ -149,6 +155,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             raise ValueError(f"`delta` must be positive (some epochs must prune); got {delta!r}")
         self.shuffle = None if shuffle is None else check_bool(shuffle, "shuffle")
         self.seed = check_int(seed, "seed")
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         self.init_planned_order()
         self.num_samples = 0
         self.scores = torch.zeros(0)
@@ -159,6 +166,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.samples_forwarded = 0  # planned sample visits, over all finished and current epochs
         self.samples_full = 0
         self.clock = PrunedEpochClock()  # the full-data clock other callbacks' schedules read
+        self.removed: list[tuple[int, float]] = []  # (epoch, fraction of the dataset pruned) of every epoch begun
         self._restored = False
         self._batch_indices: Optional[Tensor] = None
         self._multipliers_on: Optional[Tensor] = None  # this epoch's multipliers on the losses' device
@@ -228,6 +236,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
                              batch_idx: int) -> None:
         self.open_epoch(trainer)  # Lightning skips on_train_epoch_start after some resumes
         self._batch_indices = self.start_batch()
+        self.show_progress(pl_module, "skipped%", round(100 * self.skipped_fraction(), 1))
 
     @override
     def sample_multipliers(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", losses: Tensor,
@@ -268,6 +277,55 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             self.clock.open(trainer.current_epoch, trainer.global_step,
                             full=self.optimizer_steps(self.num_samples, trainer),
                             planned=self.optimizer_steps(self.order.numel(), trainer))
+            if not self.removed or self.removed[-1][0] != self.plan_epoch:
+                self.removed.append((self.plan_epoch, self.skipped_fraction()))
+            if self.pruning_decided(trainer.max_epochs):
+                self.draw_data(trainer)
+
+    def skipped_fraction(self) -> float:
+        """The fraction of the dataset this epoch's plan leaves out (host-side counts: no sync)."""
+        return 1.0 - self.order.numel() / max(1, self.num_samples)
+
+    def pruning_decided(self, max_epochs: int) -> bool:
+        """Whether this epoch's plan came from the scores (not the first epoch, nor annealing)."""
+        return (self.prune_ratio > 0 and 0 < self.plan_epoch < self.pruning_epochs(max_epochs)
+                and bool(self.seen.any()))
+
+    def draw_data(self, trainer: "pl.Trainer") -> None:
+        """The figure and histogram of this epoch's pruning decision (rank 0 with TensorBoard only)."""
+        if figure_writer(trainer) is None:
+            return
+        scores = self.scores[self.seen]
+        threshold = float(scores.double().mean())
+        well = int((scores.double() < threshold).sum())
+        pruned = self.num_samples - self.order.numel()
+        unseen = self.num_samples - scores.numel()
+        epochs = [str(epoch) for epoch, _ in self.removed]
+        removed = [fraction for _, fraction in self.removed]
+        note = (f"{well} of {scores.numel()} scored are well-learned (< mean)\n"
+                f"{pruned} of them pruned, the rest weighted ×{well / max(1, well - pruned):.2f}"
+                + (f"\n{unseen} never scored: kept" if unseen else ""))
+
+        def draw(figure) -> None:
+            left = figure.add_subplot(1, 2, 1)
+            stacked_bars(left, epochs, {"kept": [1 - r for r in removed], "pruned": removed},
+                         f"Data per epoch (pruning until epoch {self.pruning_epochs(trainer.max_epochs)})",
+                         "epoch", "fraction of the dataset")
+            left.set_ylim(0, 1.25)
+            left.legend(fontsize=8, loc="upper right", ncol=2)
+            if len(epochs) > 30:  # a long run: label every few epochs only
+                ticks = list(range(0, len(epochs), -(-len(epochs) // 15)))
+                left.set_xticks(ticks)
+                left.set_xticklabels([epochs[i] for i in ticks], rotation=0, fontsize=8)
+            right = figure.add_subplot(1, 2, 2)
+            histogram(right, scores, f"Scores (latest loss per sample), epoch {self.plan_epoch}", "score",
+                      threshold=(f"threshold: mean score {threshold:.3g}", threshold))
+            right.set_ylim(0, right.get_ylim()[1] * 1.3)  # room above the bars for the note and legend
+            right.text(0.02, 0.97, note, transform=right.transAxes, ha="left", va="top", fontsize=8, zorder=5,
+                       bbox={"facecolor": "white", "edgecolor": "#bbbbbb"})
+
+        log_figure(trainer, self.technique, "data", draw, width=13.0, height=5.0)
+        log_histogram(trainer, self.technique, "scores", scores)
 
     def full_epoch_steps(self, trainer: "pl.Trainer") -> Optional[int]:
         """Optimizer steps of an epoch on all data: what every schedule's run length counts
@@ -344,6 +402,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
             "samples_forwarded": self.samples_forwarded, "samples_full": self.samples_full,
             **self.clock.state_dict(),
             **self.planned_position(),
+            "removed": [list(row) for row in self.removed],
         }
 
     @override
@@ -357,6 +416,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
         self.samples_full = int(state_dict["samples_full"])
         self.clock.load_state_dict(state_dict)
         self.restore_planned_position(state_dict)
+        self.removed = [(int(epoch), float(fraction)) for epoch, fraction in state_dict.get("removed", [])]
         trainer = self._trainer
         if trainer is not None and trainer.world_size > 1 and trainer.global_rank != 0:
             self.epoch_sum.zero_()  # the checkpoint's records are every rank's: rank 0 carries them on

@@ -30,9 +30,10 @@ import torch
 from torch import Tensor
 from typing_extensions import override
 
-from lit_efficient.core.checks import check_int
+from lit_efficient.core.checks import check_bool, check_int
 from lit_efficient.core.distributed import gather_samples
-from lit_efficient.core.logs import log_histogram, step_logs_due
+from lit_efficient.core.figures import figure_writer, histogram, log_figure, scatter_chart
+from lit_efficient.core.logs import log_histogram, step_logs_due, tensorboard_writer
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength
 from lit_efficient.data.sample_losses import NonfiniteCount, SampleLossCallback
@@ -124,11 +125,15 @@ class LossReweighting(SampleLossCallback):
             ``timestep_key`` (values in ``[0, num_timesteps)``).
         timestep_key: output key holding each sample's timestep (default ``"timesteps"``).
         num_timesteps: number of diffusion timesteps (default 1000).
+        progress_bar: show ``ess%=<effective sample size, percent of the batch>`` in the progress
+            bar, updated on logging steps (default True).
 
     Logged under ``efficient/loss_reweighting/``: ``effective_sample_size`` ((1/Σw²)/N, 1 for
     the plain mean), ``max_min_weight_ratio``, ``loss_unweighted`` and ``loss_weighted``,
-    ``nonfinite_samples``, and a histogram of ``N·w`` in TensorBoard, on the steps Lightning writes
-    logs (every ``log_every_n_steps``); a warning counts the non-finite sample losses left out.
+    ``nonfinite_samples``, and a histogram ``weights`` of ``N·w`` in TensorBoard, on the steps Lightning
+    writes logs (every ``log_every_n_steps``); a warning counts the non-finite sample losses left out.
+    The figure ``weights`` (each sample's ``N·w`` against its loss, and their histogram) is drawn on the
+    first logging step of each epoch.
     """
 
     technique = "loss_reweighting"
@@ -141,6 +146,7 @@ class LossReweighting(SampleLossCallback):
         timestep_buckets: int = 0,
         timestep_key: str = "timesteps",
         num_timesteps: int = 1000,
+        progress_bar: bool = True,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"`strategy` must be one of {list(STRATEGIES)}; got {strategy!r}")
@@ -155,8 +161,11 @@ class LossReweighting(SampleLossCallback):
             raise ValueError(f"`timestep_buckets` ({timestep_buckets}) must not exceed "
                              f"`num_timesteps` ({num_timesteps})")
         self.timestep_buckets, self.timestep_key, self.num_timesteps = timestep_buckets, timestep_key, num_timesteps
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         self.warmup_steps = 0
         self._last_weights: Optional[Tensor] = None
+        self._last_losses: Optional[Tensor] = None  # the global micro-batch's losses the weights came from
+        self._drawn_epoch = -1  # the epoch whose weights figure is drawn
         self._batch: Optional[tuple[Tensor, Tensor, Tensor, Optional[Tensor]]] = None
         self._nonfinite = NonfiniteCount("LossReweighting")
         self.weighted_steps = 0
@@ -185,7 +194,7 @@ class LossReweighting(SampleLossCallback):
         all_losses, offset = gather_samples(trainer, torch.where(finite, losses, torch.full_like(losses, math.nan)))
         weights = reweight(all_losses, self.strategy, self.temperature, groups,
                            self.timestep_buckets if self.timestep_buckets else None)
-        self._last_weights = weights
+        self._last_weights, self._last_losses = weights, all_losses
         # world · N_local · w_i: the local mean of m·ℓ is world · Σ_local w·ℓ, a plain mean's scale after DDP
         return weights[offset : offset + losses.numel()] * (trainer.world_size * losses.numel())
 
@@ -222,10 +231,42 @@ class LossReweighting(SampleLossCallback):
         # statistics only on the steps Lightning writes: logging every step costs more than the weighting
         if step_logs_due(trainer):
             self._nonfinite.flush()
-            self.log_metrics(pl_module, self.statistics())
+            stats = self.statistics()
+            self.log_metrics(pl_module, stats)
             if weights is not None:
-                log_histogram(trainer, self.technique, "weights", weights[weights > 0] * (weights > 0).sum())
-        self._batch, self._last_weights = None, None
+                self.show_weights(trainer, pl_module, weights, stats)
+        self._batch, self._last_weights, self._last_losses = None, None, None
+
+    def show_weights(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", weights: Tensor,
+                     stats: Mapping[str, Tensor]) -> None:
+        """On a logging step: the progress entry, the histogram and (once an epoch) the figure of the weights."""
+        draw = trainer.current_epoch != self._drawn_epoch and figure_writer(trainer) is not None
+        # a logging step reads its scalars anyway: reading one more costs no extra wait
+        ess = float(stats["effective_sample_size"]) if self.progress_bar or draw else 1.0
+        self.show_progress(pl_module, "ess%", round(100 * ess, 1))
+        if tensorboard_writer(trainer) is not None:  # rank 0: the others skip the masking too
+            log_histogram(trainer, self.technique, "weights", weights[weights > 0] * (weights > 0).sum())
+        if draw:
+            self._drawn_epoch = trainer.current_epoch
+            self.draw_weights(trainer, weights, self._last_losses, ess)
+
+    def draw_weights(self, trainer: "pl.Trainer", weights: Tensor, losses: Tensor, ess: float) -> None:
+        """Each sample's ``N·w`` against its loss, and their histogram, of the global micro-batch."""
+        kept = weights > 0
+        scaled = (weights[kept] * kept.sum()).float().cpu()
+        losses = losses[kept].float().cpu()
+        bucketed = f", {self.timestep_buckets} timestep buckets" if self.timestep_buckets else ""
+        name = f"{self.strategy}, r={self.temperature:g}{bucketed}"
+
+        def draw(figure) -> None:
+            scatter_chart(figure.add_subplot(1, 2, 1), losses, scaled,
+                          f"Weight against loss, step {trainer.global_step} ({name})", "per-sample loss",
+                          "N·w (1 = plain mean)", line=("plain mean", 1.0))
+            histogram(figure.add_subplot(1, 2, 2), scaled,
+                      f"Weights of {scaled.numel()} samples (effective sample size {ess:.0%})", "N·w",
+                      bins=30, threshold=("plain mean", 1.0))
+
+        log_figure(trainer, self.technique, "weights", draw, width=13.0, height=5.0)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

@@ -25,8 +25,8 @@ PAIRS = {
 }
 SCHEDULE = {FreezeOut: "freezeout", LinearFreezing: "linear", AutoFreeze: "adaptive"}
 STATE_KEYS = {"frozen", "previous_norms", "pending", "frozen_param_steps", "counted_steps", "last_step",
-              "check_deferred", "joined_modules", "joined_params", "freed_state_bytes"}
-COMMON = ["blocks", "frozen_eval", "tied_embeddings", "cache_frozen_mb"]
+              "check_deferred", "joined_modules", "joined_params", "freed_state_bytes", "freeze_steps"}
+COMMON = ["blocks", "frozen_eval", "tied_embeddings", "cache_frozen_mb", "progress_bar"]
 
 
 def umbrella(named, kwargs):
@@ -85,7 +85,8 @@ BAD = {
     AutoFreeze: dict(freeze_start="later", freeze_level=0.0, check_every="0st", percentile=0.0),
     LinearFreezing: dict(freeze_start="soon", freeze_level=1.5),
 }
-BAD_COMMON = dict(blocks=[""], frozen_eval="no", tied_embeddings="share", cache_frozen_mb=-1.0)
+BAD_COMMON = dict(blocks=[""], frozen_eval="no", tied_embeddings="share", cache_frozen_mb=-1.0,
+                  progress_bar="yes")
 
 
 @pytest.mark.parametrize("named,argument", [(n, a) for n, cases in BAD.items() for a in [*cases, *BAD_COMMON]])
@@ -104,10 +105,10 @@ def test_every_argument_has_a_bad_case_and_only_its_own_arguments():
     assert not {"t0", "warp", "lr_annealing", "schedule"} & set(inspect.signature(AutoFreeze).parameters)
     assert not {"t0", "warp", "lr_annealing", "check_every", "percentile"} & set(
         inspect.signature(LinearFreezing).parameters)
-    # the umbrella keeps all twelve, in the order configs know
+    # the umbrella keeps all thirteen, in the order configs know (progress_bar came last)
     assert list(inspect.signature(ProgressiveFreezing).parameters) == [
         "schedule", "t0", "warp", "freeze_start", "freeze_level", "check_every", "percentile", "blocks",
-        "frozen_eval", "tied_embeddings", "lr_annealing", "cache_frozen_mb"]
+        "frozen_eval", "tied_embeddings", "lr_annealing", "cache_frozen_mb", "progress_bar"]
 
 
 def test_cache_needs_frozen_eval():
