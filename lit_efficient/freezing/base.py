@@ -137,9 +137,10 @@ class BlockFreezing(EfficientCallback):
         self.throughput = Throughput()  # samples/s over windows of steps, this process only (not state)
         # for the timeline figure, both in checkpoints: the optimizer step each frozen block froze at
         # (None: before a checkpoint that did not record it), and the latest (step, samples/s) of the windows
-        self.freeze_steps: list[Optional[int]] = []
+        self.freeze_positions: list[Optional[int]] = []
         self.throughput_history: collections.deque[tuple[int, float]] = collections.deque(maxlen=THROUGHPUT_HISTORY)
         self._drawn_at = -1
+        self._reading_plan = False  # planned_freeze_positions evaluates the plan at run positions
         self._total_params = 0
         self._tied: set[int] = set()
         self._hooks: list = []
@@ -457,7 +458,7 @@ class BlockFreezing(EfficientCallback):
             if rate is not None:
                 metrics["samples_per_second"] = rate
         if self.frozen > before:
-            self.freeze_steps += [step] * (self.frozen - before)
+            self.freeze_positions += [self.position(step)] * (self.frozen - before)
             self.draw_timeline(trainer, pl_module)
         if self._cache is not None:
             metrics["cache_served"] = float(self._cache.served > self._served_before)  # whole prefix, this step
@@ -471,7 +472,7 @@ class BlockFreezing(EfficientCallback):
         rate for the timeline figure."""
         rate = self.throughput.close(pl_module.device, restart=restart)
         if rate is not None:
-            self.throughput_history.append((trainer.global_step, rate))
+            self.throughput_history.append((self.position(trainer.global_step), rate))
         return rate
 
     # -- freezing -----------------------------------------------------------------------------
@@ -526,28 +527,37 @@ class BlockFreezing(EfficientCallback):
             self._cache = None
 
     # -- reporting ----------------------------------------------------------------------------
-    def planned_freeze_steps(self) -> Optional[list[Optional[int]]]:
-        """The optimizer step at which the plan freezes each block (None: never in this run), from
-        :meth:`frozen_at` over the known run length; None without a plan (adaptive rules, or an unknown
-        run length)."""
+    def planned_freeze_positions(self) -> Optional[list[Optional[int]]]:
+        """The run position (:meth:`position`, full-data optimizer steps) at which the plan freezes each
+        block (None: never in this run), from :meth:`frozen_at` over the known run length; None without
+        a plan (adaptive rules, or an unknown run length). Positions, not optimizer steps: under InfoBatch
+        the steps a future position falls on are not known yet."""
         total = self._length.total_steps if self._length else None
         if not self.plans_ahead or not total:
             return None
-        planned: list[Optional[int]] = []
-        low = 0
-        for count in range(1, len(self.blocks) + 1):  # the first step whose plan has ``count`` blocks frozen
-            if min(self.frozen_at(total), len(self.blocks)) < count:
-                planned += [None] * (len(self.blocks) - len(planned))
-                break
-            high = total
-            while low < high:  # frozen_at never decreases with the step
-                middle = (low + high) // 2
-                if self.frozen_at(middle) >= count:
-                    high = middle
-                else:
-                    low = middle + 1
-            planned.append(low)
-        return planned
+        self._reading_plan = True
+        try:
+            planned: list[Optional[int]] = []
+            low = 0
+            for count in range(1, len(self.blocks) + 1):  # the first position whose plan has ``count`` frozen
+                if min(self.frozen_at(total), len(self.blocks)) < count:
+                    planned += [None] * (len(self.blocks) - len(planned))
+                    break
+                high = total
+                while low < high:  # frozen_at never decreases along the run
+                    middle = (low + high) // 2
+                    if self.frozen_at(middle) >= count:
+                        high = middle
+                    else:
+                        low = middle + 1
+                planned.append(low)
+            return planned
+        finally:
+            self._reading_plan = False
+
+    @override
+    def position(self, step: int) -> int:
+        return step if self._reading_plan else super().position(step)
 
     def draw_timeline(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         """The figure ``efficient/freezing/timeline`` at this step (rank 0 with TensorBoard only; once a
@@ -559,15 +569,17 @@ class BlockFreezing(EfficientCallback):
         self._drawn_at = step
         self._close_window(trainer, pl_module, restart=False)  # the window so far, with this step's point
         names = [block.name for block in self.blocks]
-        planned = self.planned_freeze_steps()
-        actual = list(self.freeze_steps)
+        planned = self.planned_freeze_positions()
+        actual = list(self.freeze_positions)
         total = self._length.total_steps if self._length else None
         history = list(self.throughput_history)
+        now = self.position(step)
         title = (f"{type(self).__name__}: {self.frozen}/{len(names)} blocks frozen at step {step}"
+                 + (f" (run position {now})" if now != step else "")
                  + ("" if planned is not None else " (adaptive: no plan, actual freeze steps only)"))
         height = 1.2 + sum(_panel_inches(len(names)))
         log_figure(trainer, self.technique, "timeline",
-                   lambda figure: _draw_timeline(figure, names, planned, actual, step, total, history, title),
+                   lambda figure: _draw_timeline(figure, names, planned, actual, now, total, history, title),
                    height=height)
         self.throughput.start(pl_module.device)
 
@@ -611,7 +623,7 @@ class BlockFreezing(EfficientCallback):
                 "last_step": self._steps.last, "check_deferred": False,
                 "joined_modules": list(self._joined_modules),
                 "joined_params": list(self._joined_params),
-                "freeze_steps": list(self.freeze_steps)}
+                "freeze_positions": list(self.freeze_positions)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -620,8 +632,8 @@ class BlockFreezing(EfficientCallback):
         self.freed_state_bytes = int(state_dict.get("freed_state_bytes", 0))  # older checkpoints: not counted
         self.counted_steps = int(state_dict["counted_steps"])
         # the timeline's history (older checkpoints: freeze steps unknown, no throughput points)
-        steps = [None if s is None else int(s) for s in state_dict.get("freeze_steps", [])][: self.frozen]
-        self.freeze_steps = steps + [None] * (self.frozen - len(steps))
+        steps = [None if s is None else int(s) for s in state_dict.get("freeze_positions", [])][: self.frozen]
+        self.freeze_positions = steps + [None] * (self.frozen - len(steps))
         self._steps.last = int(state_dict["last_step"])
         # joined to block 0 again in on_fit_start, before the frozen set (older checkpoints: nothing joined)
         self._restored_join = ([str(n) for n in state_dict.get("joined_modules", [])],
@@ -643,6 +655,9 @@ class BlockFreezing(EfficientCallback):
         self.throughput_history.extend((int(s), float(r)) for s, r in checkpoint.get(THROUGHPUT_KEY, []))
 
 
+POSITION_LABEL = "run position (optimizer steps; full-data epochs under data pruning)"
+
+
 def _panel_inches(blocks: int) -> tuple[float, float]:
     """Heights of the timeline's two panels: a row per block on top, the throughput below."""
     return max(2.6, 0.9 + 0.25 * blocks), 2.4
@@ -651,7 +666,8 @@ def _panel_inches(blocks: int) -> tuple[float, float]:
 def _draw_timeline(figure, names: list[str], planned: Optional[list[Optional[int]]], actual: list[Optional[int]],
                    step: int, total: Optional[int], history: list[tuple[int, float]], title: str) -> None:
     """Top: one row per block, trained (blue) until it froze, frozen (grey) after, with the planned
-    freeze step as a black diamond. Bottom: samples/s against the step, a dotted line at each freeze."""
+    freeze as a black diamond. Bottom: samples/s, a dotted line at each freeze. The x axis is the run
+    position (``step`` is now's), where the plan lies: optimizer steps of full-data epochs."""
     from matplotlib.ticker import MaxNLocator
 
     grid = figure.add_gridspec(2, 1, height_ratios=_panel_inches(len(names)))
@@ -676,12 +692,12 @@ def _draw_timeline(figure, names: list[str], planned: Optional[list[Optional[int
             timeline.plot([s for _, s in shown], [row for row, _ in shown], marker="D", markerfacecolor="none",
                           markeredgecolor="black", markersize=8, markeredgewidth=1.5, linestyle="none",
                           label="planned freeze")
-    timeline.axvline(step, color="black", linestyle=":", linewidth=1, label=f"now (step {step})")
+    timeline.axvline(step, color="black", linestyle=":", linewidth=1, label="now")
     timeline.set_yticks(list(rows))
     timeline.set_yticklabels(names, fontsize=9 if len(names) <= 16 else 7 if len(names) <= 48 else 5.5)
     timeline.set_ylim(len(names) - 0.5, -0.5)  # block 0 on top
     timeline.set_xlim(0, end)
-    timeline.set_xlabel("optimizer step")
+    timeline.set_xlabel(POSITION_LABEL)
     timeline.set_title(title)
     timeline.grid(axis="x", alpha=0.3)
     handles, labels = timeline.get_legend_handles_labels()
@@ -689,7 +705,7 @@ def _draw_timeline(figure, names: list[str], planned: Optional[list[Optional[int
     timeline.legend(unique.values(), unique.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
     line_chart(speed, {"samples/s": ([s for s, _ in history], [r for _, r in history])},
-               "throughput over the windows between logging steps and freezes", "optimizer step", "samples/s")
+               "throughput over the windows between logging steps and freezes", POSITION_LABEL, "samples/s")
     for i, froze in enumerate(s for s in actual if s is not None):
         speed.axvline(froze, color="#c44e52", linestyle=":", linewidth=1.2, label="block froze" if i == 0 else None)
     speed.set_xlim(0, end)

@@ -34,20 +34,20 @@ def fit(tmp_path, freezing, steps=STEPS, log_every_n_steps=2):
     return trainer, events_of(logger.log_dir), ends.steps
 
 
-def test_timeline_is_drawn_on_freeze_steps_and_epoch_ends_only(tmp_path):
+def test_timeline_is_drawn_on_freeze_positions_and_epoch_ends_only(tmp_path):
     freezing = FreezeOut(t0=0.3, warp="linear")  # freezes at 30%, 47.5%, 65% and 82.5% of 14 steps
     trainer, events, epoch_ends = fit(tmp_path, freezing)
     assert epoch_ends == [4, 8, 12, 14]
-    assert freezing.freeze_steps == freezing.planned_freeze_steps() == [5, 7, 10, 12]
+    assert freezing.freeze_positions == freezing.planned_freeze_positions() == [5, 7, 10, 12]
     # each once: step 12 is both a freeze and an epoch end; the 14 steps drew 7 figures, not 14
     drawn = figure_steps(events, TAG)
-    assert drawn == sorted(set(freezing.freeze_steps) | set(epoch_ends)) == [4, 5, 7, 8, 10, 12, 14]
+    assert drawn == sorted(set(freezing.freeze_positions) | set(epoch_ends)) == [4, 5, 7, 8, 10, 12, 14]
     image = events.Images(TAG)[-1]
     assert image.width >= 800 and image.height >= 600
     keep_figure(events, TAG, "freezing_timeline")
     assert trainer.progress_bar_metrics["frozen/4"] == 4.0
     # a point at every logging step and every freeze (the drawing itself is left out of the windows)
-    assert {s for s, _ in freezing.throughput_history} == set(range(2, STEPS + 1, 2)) | set(freezing.freeze_steps)
+    assert {s for s, _ in freezing.throughput_history} == set(range(2, STEPS + 1, 2)) | set(freezing.freeze_positions)
     assert all(rate > 0 for _, rate in freezing.throughput_history)
 
 
@@ -68,9 +68,9 @@ def test_progress_bar_is_checked():
 def test_autofreeze_draws_the_actual_steps_without_a_plan(tmp_path):
     freezing = AutoFreeze(freeze_start="2st", check_every="2st", percentile=75, freeze_level=0.75)
     trainer, events, epoch_ends = fit(tmp_path, freezing, steps=12, log_every_n_steps=50)
-    assert freezing.planned_freeze_steps() is None
-    assert 1 <= freezing.frozen <= 3 and len(freezing.freeze_steps) == freezing.frozen
-    assert figure_steps(events, TAG) == sorted(set(freezing.freeze_steps) | set(epoch_ends))
+    assert freezing.planned_freeze_positions() is None
+    assert 1 <= freezing.frozen <= 3 and len(freezing.freeze_positions) == freezing.frozen
+    assert figure_steps(events, TAG) == sorted(set(freezing.freeze_positions) | set(epoch_ends))
     assert trainer.progress_bar_metrics["frozen/4"] == float(freezing.frozen)
 
 
@@ -87,7 +87,7 @@ def test_a_resumed_run_draws_the_whole_history(tmp_path):
     logger, ends = TensorBoardLogger(tmp_path, name="tb"), EpochEnds()
     make_trainer(tmp_path, [resumed, ends], STEPS, logger=logger, log_every_n_steps=2).fit(
         ViTModule(), image_loader(), ckpt_path=str(tmp_path / "ckpts" / "epoch=1-step=8.ckpt"))
-    assert resumed.freeze_steps == straight.freeze_steps == [5, 7, 10, 12]
+    assert resumed.freeze_positions == straight.freeze_positions == [5, 7, 10, 12]
     assert list(resumed.throughput_history)[: len(saved)] == saved  # the measurements before the resume
     assert resumed.state_dict() == straight.state_dict()  # wall-clock stays out of the state
     # against the resumed run's own epoch ends: Lightning replays an epoch-end checkpoint's last batch as an
@@ -98,6 +98,31 @@ def test_a_resumed_run_draws_the_whole_history(tmp_path):
 def test_a_checkpoint_from_before_the_timeline_loads():
     freezing = FreezeOut(t0=0.3, warp="linear")
     freezing.load_state_dict({"frozen": 2, "frozen_param_steps": 1.0, "counted_steps": 8, "last_step": 8})
-    assert freezing.freeze_steps == [None, None]  # froze at steps not recorded: drawn hatched
+    assert freezing.freeze_positions == [None, None]  # froze at steps not recorded: drawn hatched
     freezing.on_load_checkpoint(None, None, {})
     assert not freezing.throughput_history
+
+
+class PerSampleViT(ViTModule):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        losses = torch.nn.functional.cross_entropy(self.model(x), y, reduction="none")
+        return {"loss": losses.mean(), "sample_losses": losses}
+
+
+def test_under_infobatch_plan_and_actual_freezes_share_the_run_position(tmp_path):
+    """InfoBatch's shorter epochs: the plan lies on the run position (full-data steps), so the actual
+    freezes are drawn there too, each at the first position at or past its plan."""
+    from lit_efficient import InfoBatch
+
+    freezing = FreezeOut(t0=0.3, warp="linear")
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = make_trainer(tmp_path, [freezing, InfoBatch(prune_ratio=0.9)], -1, max_epochs=8, logger=logger,
+                           log_every_n_steps=2)
+    trainer.fit(PerSampleViT(), image_loader(n=64, batch=8))
+    planned = freezing.planned_freeze_positions()
+    assert freezing.frozen == 4 and trainer.global_step < 8 * 8  # pruning shortened the run
+    assert trainer.global_step < freezing.freeze_positions[-1]  # positions run ahead of the optimizer steps
+    for plan, actual in zip(planned, freezing.freeze_positions):
+        assert plan <= actual <= plan + 8, (planned, freezing.freeze_positions)  # within one full-data epoch
+    assert figure_steps(events_of(logger.log_dir), TAG)

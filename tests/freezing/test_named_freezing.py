@@ -25,7 +25,7 @@ PAIRS = {
 }
 SCHEDULE = {FreezeOut: "freezeout", LinearFreezing: "linear", AutoFreeze: "adaptive"}
 STATE_KEYS = {"frozen", "previous_norms", "pending", "frozen_param_steps", "counted_steps", "last_step",
-              "check_deferred", "joined_modules", "joined_params", "freed_state_bytes", "freeze_steps"}
+              "check_deferred", "joined_modules", "joined_params", "freed_state_bytes", "freeze_positions"}
 COMMON = ["blocks", "frozen_eval", "tied_embeddings", "cache_frozen_mb", "progress_bar"]
 
 
