@@ -286,7 +286,7 @@ BAD = {  # one invalid value for every constructor argument
     "InfoBatch": dict(prune_ratio=1.0, delta=0.0, shuffle="yes", seed=0.5, progress_bar="yes"),
     "GaLore": dict(rank=0, update_proj_gap=0, scale=0.0, proj_type="diagonal", projection="qr", include=[""],
                    target_modules=[""], exclude=[""], fira="yes", eight_bit="no", layerwise=1, seed="s",
-                   moments_on_refresh="reset", shard_basis="yes"),
+                   moments_on_refresh="reset", shard_basis="yes", progress_bar="yes"),
     "AccuracyMatrix": dict(keys=[]),
 }
 

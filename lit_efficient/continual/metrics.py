@@ -12,7 +12,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
-from lit_efficient.core.logs import log_image
+from lit_efficient.core.figures import figure_writer, log_figure, matrix_chart
 from lit_efficient.core.tasks import task_progress
 
 
@@ -38,12 +38,13 @@ def _last_row(matrix: Tensor) -> int:
     return int(filled[-1]) if filled.numel() else -1
 
 
-def matrix_image(matrix: Tensor) -> Tensor:
-    """A 3×H×W image of an accuracy matrix in [0, 100] (bright = accurate, blue = not yet trained)."""
-    values = (matrix.nan_to_num(-1.0) / 100).clamp(min=0)
-    untrained = torch.isnan(matrix)
-    image = torch.stack([values, values, torch.where(untrained, torch.full_like(values, 0.4), values)])
-    return image.repeat_interleave(16, dim=1).repeat_interleave(16, dim=2)
+def draw_accuracy_matrix(figure: Any, matrix: Tensor, key: str, after_task: int) -> None:
+    """The accuracy matrix as a labelled heat map, each cell's accuracy written in it (grey: not
+    trained yet), titled with the average accuracy and forgetting after ``after_task``."""
+    n, average, forgot = matrix.shape[0], average_accuracy(matrix, after_task), forgetting(matrix, after_task)
+    matrix_chart(figure.add_subplot(1, 1, 1), matrix, f"{key}: accuracy % on each task after task {after_task} "
+                 f"(average {average:.1f}, forgetting {forgot:.1f})",
+                 "evaluated on task", "after training task", [str(i) for i in range(n)], [str(j) for j in range(n)])
 
 
 class AccuracyMatrix(EfficientCallback):
@@ -53,7 +54,9 @@ class AccuracyMatrix(EfficientCallback):
     ``val/acc_cil/task3``);
     at the end of each task's last epoch this callback reads them into one matrix per key and
     reports the average accuracy over the tasks seen and the forgetting, as scalars
-    (``efficient/continual/<key>/average``, ``.../forgetting``) and as a TensorBoard image.
+    (``efficient/continual/<key>/average``, ``.../forgetting``), and draws the matrix as a figure
+    (``efficient/continual/<key>/matrix``: a heat map with each accuracy written in its cell, on
+    rank 0, with matplotlib).
 
     Args:
         keys: metric prefixes to read (default Class-IL and Task-IL accuracy).
@@ -91,7 +94,9 @@ class AccuracyMatrix(EfficientCallback):
                     matrix[progress.task, j] = float(value) * 100.0  # logged as a fraction
             scalars[f"efficient/continual/{key}/average"] = average_accuracy(matrix, progress.task)
             scalars[f"efficient/continual/{key}/forgetting"] = forgetting(matrix, progress.task)
-            log_image(trainer, self.technique, f"{key}/matrix", matrix_image(matrix))
+            if figure_writer(trainer) is not None:
+                log_figure(trainer, self.technique, f"{key}/matrix",
+                           lambda f, m=matrix: draw_accuracy_matrix(f, m, key, progress.task))
         if trainer.logger is not None:
             trainer.logger.log_metrics(scalars, step=trainer.global_step)
 

@@ -74,8 +74,9 @@ class EfficientCallback(Callback):
         if callbacks and callbacks[-1] is self:
             check_composition(callbacks)
 
-    def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], **kwargs: Any) -> None:
-        log_metrics(pl_module, self.technique, metrics, **kwargs)
+    def log_metrics(self, pl_module: "pl.LightningModule", metrics: Mapping[str, Number], event: bool = False,
+                    **kwargs: Any) -> None:
+        log_metrics(pl_module, self.technique, metrics, event, **kwargs)
 
     def show_progress(self, pl_module: "pl.LightningModule", label: str, value: float) -> None:
         """This technique's entry in the progress bar (``label=value``, e.g. ``sparsity=0.9``), through

@@ -93,9 +93,15 @@ def _label_size(labels: int) -> float:
 def bar_chart(figure, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str,
               ylim: Optional[tuple[float, float]] = None, line: Optional[tuple[str, float]] = None,
               integer: bool = False) -> None:
-    """Grouped bars, one group per label (names on the x axis) and one colour per series;
+    """:func:`bars` filling the whole figure."""
+    bars(figure.add_subplot(1, 1, 1), labels, series, title, ylabel, ylim, line, integer)
+
+
+def bars(axes, labels: Sequence[str], series: Mapping[str, Sequence[float]], title: str, ylabel: str,
+         ylim: Optional[tuple[float, float]] = None, line: Optional[tuple[str, float]] = None,
+         integer: bool = False) -> None:
+    """Grouped bars on ``axes``, one group per label (names on the x axis) and one colour per series;
     ``line=(label, y)`` adds a horizontal reference line; ``integer`` ticks counts only."""
-    axes = figure.add_subplot(1, 1, 1)
     if integer:
         from matplotlib.ticker import MaxNLocator
 

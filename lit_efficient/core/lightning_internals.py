@@ -57,6 +57,14 @@ def logs_written_this_step(trainer: "pl.Trainer") -> bool:
     return bool(getattr(getattr(trainer, "_logger_connector", None), "should_update_logs", True))
 
 
+def step_metric_step(trainer: "pl.Trainer") -> int:
+    """The step Lightning writes a training step's metrics at (its ``_batches_that_stepped``, one
+    behind ``global_step`` once the step's optimizer has run), so a scalar written directly lands
+    on the same axis as the ones ``self.log`` writes. Reads ``fit_loop.epoch_loop._batches_that_stepped``;
+    no public API gives it."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
+
+
 def is_last_batch(trainer: "pl.Trainer") -> bool:
     """Whether the training batch now running is the epoch's last. Reads the fit loop's batch
     progress (public attributes of the loops, but not a documented API)."""

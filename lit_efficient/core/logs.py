@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_efficient.core.device import synchronize
-from lit_efficient.core.lightning_internals import attached_trainer, logs_written_this_step
+from lit_efficient.core.lightning_internals import attached_trainer, logs_written_this_step, step_metric_step
 
 NAMESPACE = "efficient"
 
@@ -31,15 +31,24 @@ def metric_key(technique: str, name: str) -> str:
     return f"{NAMESPACE}/{technique}/{name}"
 
 
-def log_metrics(pl_module: "pl.LightningModule", technique: str, metrics: Mapping[str, Number], **kwargs: Any) -> None:
+def log_metrics(pl_module: "pl.LightningModule", technique: str, metrics: Mapping[str, Number], event: bool = False,
+                **kwargs: Any) -> None:
     """Log scalars under the technique's namespace (per optimizer step unless ``kwargs`` say otherwise).
 
     Values must be the same on every rank (they are technique state, not per-rank statistics),
-    so no synchronisation is requested.
+    so no synchronisation is requested. Lightning writes step metrics on its logging steps only;
+    ``event=True`` marks the scalars of a one-off event (a mask update, a basis refresh), written
+    to the loggers at this step even when it is not a logging step (otherwise an event every 200
+    steps, at steps 201, 401, ..., would never reach a logger that writes every 50).
     """
     options = dict(on_step=True, on_epoch=False, batch_size=1, sync_dist=False)
     options.update(kwargs)
     if not _step_log_is_written(pl_module, options):
+        if event:
+            trainer = attached_trainer(pl_module)
+            values = {metric_key(technique, name): float(value) for name, value in metrics.items()}
+            for logger in trainer.loggers if trainer is not None else []:
+                logger.log_metrics(values, step=step_metric_step(trainer))  # rank 0 only (Lightning's loggers)
         return
     for name, value in metrics.items():
         if isinstance(value, torch.Tensor):

@@ -36,6 +36,7 @@ from typing_extensions import override
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_int
 from lit_efficient.core.distributed import refuse_sharded_strategies
+from lit_efficient.core.figures import bars, figure_writer, line_chart, log_figure, width_for
 from lit_efficient.core.lightning_internals import inner_schedulers, mark_step_tracked, replace_method, restore_method
 from lit_efficient.core.logs import step_logs_due
 from lit_efficient.core.savings import SavingsRow
@@ -46,6 +47,7 @@ from lit_efficient.lowrank.optim import GaLoreAdamW, MomentsOnRefresh, check_gal
 from lit_efficient.lowrank.projector import PROJ_TYPES, PROJECTIONS, Projection, ProjType
 
 _CONVERTIBLE = (torch.optim.AdamW, torch.optim.Adam)
+_HISTORY = 2000  # samples of the optimizer state kept for its figure
 
 
 class GaLore(EfficientCallback):
@@ -84,6 +86,8 @@ class GaLore(EfficientCallback):
         target_modules: alias of ``include`` (Hugging Face PEFT's and ``galore-torch``'s name);
             giving both with different selections is a ValueError. After construction both
             attributes hold the resolved selection, so the callback rebuilds from its attributes.
+        progress_bar: show ``state/AdamW``, the optimizer state as a fraction of AdamW's for the same
+            parameters, in the progress bar (default True; updated on logging steps).
 
     Every argument reads back as the attribute of the same name (``update_proj_gap`` as the int it
     resolved to).
@@ -95,6 +99,12 @@ class GaLore(EfficientCallback):
     has the optimizer state's peak and mean over the run (sampled on logging steps and at the end)
     against AdamW's for the same parameters, and the state at the end, which says so when freezing
     had emptied the optimizer.
+
+    Figures (TensorBoard, rank 0, with matplotlib): ``subspace_overlap`` at each refresh after the
+    first — the overlap of every projected matrix, named, above the mean (and range over matrices)
+    at every refresh so far — and ``optimizer_state`` at the end of each training epoch: this rank's
+    state in MiB over the run beside AdamW's for the same parameters. APOLLO's random projections
+    (``projection="random"``) are redrawn, not refreshed from gradients, and have no overlap figure.
     """
 
     technique = "galore"
@@ -115,6 +125,7 @@ class GaLore(EfficientCallback):
         moments_on_refresh: MomentsOnRefresh = "rotate",
         shard_basis: bool = False,
         target_modules: Union[str, list[str], None] = None,
+        progress_bar: bool = True,
     ) -> None:
         self.rank = rank
         self.update_proj_gap = step_interval(update_proj_gap, "update_proj_gap")
@@ -126,6 +137,7 @@ class GaLore(EfficientCallback):
         self.seed = check_int(seed, "seed")
         self.moments_on_refresh = moments_on_refresh
         self.shard_basis = check_bool(shard_basis, "shard_basis")
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
         check_galore_group({**self.group_options, "params": []})  # ValueErrors naming the argument
         if eight_bit:
             try:
@@ -150,6 +162,9 @@ class GaLore(EfficientCallback):
         self._seen_refreshes = 0
         # optimizer state over the run, sampled on logging steps and at the end: (ours, AdamW's) peak and sum
         self.state_peak, self.state_sum, self.state_samples = [0, 0], [0.0, 0.0], 0
+        # for the figures: (step, ours, AdamW's) at each sample, and (step, mean, min, max) overlap at each refresh
+        self.state_history: list[tuple[int, int, int]] = []
+        self.refresh_history: list[tuple[int, float, float, float]] = []
 
     @property
     def group_options(self) -> dict[str, Any]:
@@ -307,14 +322,27 @@ class GaLore(EfficientCallback):
         return galore, adamw
 
     @override
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                             batch_idx: int) -> None:
+        if self.layerwise:  # the per-layer mode steps matrices one by one, inside backward
+            for optimizer in self.optimizers:
+                optimizer.start_step()
+
+    @override
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not self.optimizers:
             return
         refreshes = sum(o.refreshes for o in self.optimizers)
-        overlaps = [v for o in self.optimizers for v in o.last_overlaps]
-        if overlaps and refreshes != self._seen_refreshes:
-            self.log_metrics(pl_module, {"subspace_overlap": sum(overlaps) / len(overlaps)})
+        if refreshes != self._seen_refreshes:
+            overlaps = self.overlaps()
+            if overlaps:
+                values = list(overlaps.values())
+                mean = sum(values) / len(values)
+                self.log_metrics(pl_module, {"subspace_overlap": mean}, event=True)
+                self.refresh_history.append((trainer.global_step, mean, min(values), max(values)))
+                if figure_writer(trainer) is not None:
+                    self.draw_overlaps(trainer, overlaps)
         self._seen_refreshes = refreshes
         if step_logs_due(trainer):
             ours, adamw = self.sample_state()
@@ -323,16 +351,63 @@ class GaLore(EfficientCallback):
                 "state_ratio": ours / max(1, adamw), "rank": float(self.rank),
                 "refresh_seconds": sum(o.refresh_seconds for o in self.optimizers),
             })
+            if adamw:
+                self.show_progress(pl_module, "state/AdamW", round(ours / adamw, 3))
 
-    @override
+    def overlaps(self) -> dict[str, float]:
+        """The subspace overlap of each matrix refreshed in the latest step, by target name, in the
+        model's order (the per-layer mode refreshes them in backward's order)."""
+        latest = {key: value for o in self.optimizers for key, value in o.last_overlaps.items()}
+        return {t.name: latest[id(t.param)] for t in self.targets if id(t.param) in latest}
+
     def sample_state(self) -> tuple[int, int]:
         """This rank's optimizer-state bytes and AdamW's for the same parameters now, kept for the
-        run's peak and mean."""
+        run's peak and mean (and the ``optimizer_state`` figure)."""
         ours, adamw = sum(state_bytes(o) for o in self.optimizers), self.adamw_state_bytes()
         self.state_peak = [max(self.state_peak[0], ours), max(self.state_peak[1], adamw)]
         self.state_sum = [self.state_sum[0] + ours, self.state_sum[1] + adamw]
         self.state_samples += 1
+        step = self._trainer.global_step if self._trainer is not None else self.state_samples
+        if not self.state_history or self.state_history[-1][0] != step:
+            self.state_history.append((step, ours, adamw))
+            if len(self.state_history) > _HISTORY:  # a long run keeps every other sample (and the latest)
+                self.state_history = self.state_history[:-1:2] + self.state_history[-1:]
         return ours, adamw
+
+    def draw_overlaps(self, trainer: "pl.Trainer", overlaps: dict[str, float]) -> None:
+        step, (steps, means, lows, highs) = trainer.global_step, zip(*self.refresh_history)
+        mean = means[-1]
+
+        def draw(figure: Any) -> None:
+            top, bottom = figure.subplots(2, 1, gridspec_kw={"height_ratios": [3, 2]})
+            bars(top, list(overlaps), {"this refresh": list(overlaps.values())},
+                 f"galore: subspace kept per matrix at the refresh of step {step} (rank {self.rank}, mean {mean:.2f})",
+                 "overlap (1 = same subspace)", ylim=(0.0, 1.05))
+            bottom.fill_between(steps, lows, highs, alpha=0.25, label="range over matrices")
+            line_chart(bottom, {"mean over matrices": (steps, means)}, "overlap at each refresh", "optimizer step",
+                       "overlap")
+            bottom.set_ylim(0.0, 1.05)
+
+        log_figure(trainer, self.technique, "subspace_overlap", draw, width=width_for(len(overlaps)), height=7.0)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.state_history and figure_writer(trainer) is not None:
+            self.draw_state(trainer)
+
+    def draw_state(self, trainer: "pl.Trainer") -> None:
+        steps, ours, adamw = zip(*self.state_history)
+        peak, peak_adamw = max(ours), max(adamw)
+        ratio = f", {peak / peak_adamw:.2f}x AdamW's" if peak_adamw else ""
+
+        def draw(figure: Any) -> None:
+            line_chart(figure.add_subplot(1, 1, 1),
+                       {"GaLore": (steps, [v / 2**20 for v in ours]),
+                        "AdamW, same parameters": (steps, [v / 2**20 for v in adamw])},
+                       f"galore: optimizer state on rank 0 (peak {peak / 2**20:.2f} MiB{ratio})", "optimizer step",
+                       "MiB")
+
+        log_figure(trainer, self.technique, "optimizer_state", draw)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -371,13 +446,18 @@ class GaLore(EfficientCallback):
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"state_peak": list(self.state_peak), "state_sum": list(self.state_sum),
-                "state_samples": self.state_samples}
+                "state_samples": self.state_samples, "state_history": [list(s) for s in self.state_history],
+                "refresh_history": [list(r) for r in self.refresh_history]}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.state_peak = [int(v) for v in state_dict["state_peak"]]
         self.state_sum = [float(v) for v in state_dict["state_sum"]]
         self.state_samples = int(state_dict["state_samples"])
+        # checkpoints written before the figures have no histories: those figures start afresh
+        self.state_history = [(int(s), int(o), int(a)) for s, o, a in state_dict.get("state_history", [])]
+        self.refresh_history = [(int(s), float(m), float(lo), float(hi))
+                                for s, m, lo, hi in state_dict.get("refresh_history", [])]
 
 
 __all__ = ["GaLore", "PROJECTIONS", "PROJ_TYPES"]

@@ -455,7 +455,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 check_galore_group(group)
         self.refresh_seconds = 0.0  # time spent computing bases (for the logs)
         self.refreshes = 0
-        self.last_overlaps: list[float] = []  # subspace kept at the latest refreshes
+        # subspace kept at this step's refreshes, per matrix (id of the parameter; mean of both sides for "full")
+        self.last_overlaps: dict[int, float] = {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # torch casts loaded floating-point state to each parameter's dtype: the fp32 moments and
@@ -529,7 +530,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.last_overlaps = []
+        if any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            self.start_step()  # (the per-layer mode has stepped and freed every gradient inside backward)
         for group in self.param_groups:
             flags = group.get("projected") or [True] * len(group["params"])
             plain = []
@@ -545,6 +547,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if plain:
                 self._adamw_update(plain, group)
         return loss
+
+    def start_step(self) -> None:
+        """Forget the previous step's per-step records (:attr:`last_overlaps`): :meth:`step` calls it,
+        and whoever steps matrices one by one with :meth:`step_param` calls it before each step."""
+        self.last_overlaps = {}
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any], flag: bool = True) -> None:
@@ -606,12 +613,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
             synchronize(grad.device)
             self.refresh_seconds += time.perf_counter() - start
             self.refreshes += 1
+            overlaps = []
             for name, before, after in (("basis_left", old[0], new[0]), ("basis_right", old[1], new[1])):
                 if after is not None:
                     if before is not None and before is not after:
-                        self.last_overlaps.append(subspace_overlap(before, after, rows=name == "basis_right",
-                                                                   reduce=reduce))
+                        overlaps.append(subspace_overlap(before, after, rows=name == "basis_right", reduce=reduce))
                     state[name] = after.to(grad.dtype)
+            if overlaps:
+                self.last_overlaps[id(p)] = sum(overlaps) / len(overlaps)
             state["basis_step"] = state["step"]
         return state.get("basis_left"), state.get("basis_right")
 

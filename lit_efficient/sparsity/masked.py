@@ -229,7 +229,7 @@ class MaskedTraining(EfficientCallback):
         if self.flops is not None and self.flops.measured:
             metrics["inference_flops_ratio"] = self.flops.ratio(densities)
             metrics["training_flops_ratio"] = self.density_steps / max(1, self.counted_steps)
-        self.log_metrics(pl_module, metrics)
+        self.log_metrics(pl_module, metrics, event=True)
         if figure_writer(trainer) is not None:
             self.draw_layers(trainer, densities, pruned, grown)
 

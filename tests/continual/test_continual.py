@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from examples.vision.continual import ContinualClassifier, SplitDigits
-from lit_efficient.continual.metrics import AccuracyMatrix, average_accuracy, forgetting, matrix_image
+from lit_efficient.continual.metrics import AccuracyMatrix, average_accuracy, draw_accuracy_matrix, forgetting
 from lit_efficient.continual.rehearsal import ReservoirBuffer, rehearsal_loss
 from lit_efficient.core.tasks import task_of_epoch
 
@@ -69,7 +69,12 @@ def test_average_accuracy_and_forgetting():
     assert average_accuracy(matrix, after_task=1) == pytest.approx(82.5)
     assert forgetting(matrix) == pytest.approx(((90 - 60) + (95 - 80)) / 2)
     assert forgetting(matrix, after_task=0) == 0.0
-    assert matrix_image(matrix).shape == (3, 48, 48)
+    pytest.importorskip("matplotlib")
+    from lit_efficient.core.figures import render
+
+    picture = render(lambda figure: draw_accuracy_matrix(figure, matrix, "val/acc_cil", 2))
+    assert picture.shape[0] >= 400 and picture.shape[1] >= 600 and picture.shape[2] == 3
+    assert picture.std() > 10  # cells, labels and numbers, not a blank canvas
 
 
 def test_split_digits_tasks_hold_their_classes():

@@ -126,6 +126,32 @@ def test_step_metrics_are_logged_only_on_the_steps_lightning_writes(tmp_path, mo
     assert [e.value for e in events.Scalars("efficient/probe/step_seen")] == [4.0, 8.0]
 
 
+class EveryThird(EfficientCallback):
+    """An event (a mask update, a basis refresh) on steps 3, 6, 9, ...: most are not logging steps."""
+
+    technique = "events"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step % 3 == 0:
+            self.log_metrics(pl_module, {"update": float(trainer.global_step)}, event=True)
+            self.log_metrics(pl_module, {"ordinary": float(trainer.global_step)})
+
+
+def test_event_scalars_reach_the_logger_on_their_step_and_ordinary_ones_wait_for_a_logging_step(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(max_steps=16, callbacks=[EveryThird()], logger=logger, log_every_n_steps=4,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    trainer.fit(Regression())
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    updates = events.Scalars("efficient/events/update")
+    # on the axis Lightning writes step metrics at (the step's index, one behind global_step), as the
+    # ordinary scalar of logging step 12 is; Lightning writes the last step's values again at the end
+    assert [(e.step, e.value) for e in updates] == [(2, 3), (5, 6), (8, 9), (11, 12), (14, 15), (15, 12)]
+    assert [(e.step, e.value) for e in events.Scalars("efficient/events/ordinary")] == [(11, 12), (15, 12)]
+
+
 @pytest.mark.parametrize("with_logger", [True, False])
 def test_the_savings_table_is_written_as_markdown_in_the_logs_directory(tmp_path, with_logger):
     logger = TensorBoardLogger(tmp_path, name="tb") if with_logger else False

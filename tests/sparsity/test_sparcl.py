@@ -292,6 +292,7 @@ def test_tensorboard_shows_the_accuracy_matrix_sparsity_gradients_and_removed_da
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from figure_events import figure_steps, keep_figure
     from lit_efficient.continual.metrics import AccuracyMatrix
 
     pl.seed_everything(0)
@@ -309,6 +310,9 @@ def test_tensorboard_shows_the_accuracy_matrix_sparsity_gradients_and_removed_da
         assert f"efficient/sparcl/{name}" in scalars, name
     averages = events.Scalars("efficient/continual/val/acc_cil/average")
     assert len(averages) == 2 and all(0 <= e.value <= 100 for e in averages)  # one per task
+    for key in ("val/acc_cil", "val/acc_til"):  # a readable heat map at each task's end, and only then
+        assert figure_steps(events, f"efficient/continual/{key}/matrix") == [e.step for e in averages]
+    keep_figure(events, "efficient/continual/val/acc_cil/matrix", "sparcl_accuracy_matrix")
     removed = [e.value for e in events.Scalars("efficient/sparcl/removed_fraction")]
     assert max(removed) == pytest.approx(0.3, abs=0.01)
 
