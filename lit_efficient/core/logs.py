@@ -118,14 +118,19 @@ class Throughput:
 
     An ordinary step only adds its sample count; the clock is read, after waiting for the device
     (on a GPU the work runs behind the launches), when a window closes: on logging steps, when
-    validation starts (validation time is left out) and at the end of each epoch. So throughput
-    costs a device sync only where the run syncs anyway.
+    validation starts and at the end of each epoch, and when one opens again at the next training
+    batch (so validation, the epoch's boundary — the loaders' start, other callbacks' epoch work —
+    are left out). So throughput costs a device sync only where the run syncs anyway.
     """
 
     def __init__(self) -> None:
         self.windows: list[tuple[int, float]] = []  # (samples, seconds) of every closed window
         self._samples = 0
         self._start: Optional[float] = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._start is not None
 
     def start(self, device: torch.device) -> None:
         synchronize(device)

@@ -318,7 +318,6 @@ class BlockFreezing(EfficientCallback):
         self._resolve_times(self._length)
         if self.needs_run_length and self._length.total_steps is None:
             raise ValueError(f"{self._schedule_name()} needs a known run length (max_steps or max_epochs)")
-        self.throughput.start(pl_module.device)
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -378,6 +377,8 @@ class BlockFreezing(EfficientCallback):
     # -- every step ---------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch, batch_idx) -> None:
+        if not self.throughput.is_open:  # a window opens at a training batch: validation, the epoch's
+            self.throughput.start(pl_module.device)  # boundary and the figures' drawing stay outside
         if self.frozen_eval:
             for block in self.blocks[: self.frozen]:
                 for _, module in block.modules:
@@ -396,13 +397,8 @@ class BlockFreezing(EfficientCallback):
         self._close_window(trainer, pl_module, restart=False)  # validation is not training throughput
 
     @override
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.throughput.start(pl_module.device)
-
-    @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._close_window(trainer, pl_module)
+        self._close_window(trainer, pl_module, restart=False)  # the next opens at the next epoch's first batch
         self.draw_timeline(trainer, pl_module)
         cache = self._cache
         if cache is None or cache.disabled is not None or not self.frozen:
@@ -580,8 +576,7 @@ class BlockFreezing(EfficientCallback):
         height = 1.2 + sum(_panel_inches(len(names)))
         log_figure(trainer, self.technique, "timeline",
                    lambda figure: _draw_timeline(figure, names, planned, actual, now, total, history, title),
-                   height=height)
-        self.throughput.start(pl_module.device)
+                   height=height)  # the window reopens at the next training batch
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:

@@ -44,7 +44,7 @@ def test_timeline_is_drawn_on_freeze_positions_and_epoch_ends_only(tmp_path):
     assert drawn == sorted(set(freezing.freeze_positions) | set(epoch_ends)) == [4, 5, 7, 8, 10, 12, 14]
     image = events.Images(TAG)[-1]
     assert image.width >= 800 and image.height >= 600
-    keep_figure(events, TAG, "freezing_timeline")
+    keep_figure(events, TAG, "freezing_timeline_14_steps")  # the card shows the README job's
     assert trainer.progress_bar_metrics["frozen/4"] == 4.0
     # a point at every logging step and every freeze (the drawing itself is left out of the windows)
     assert {s for s, _ in freezing.throughput_history} == set(range(2, STEPS + 1, 2)) | set(freezing.freeze_positions)
@@ -126,3 +126,30 @@ def test_under_infobatch_plan_and_actual_freezes_share_the_run_position(tmp_path
     for plan, actual in zip(planned, freezing.freeze_positions):
         assert plan <= actual <= plan + 8, (planned, freezing.freeze_positions)  # within one full-data epoch
     assert figure_steps(events_of(logger.log_dir), TAG)
+
+
+class SlowEpochStart(pl.Callback):
+    """Another callback's epoch work (a pruning decision, a loader starting) on a fake clock: 100 s
+    at each epoch's start, 1 s for each training batch."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.clock[0] += 100.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.clock[0] += 1.0
+
+
+def test_throughput_windows_open_at_a_training_batch_and_leave_the_epoch_boundaries_out(tmp_path, monkeypatch):
+    import lit_efficient.core.logs as logs
+
+    clock = [0.0]
+    monkeypatch.setattr(logs.time, "perf_counter", lambda: clock[0])
+    freezing = FreezeOut(t0=0.3, warp="linear")
+    trainer = make_trainer(tmp_path, [SlowEpochStart(clock), freezing], STEPS, log_every_n_steps=2)
+    trainer.fit(ViTModule(), image_loader())
+    windows = freezing.throughput.windows
+    assert windows and all(seconds <= 2.0 for _, seconds in windows)  # never one of the 100 s epoch starts
+    assert sum(seconds for _, seconds in windows) == STEPS  # and every training batch is in one
