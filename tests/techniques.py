@@ -12,6 +12,9 @@ def freezeout():
 
 TECHNIQUES = {
     "granet": lambda: [GraNet(sparsity=0.8, prune_end="14st", update_every="3st")],
+    # regrowth from the dense gradients' momentum, a buffer beside each mask kept at every step
+    "granet_momentum": lambda: [GraNet(sparsity=0.8, initial_density=0.5, prune_end="14st", update_every="3st",
+                                       growth="momentum")],
     "rigl": lambda: [RigL(sparsity=0.8, update_every="3st", stop=0.9)],
     "set": lambda: [SET(sparsity=0.8, update_every="3st", stop=0.9)],
     "nm": lambda: [NMSparsity(n=2, m=4)],

@@ -19,6 +19,7 @@ SPARSE = {
     "rigl": dict(steps=12),
     "set": dict(steps=12),
     "granet": dict(steps=15),
+    "granet_momentum": dict(steps=15),  # and the dense-gradient momentum, sharded like the masks
 }
 
 
@@ -60,7 +61,7 @@ def test_fsdp2_uneven_shards_on_three_ranks(tmp_path, entry):
     assert_same_run(sharded, trainer, model)
 
 
-@pytest.mark.parametrize("entry", ["granet"])  # RigL's masks and state are saved by the same SparseMasks
+@pytest.mark.parametrize("entry", ["granet", "granet_momentum"])  # RigL's: saved by the same SparseMasks
 def test_fsdp2_sparse_resumes_exactly_from_a_sharded_checkpoint(tmp_path, entry):
     """Checkpointed at step 8 (between mask updates, masks and GraNet's pruning under way) as a
     distributed checkpoint, resumed: bit for bit the straight run."""

@@ -109,6 +109,7 @@ def freezeout(**kwargs):
 
 ENTRIES = {
     "granet": lambda: [GraNet(sparsity=0.8, update_every=LATER, prune_end=0.8)],
+    "granet_momentum": lambda: [GraNet(sparsity=0.8, update_every=LATER, prune_end=0.8, growth="momentum")],
     "rigl": lambda: [RigL(sparsity=0.8, update_every=LATER)],
     "set": lambda: [SET(sparsity=0.8, update_every=LATER)],
     "nm": lambda: [NMSparsity(n=2, m=4)],

@@ -40,6 +40,32 @@ def efficient_callbacks(trainer: "pl.Trainer") -> list["EfficientCallback"]:
     return [c for c in trainer.callbacks if isinstance(c, EfficientCallback)]
 
 
+def finite_flags(optimizer: torch.optim.Optimizer) -> tuple[dict[torch.device, list[torch.Tensor]], Any]:
+    """Per device, whether each local gradient of ``optimizer``'s parameters is finite (device bools,
+    no sync), and the group the gradients are sharded over (FSDP2; None: whole)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    shards = None  # FSDP2: each rank sees its shards of the gradients, and all must agree
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                grad, shards_group = local_part(p.grad)
+                shards = shards if shards_group is None else shards_group
+                grad = grad.coalesce().values() if grad.is_sparse else grad
+                by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
+    return by_device, shards
+
+
+def all_finite(optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+    """Whether every gradient this rank holds of ``optimizer``'s parameters is finite, as a device
+    bool (no sync: for work done on every step that an fp16 overflow step must skip); None when
+    there is no gradient. Under FSDP2 it is this rank's shards only."""
+    by_device, _ = finite_flags(optimizer)
+    if not by_device:
+        return None
+    first = next(iter(by_device))
+    return torch.stack([torch.stack(flags).all().to(first) for flags in by_device.values()]).all()
+
+
 class EfficientCallback(Callback):
     """Base of every lit_efficient callback: its technique name, logging helpers, what it owns
     alone and its rows of the savings table.
@@ -110,15 +136,7 @@ class EfficientCallback(Callback):
         if memo is not None and memo[0] == (id(optimizer), step):
             finite = memo[1]  # asked again in the same step (SparCL: mask update and gradient-mask refresh)
         else:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
-            shards = None  # FSDP2: each rank sees its shards of the gradients, and all must agree
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        grad, shards_group = local_part(p.grad)
-                        shards = shards if shards_group is None else shards_group
-                        grad = grad.coalesce().values() if grad.is_sparse else grad
-                        by_device.setdefault(grad.device, []).append(torch.isfinite(grad).all())
+            by_device, shards = finite_flags(optimizer)
             if shards is None:
                 finite = all(bool(torch.stack(flags).all()) for flags in by_device.values())  # one sync per device
             else:

@@ -16,7 +16,6 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lit_efficient.core.shards import local
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength, is_due
 from lit_efficient.sparsity.masked import MaskedTraining
 from lit_efficient.sparsity.masks import erk_densities, keep_counts, random_mask, uniform_densities
@@ -96,22 +95,15 @@ class SparseTrainingCallback(MaskedTraining):
         """Whether the masks change after optimizer step ``step`` (override to bound it)."""
         return is_due(step, self._every, start=self._every)
 
-    def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str, optimizer) -> list[torch.Tensor]:
-        """Scores for regrowth: |dense gradient|, |momentum| (first moment) or uniform random."""
+    def growth_scores(self, grad_scores: Optional[list[torch.Tensor]], growth: str) -> list[torch.Tensor]:
+        """Scores for regrowth: |dense gradient|, |momentum of the dense gradients| or uniform random."""
         assert self.masks is not None
         params, spans = self.masks.params, self.masks.spans
         if growth == "random":
             return [span.take(torch.rand(p.shape, generator=self.generator)).to(w.device)
                     for p, w, span in zip(params, self.masks.weights, spans)]
-        if growth == "momentum" and optimizer is not None:
-            scores = []
-            for p in params:
-                state = optimizer.state.get(p, {})
-                buf = state.get("exp_avg", state.get("momentum_buffer"))
-                usable = isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.is_floating_point()
-                scores.append(local(buf).detach().abs().float() if usable
-                              else torch.zeros_like(local(p), dtype=torch.float32))
-            return scores
+        if growth == "momentum":  # the dense gradients' momentum, kept by the masks at every step
+            return [momentum.abs() for momentum in self.masks.gradient_momentum]
         if grad_scores is None:
             return [torch.zeros_like(w, dtype=torch.float32) for w in self.masks.weights]
         return grad_scores

@@ -98,7 +98,7 @@ class DynamicSparseTraining(SparseTrainingCallback):
             fraction = self.drop_fraction
         else:
             fraction = rigl_drop_fraction(self.position(step), self._stop, self.drop_fraction)
-        scores = self.growth_scores(grad_scores, self.growth, optimizer)
+        scores = self.growth_scores(grad_scores, self.growth)
         new_masks = [
             m if frozen else drop_and_grow(w, m, math.ceil(fraction * active), s, span=span, active=active)
             for w, m, s, frozen, span, active in zip(masks.weights, masks.masks, scores, self.frozen_layers(),

@@ -49,7 +49,8 @@ class GraNet(SparseTrainingCallback):
             ImageNet — scale it to the run).
         regrow_fraction: initial regrowth fraction r, in [0, 1) (default 0.5), cosine-decayed to
             ``final_regrow_fraction`` (default 0.005) at the end of training.
-        growth: regrowth criterion, ``"gradient"`` (default), ``"momentum"`` or ``"random"``.
+        growth: regrowth criterion, ``"gradient"`` (default), ``"momentum"`` (the momentum of the
+            dense gradients, kept at every step in one fp32 buffer per targeted weight) or ``"random"``.
         distribution: layer densities of the initial random masks, ``"erk"`` (default) or ``"uniform"``.
         include, exclude: module-name patterns (see :mod:`lit_efficient.core.targets`).
         seed: seed of the random choices (identical on all ranks).
@@ -139,7 +140,7 @@ class GraNet(SparseTrainingCallback):
             pruned = before - keep
         fraction = regrow_fraction_at(self.position(step), self._total, self.regrow_fraction,
                                       self.final_regrow_fraction)
-        scores = self.growth_scores(grad_scores, self.growth, optimizer)
+        scores = self.growth_scores(grad_scores, self.growth)
         new_masks = [
             m if f else drop_and_grow(w, m, math.ceil(fraction * active), s, span=span, active=active)
             for w, m, s, f, span, active in zip(masks.weights, masks.masks, scores, frozen, masks.spans,

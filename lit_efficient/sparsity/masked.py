@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
-from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.callback import EfficientCallback, all_finite
 from lit_efficient.core.checks import check_bool, check_fraction, check_int
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.composition import Claim, weight_claim
@@ -94,7 +94,7 @@ class MaskedTraining(EfficientCallback):
         refuse_sharded_strategies(trainer, type(self).__name__, "masks could not be applied to whole weights",
                                   fsdp2=self.supports_fsdp2)
         targets = select_targets(pl_module, self.include, self.exclude, kinds=SPARSE_KINDS)
-        self.masks = SparseMasks(targets)
+        self.masks = SparseMasks(targets, gradient_momentum=self.grows_by_momentum)
         self.flops = ForwardFlops(targets)
         super().setup(trainer, pl_module, stage)
 
@@ -113,6 +113,12 @@ class MaskedTraining(EfficientCallback):
         self.masks.apply(self.optimizer(trainer))
         if self.flops is not None and not self.flops.measured:
             self.flops.attach()
+
+    @property
+    def grows_by_momentum(self) -> bool:
+        """Whether regrowth reads the momentum of the dense gradients, kept at every step (Sparse
+        Momentum's criterion, GraNet's ``growth="momentum"``)."""
+        return getattr(self, "growth", None) == "momentum"
 
     def initial_masks(self) -> list[torch.Tensor]:
         """The masks training starts from, one bool tensor per target (override)."""
@@ -135,6 +141,10 @@ class MaskedTraining(EfficientCallback):
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
         step = trainer.global_step + 1
         self._update_now, self._grad_scores = False, None
+        if self.masks is not None and self.masks.tracks_momentum:
+            # every step, inactive positions too; a step the GradScaler may skip adds nothing
+            scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+            self.masks.accumulate_gradient_momentum(optimizer, all_finite(optimizer) if scaled else None)
         if self.update_deferred and not self.update_window_open(step):
             self.update_deferred = False  # the window of updates closed while it waited: dropped
         if self.masks is None or not (self.update_deferred or self.is_update_step(step)):
@@ -157,13 +167,13 @@ class MaskedTraining(EfficientCallback):
         """What the coming step reads of each target's gradient
         (:class:`lit_efficient.core.protocols.ReadsPartOfGradients`): the entries the mask keeps —
         the optimizer's update of active weights reads only those, and the masks zero the rest
-        after the step — except on a mask update that regrows by gradient or momentum, which
-        scores the inactive positions too."""
+        after the step — except on a mask update that regrows by gradient, which scores the inactive
+        positions too, and on every step of growth by momentum, which averages them."""
         if self.masks is None or not self.initialized:
             return []
         step = trainer.global_step + 1
         update = self.update_deferred or self.is_update_step(step)
-        if update and getattr(self, "growth", "random") != "random":
+        if self.grows_by_momentum or (update and getattr(self, "growth", "random") != "random"):
             return [(self.technique, p, None) for p in self.masks.params]  # no index lists: the masks change next
         return [(self.technique, p, KeptEntries(indices)) for p, indices in zip(self.masks.params,
                                                                                self.masks.kept_indices())]
@@ -184,7 +194,8 @@ class MaskedTraining(EfficientCallback):
         optimizer = self.optimizer(trainer)
         self.masks.apply(optimizer)
         update, self._update_now = self._update_now, False
-        self.account_step(dense_gradient=update and getattr(self, "growth", None) == "gradient")
+        by_gradient = update and getattr(self, "growth", None) == "gradient"
+        self.account_step(dense_gradient=self.grows_by_momentum or by_gradient)  # momentum: every step
         if update:
             before = self.masks.count_changes()
             stats = self.update(step, optimizer, self._grad_scores)

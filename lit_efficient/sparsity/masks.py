@@ -35,6 +35,16 @@ from lit_efficient.core.shards import Span, counts, largest, local
 from lit_efficient.core.targets import Target
 
 MASK_BUFFER = "sparsity_mask"
+#: the momentum of each target's dense gradient (``growth="momentum"``), a buffer beside its mask
+MOMENTUM_BUFFER = "sparsity_gradient_momentum"
+
+
+def first_moment_beta(group: dict) -> float:
+    """The decay of an optimizer group's first moment: Adam's ``betas[0]``, SGD's ``momentum``, and
+    0.9 (Sparse Momentum's) for an optimizer with neither."""
+    if "betas" in group:
+        return float(group["betas"][0])
+    return float(group["momentum"]) if group.get("momentum") else 0.9
 
 
 def uniform_densities(shapes: Sequence[Sequence[int]], density: float) -> list[float]:
@@ -278,12 +288,15 @@ class SparseMasks:
 
     Args:
         targets: the weights to sparsify (from :func:`lit_efficient.core.targets.select_targets`).
+        gradient_momentum: also keep the momentum of each target's dense gradient, at every
+            position (:meth:`accumulate_gradient_momentum`; one fp32 buffer of the weight's shape).
     """
 
-    def __init__(self, targets: Sequence[Target]) -> None:
+    def __init__(self, targets: Sequence[Target], gradient_momentum: bool = False) -> None:
         if not targets:
             raise ValueError("no targets to sparsify")
         self.targets = list(targets)
+        self.tracks_momentum = bool(gradient_momentum)
         self._nonzeros: Optional[list[int]] = None
         self._kept: Optional[list[Tensor]] = None
         self._grown: Optional[list[int]] = None  # per layer, summed over set_masks calls while counting
@@ -296,6 +309,9 @@ class SparseMasks:
                 module.register_buffer(MASK_BUFFER, torch.ones_like(target.param, dtype=torch.bool), persistent=True)
             elif not isinstance(existing, Tensor) or existing.shape != target.param.shape:
                 raise ValueError(f"{target.name} already has an attribute {MASK_BUFFER!r} that is not a mask")
+            if self.tracks_momentum and getattr(module, MOMENTUM_BUFFER, None) is None:
+                module.register_buffer(MOMENTUM_BUFFER, torch.zeros_like(target.param, dtype=torch.float32),
+                                       persistent=True)
 
     @torch.no_grad()
     def shard_like_params(self) -> bool:
@@ -307,11 +323,13 @@ class SparseMasks:
             # FSDP2 leaves a gathered copy in the module's slot at times (a frozen block's weight after
             # the backward prefetched it): the sharded parameters, the optimizer's, are kept from here
             self._sharded_params = [t.param for t in self.targets]
+        buffers = [MASK_BUFFER, MOMENTUM_BUFFER] if self.tracks_momentum else [MASK_BUFFER]
         for target, span, param in zip(self.targets, self.spans, self.params):
-            mask = getattr(target.module, MASK_BUFFER)
-            if span.group is None or isinstance(mask, DTensor):
-                continue
-            setattr(target.module, MASK_BUFFER, span.as_dtensor(span.take(mask.to(local(param).device)).clone()))
+            for name in buffers:
+                whole = getattr(target.module, name)
+                if span.group is None or isinstance(whole, DTensor):
+                    continue
+                setattr(target.module, name, span.as_dtensor(span.take(whole.to(local(param).device)).clone()))
         self.recount()
         return self.group is not None
 
@@ -325,6 +343,11 @@ class SparseMasks:
     def masks(self) -> list[Tensor]:
         """This rank's part of each mask (the whole mask unless sharded)."""
         return [local(getattr(t.module, MASK_BUFFER)) for t in self.targets]
+
+    @property
+    def gradient_momentum(self) -> list[Tensor]:
+        """This rank's part of each target's dense-gradient momentum (``gradient_momentum=True``)."""
+        return [local(getattr(t.module, MOMENTUM_BUFFER)) for t in self.targets]
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -402,6 +425,22 @@ class SparseMasks:
         self.apply(optimizer)
         return grown_counts
 
+    @torch.no_grad()
+    def accumulate_gradient_momentum(self, optimizer: torch.optim.Optimizer, finite: Optional[Tensor] = None) -> None:
+        """``m ← β·m + (1 − β)·grad`` at every position of each target with a gradient, ``β`` its
+        optimizer group's first-moment decay. The optimizer's own moments cannot serve growth: the
+        masks zero them at inactive positions after every step. ``finite`` (a device bool) skips the
+        update where False (an fp16 overflow step the GradScaler skips), without a host sync."""
+        betas = {id(p): first_moment_beta(group) for group in optimizer.param_groups for p in group["params"]}
+        for param, momentum in zip(self.params, self.gradient_momentum):
+            if param.grad is None or id(param) not in betas:
+                continue  # frozen, or not trained by this optimizer
+            grad = local(param.grad).float()
+            if finite is None:
+                momentum.lerp_(grad, 1.0 - betas[id(param)])
+            else:
+                momentum.copy_(torch.where(finite, momentum.lerp(grad, 1.0 - betas[id(param)]), momentum))
+
     def count_changes(self) -> list[int]:
         """Start counting the positions grown per layer by the coming :meth:`set_masks` calls (an
         update may prune, then drop and grow); returns the active counts before them."""
@@ -430,6 +469,8 @@ class SparseMasks:
 
 
 __all__ = [
+    "MOMENTUM_BUFFER",
+    "first_moment_beta",
     "MASK_BUFFER",
     "ForwardFlops",
     "drop_and_grow",

@@ -125,3 +125,36 @@ def test_tensorboard_shows_schedule_layers_and_savings(tmp_path):
     assert scheduled == pytest.approx(actual, abs=1e-3) and actual[-1] == pytest.approx(0.2, abs=1e-3)
     assert "efficient/granet/layer_density" in events.Tags()["images"]
     assert any("savings" in tag for tag in events.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("optimizer,beta", [("sgd", 0.9), ("adamw", 0.9)])
+def test_momentum_growth_regrows_where_the_dense_gradients_momentum_is_largest(tmp_path, optimizer, beta):
+    """``growth="momentum"`` keeps the momentum of every position's dense gradient (the optimizer's
+    own moments are zeroed at inactive positions after every step, so they would score every inactive
+    position 0 and regrow only the weights just dropped: the mask stood still). Checked against an
+    exponential average of the gradients kept here, and by the positions each update makes active."""
+    granet = GraNet(sparsity=0.8, initial_density=0.5, prune_end="12st", update_every="4st", growth="momentum")
+    mine, revived = None, []
+
+    class Watch(pl.Callback):  # after GraNet: sees the gradients it averaged, and its masks after each update
+        def on_before_optimizer_step(self, trainer, pl_module, optim):
+            nonlocal mine
+            grads = [p.grad.detach().float() for p in granet.masks.params]
+            mine = [torch.zeros_like(g) for g in grads] if mine is None else mine
+            mine = [beta * m + (1 - beta) * g for m, g in zip(mine, grads)]
+            self.before = [m.clone() for m in granet.masks.masks]
+            for kept, ours in zip(granet.masks.gradient_momentum, mine):
+                torch.testing.assert_close(kept, ours)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step % 4 == 0:
+                newly = [a & ~b for a, b in zip(granet.masks.masks, self.before)]
+                revived.append(sum(int(n.sum()) for n in newly))
+                # the positions made active scored above every inactive one left out, layer by layer
+                for n, m, score in zip(newly, granet.masks.masks, granet.masks.gradient_momentum):
+                    if n.any():
+                        assert score[n].abs().min() >= score[~m].abs().max()
+
+    trainer(tmp_path, [granet, Watch()], 20).fit(MLP(optimizer), loader())
+    assert len(revived) == 5 and all(count > 0 for count in revived), revived
+    assert all((m != 0).any() for m in granet.masks.gradient_momentum)
