@@ -81,6 +81,8 @@ def test_every_callback_trains_through_overflow_steps_and_keeps_finite_state(nam
     assert not any(overflow.moved[s] for s in (2, 5, 8)), "a weight moved on a step the scaler skipped"
     assert trainer.precision_plugin.scaler.get_scale() < 65536.0  # the scaler did see the overflows
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # and the buffers callbacks keep beside the weights (GraNet's momentum of the dense gradients)
+    assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
     assert finite(trainer.optimizers[0].state_dict()["state"])
     for callback in callbacks:
         assert finite(callback.state_dict()), type(callback).__name__
@@ -224,3 +226,15 @@ def test_loss_callbacks_leave_out_a_non_finite_sample_loss():
     weights = seen[3]
     assert weights[0] == 0 and torch.isfinite(weights).all() and abs(float(weights.sum()) - 1) < 1e-6
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_granets_gradient_momentum_skips_the_steps_the_scaler_skips():
+    """The momentum of the dense gradients (``growth="momentum"``) moves on every step but one
+    the scaler skips, even where the inf is in another layer (the head); the skip is decided on the
+    device (``torch.where`` on a device flag), not by reading the flag back."""
+    callback = GraNet(sparsity=0.8, prune_end="14st", update_every="3st", growth="momentum")
+    overflow = Overflow(at=[4, 7], probe=lambda: [m.clone() for m in callback.masks.gradient_momentum])
+    fit([callback], overflow)
+    for step in range(1, 20):
+        same = all(torch.equal(a, b) for a, b in zip(overflow.seen[step], overflow.seen[step - 1]))
+        assert same == (step in (4, 7)), step
