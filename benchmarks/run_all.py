@@ -121,6 +121,10 @@ REGISTRY = (
     Study("sparse_vit", "sparse_training.py", ("--tasks", "vit"), ((0, 1, 2),),
           "Sparse training on the digits ViT: accuracy and FLOPs of GraNet, RigL, SET, N:M and Lightning's "
           "ModelPruning at 80/90%", SPARSE_CARD, "training FLOPs", "val acc %", curves=True),
+    Study("sparse_vit_granet_growth", "sparse_training.py",
+          ("--tasks", "vit", "--sparsities", "0.9", "--methods", "dense", "granet", "granet_momentum"), ((0, 1, 2),),
+          "GraNet's regrowth on the digits ViT at 90%: by gradient (default) or by the dense gradients' momentum",
+          SPARSE_CARD, "training FLOPs", "val acc %"),
     Study("sparse_lm", "sparse_training.py", ("--tasks", "lm", "--steps", "600", "--update-every", "20st"), ((0,),),
           "Sparse training on the pydoc LM (600 steps)", SPARSE_CARD, "training FLOPs", "best val loss", curves=True),
     Study("freezing_vit8", "progressive_freezing.py", ("--task", "vit8", "--epochs", "40"), ((0, 1, 2),),

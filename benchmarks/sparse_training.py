@@ -87,6 +87,7 @@ def method_callbacks(method: str, sparsity: float, targets, prune_epochs: int, e
     makers: dict[str, Callable[[], list[pl.Callback]]] = {
         "dense": lambda: [],
         "granet": lambda: [GraNet(sparsity=sparsity, prune_end=0.5, update_every=every)],
+        "granet_momentum": lambda: [GraNet(sparsity=sparsity, prune_end=0.5, update_every=every, growth="momentum")],
         "rigl": lambda: [RigL(sparsity=sparsity, update_every=every)],
         "set": lambda: [SET(sparsity=sparsity, update_every=every)],
         "nm": lambda: [NMSparsity(n=2, m=4)],
