@@ -127,6 +127,7 @@ def facts(trainer) -> dict:
         if isinstance(callback, TrafficRecorder):
             out["traffic"] = callback.steps
             out["savings"] = [[r.quantity, r.value, r.ratio] for r in trainer.strategy.report.savings(trainer, None)]
+            out["sent_shown"] = trainer.progress_bar_metrics.get("sent%")  # the progress bar's entry at the end
         masks = getattr(callback, "masks", None)
         if masks is not None and hasattr(masks, "spans"):  # sparse training: whole-layer counts, this rank's part
             out.update(updates=callback.updates, nonzeros=masks.nonzeros(), sizes=masks.sizes(),

@@ -38,6 +38,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_efficient.core.callback import EfficientCallback
+from lit_efficient.core.checks import check_bool
 from lit_efficient.core.gradient_travel import Part, merge_parts
 from lit_efficient.core.protocols import ReadsPartOfGradients
 from lit_efficient.core.savings import SavingsRow
@@ -132,8 +133,9 @@ class TrafficReport(EfficientCallback):
 
     technique = "exact_ddp"
 
-    def __init__(self, traffic: GradientTraffic) -> None:
+    def __init__(self, traffic: GradientTraffic, progress_bar: bool = True) -> None:
         self.traffic = traffic
+        self.progress_bar = check_bool(progress_bar, "progress_bar")
 
     @override
     def on_before_optimizer_step(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer) -> None:
@@ -145,6 +147,7 @@ class TrafficReport(EfficientCallback):
         metrics = {"sent_mib": sum(sent.values()) / MIB, "sent_ratio": sum(sent.values()) / sum(whole.values())}
         metrics.update({f"sent_ratio/{t}": sent[t] / whole[t] for t in whole if whole[t]})
         self.log_metrics(pl_module, metrics)
+        self.show_progress(pl_module, "sent%", round(100 * metrics["sent_ratio"], 1))
 
     @override
     def savings(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
@@ -188,19 +191,20 @@ class ExactCompressionDDPStrategy(DDPStrategy):
 
     Logs ``efficient/exact_ddp/sent_mib`` (bytes each rank all-reduced in the step),
     ``sent_ratio`` (against plain DDP) and ``sent_ratio/<technique>``, and adds the means to the
-    savings table.
+    savings table; the progress bar shows ``sent%`` (the step's bytes against plain DDP's, in
+    percent), unless ``progress_bar=False`` (the one argument of its own, keyword only).
     """
 
     strategy_name = "ddp_exact_compression"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, progress_bar: bool = True, **kwargs: Any) -> None:
         for key in ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"`{key}`: ExactCompressionDDPStrategy is a communication hook itself and "
                                  "cannot take another; use DDPStrategy for a hook of your own")
         super().__init__(*args, **kwargs)
         self.traffic = GradientTraffic()
-        self.report = TrafficReport(self.traffic)
+        self.report = TrafficReport(self.traffic, progress_bar)
 
     @override
     def setup_environment(self) -> None:

@@ -177,6 +177,9 @@ def test_ends_where_plain_ddp_ends(tmp_path, name):
     assert_close_states(exact["state"], plain["state"], atol=2e-5)
     facts, traffic = exact["facts"], exact["facts"].pop("traffic")
     exact["facts"].pop("savings")
+    last = traffic[-1]  # the progress bar ends on the last step's share of plain DDP's bytes
+    shown = round(100 * sum(last["sent"].values()) / sum(last["whole"].values()), 1)
+    assert exact["facts"].pop("sent_shown") == pytest.approx(shown)  # (logged as float32)
     assert facts == plain["facts"]  # the same masks, frozen blocks, optimizer state
     assert [t["step"] for t in traffic] == list(range(1, 13))
     for record in traffic:
@@ -264,6 +267,15 @@ def test_a_hook_of_ones_own_is_refused_naming_the_argument(argument):
 
     with pytest.raises(ValueError, match=f"`{argument}`"):
         ExactCompressionDDPStrategy(**{argument: 1})
+
+
+def test_the_progress_bar_entry_can_be_switched_off_and_its_flag_is_checked():
+    from lit_efficient import ExactCompressionDDPStrategy
+
+    assert ExactCompressionDDPStrategy().report.progress_bar is True
+    assert ExactCompressionDDPStrategy(progress_bar=False).report.progress_bar is False
+    with pytest.raises(ValueError, match="`progress_bar`"):
+        ExactCompressionDDPStrategy(progress_bar="yes")
 
 
 def test_the_strategy_is_registered_by_name():
