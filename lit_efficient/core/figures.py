@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lit_efficient.core.logs import metric_key, tensorboard_writer
+from lit_efficient.core.logs import metric_key, off_the_clock, tensorboard_writer
 
 #: the smallest figure, in inches at :data:`DPI` (800×500 pixels); wide charts grow sideways
 FIGURE_INCHES = (8.0, 5.0)
@@ -74,9 +74,10 @@ def log_figure(trainer: "pl.Trainer", technique: str, name: str, draw: Callable[
     writer = figure_writer(trainer)
     if writer is None:
         return False
-    picture = render(draw, width, height)
-    writer.add_image(metric_key(technique, name), picture, trainer.global_step if step is None else step,
-                     dataformats="HWC")
+    with off_the_clock(trainer):  # drawing is logging: it stays out of the throughput windows
+        picture = render(draw, width, height)
+        writer.add_image(metric_key(technique, name), picture, trainer.global_step if step is None else step,
+                         dataformats="HWC")
     return True
 
 

@@ -11,7 +11,8 @@ throughput.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping, Optional, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -81,6 +82,23 @@ def tensorboard_writer(trainer: "pl.Trainer") -> Optional[Any]:
     return None
 
 
+_DRAWING_SECONDS = [0.0]  # this process's time spent drawing figures and histograms, over the run
+
+
+@contextmanager
+def off_the_clock(trainer: "pl.Trainer") -> Iterator[None]:
+    """Time what the block does (drawing a figure or a histogram, on an event step) and leave it out
+    of every :class:`Throughput` window: it is logging, not training, and one callback's figures
+    must not read as another's slow steps. The device is synchronised first, so the training work
+    still queued stays on the clock."""
+    synchronize(trainer.strategy.root_device)
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        _DRAWING_SECONDS[0] += time.perf_counter() - start
+
+
 def log_histogram(trainer: "pl.Trainer", technique: str, name: str, values: torch.Tensor,
                   step: Optional[int] = None) -> bool:
     """Write a histogram of ``values``; returns whether anything was written."""
@@ -88,7 +106,8 @@ def log_histogram(trainer: "pl.Trainer", technique: str, name: str, values: torc
     if writer is None or values.numel() == 0:
         return False
     step = trainer.global_step if step is None else step
-    writer.add_histogram(metric_key(technique, name), values.detach().float().flatten().cpu(), step)
+    with off_the_clock(trainer):
+        writer.add_histogram(metric_key(technique, name), values.detach().float().flatten().cpu(), step)
     return True
 
 
@@ -120,13 +139,15 @@ class Throughput:
     (on a GPU the work runs behind the launches), when a window closes: on logging steps, when
     validation starts and at the end of each epoch, and when one opens again at the next training
     batch (so validation, the epoch's boundary — the loaders' start, other callbacks' epoch work —
-    are left out). So throughput costs a device sync only where the run syncs anyway.
+    are left out). Time spent drawing figures and histograms (:func:`off_the_clock`) is left out
+    too. So throughput costs a device sync only where the run syncs anyway.
     """
 
     def __init__(self) -> None:
         self.windows: list[tuple[int, float]] = []  # (samples, seconds) of every closed window
         self._samples = 0
         self._start: Optional[float] = None
+        self._drawn = 0.0  # the drawing seconds of the process when the window opened
 
     @property
     def is_open(self) -> bool:
@@ -134,7 +155,7 @@ class Throughput:
 
     def start(self, device: torch.device) -> None:
         synchronize(device)
-        self._samples, self._start = 0, time.perf_counter()
+        self._samples, self._start, self._drawn = 0, time.perf_counter(), _DRAWING_SECONDS[0]
 
     def add(self, samples: int) -> None:
         self._samples += samples
@@ -144,12 +165,13 @@ class Throughput:
         if self._start is None:
             return None
         synchronize(device)
-        seconds = time.perf_counter() - self._start
+        seconds = time.perf_counter() - self._start - (_DRAWING_SECONDS[0] - self._drawn)
         rate = None
         if self._samples and seconds > 0:
             self.windows.append((self._samples, seconds))
             rate = self._samples / seconds
         self._samples, self._start = 0, (time.perf_counter() if restart else None)
+        self._drawn = _DRAWING_SECONDS[0]
         return rate
 
     def first_and_last_tenth(self) -> Optional[tuple[float, float]]:

@@ -130,7 +130,8 @@ def test_under_infobatch_plan_and_actual_freezes_share_the_run_position(tmp_path
 
 class SlowEpochStart(pl.Callback):
     """Another callback's epoch work (a pruning decision, a loader starting) on a fake clock: 100 s
-    at each epoch's start, 1 s for each training batch."""
+    at each epoch's start, 1 s for each training batch, and a figure that takes 50 s to draw every
+    third step."""
 
     def __init__(self, clock):
         self.clock = clock
@@ -139,7 +140,11 @@ class SlowEpochStart(pl.Callback):
         self.clock[0] += 100.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        from lit_efficient.core.figures import log_figure
+
         self.clock[0] += 1.0
+        if trainer.global_step % 3 == 0:
+            assert log_figure(trainer, "other", "slow", lambda figure: self.clock.__setitem__(0, self.clock[0] + 50))
 
 
 def test_throughput_windows_open_at_a_training_batch_and_leave_the_epoch_boundaries_out(tmp_path, monkeypatch):
@@ -148,8 +153,10 @@ def test_throughput_windows_open_at_a_training_batch_and_leave_the_epoch_boundar
     clock = [0.0]
     monkeypatch.setattr(logs.time, "perf_counter", lambda: clock[0])
     freezing = FreezeOut(t0=0.3, warp="linear")
-    trainer = make_trainer(tmp_path, [SlowEpochStart(clock), freezing], STEPS, log_every_n_steps=2)
+    trainer = make_trainer(tmp_path, [SlowEpochStart(clock), freezing], STEPS, log_every_n_steps=2,
+                           logger=TensorBoardLogger(tmp_path, name="tb"))
     trainer.fit(ViTModule(), image_loader())
     windows = freezing.throughput.windows
-    assert windows and all(seconds <= 2.0 for _, seconds in windows)  # never one of the 100 s epoch starts
+    # never one of the 100 s epoch starts, nor the 50 s of another callback's figure
+    assert windows and all(seconds <= 2.0 for _, seconds in windows), windows
     assert sum(seconds for _, seconds in windows) == STEPS  # and every training batch is in one
