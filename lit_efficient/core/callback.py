@@ -17,7 +17,7 @@ from typing_extensions import override
 from lit_efficient.core.clock import run_position
 from lit_efficient.core.composition import Claim, check_composition
 from lit_efficient.core.distributed import local_part
-from lit_efficient.core.logs import Number, log_metrics, log_text, step_logs_due
+from lit_efficient.core.logs import Number, drawing_clock, log_metrics, log_text, step_logs_due
 from lit_efficient.core.savings import (
     SavingsRow,
     callback_settings,
@@ -28,10 +28,19 @@ from lit_efficient.core.savings import (
 
 
 def collect_savings(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> list[SavingsRow]:
-    """Rows from every :class:`EfficientCallback` of ``trainer``, in callback order."""
+    """Rows from every :class:`EfficientCallback` of ``trainer``, in callback order, and what drawing
+    the figures cost this process in the fit (a cost of watching, not of training: the throughput
+    windows leave it out)."""
+    callbacks = efficient_callbacks(trainer)
     rows: list[SavingsRow] = []
-    for callback in efficient_callbacks(trainer):
+    for callback in callbacks:
         rows.extend(callback.savings(trainer, pl_module))
+    start = getattr(callbacks[0], "_drawing_at_start", None) if callbacks else None
+    if start is not None:
+        seconds, pictures = (now - then for now, then in zip(drawing_clock(), start))
+        if pictures:
+            rows.append(SavingsRow("figures", "time drawing figures and histograms (this process)",
+                                   f"{seconds:.1f} s for {pictures} pictures", None, ""))
     return rows
 
 
@@ -97,6 +106,8 @@ class EfficientCallback(Callback):
             return
         self._trainer = trainer
         callbacks = efficient_callbacks(trainer)
+        if callbacks and callbacks[0] is self:
+            self._drawing_at_start = drawing_clock()  # the fit's own drawing time, for the savings table
         if callbacks and callbacks[-1] is self:
             check_composition(callbacks)
 

@@ -82,7 +82,13 @@ def tensorboard_writer(trainer: "pl.Trainer") -> Optional[Any]:
     return None
 
 
-_DRAWING_SECONDS = [0.0]  # this process's time spent drawing figures and histograms, over the run
+_DRAWING_SECONDS = [0.0]  # this process's time spent drawing figures and histograms, since it started
+_PICTURES = [0]  # and how many it drew
+
+
+def drawing_clock() -> tuple[float, int]:
+    """(seconds spent drawing figures and histograms, how many) in this process so far."""
+    return _DRAWING_SECONDS[0], _PICTURES[0]
 
 
 @contextmanager
@@ -97,6 +103,7 @@ def off_the_clock(trainer: "pl.Trainer") -> Iterator[None]:
         yield
     finally:
         _DRAWING_SECONDS[0] += time.perf_counter() - start
+        _PICTURES[0] += 1
 
 
 def log_histogram(trainer: "pl.Trainer", technique: str, name: str, values: torch.Tensor,

@@ -194,6 +194,16 @@ def test_figures_are_written_at_their_size_only_when_asked(tmp_path):
     assert (image.width, image.height) == (800, 500)
 
 
+def test_the_savings_table_says_what_drawing_the_figures_cost(tmp_path):
+    from lit_efficient.core.callback import collect_savings
+
+    trainer = fit(tmp_path, [Drawer(at=(3, 6))], TensorBoardLogger(tmp_path, name="tb"))
+    (row,) = [r for r in collect_savings(trainer, trainer.lightning_module) if r.technique == "figures"]
+    assert row.value.endswith(" s for 2 pictures") and row.ratio is None  # this fit's two, not the process's
+    trainer = fit(tmp_path, [Drawer(at=(3, 6))], False)  # no TensorBoard: nothing drawn, no row
+    assert not [r for r in collect_savings(trainer, trainer.lightning_module) if r.technique == "figures"]
+
+
 def test_without_matplotlib_figures_are_skipped_with_one_message(tmp_path, monkeypatch):
     import sys
 
