@@ -35,7 +35,7 @@ from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_fraction
 from lit_efficient.core.clock import StepWatch
 from lit_efficient.core.distributed import local_bytes, on_every_rank, refuse_sharded_strategies, shards_parameters
-from lit_efficient.core.figures import figure_writer, line_chart, log_figure
+from lit_efficient.core.figures import epoch_figure_due, figure_writer, line_chart, log_figure
 from lit_efficient.core.lightning_internals import before_late_restore, ensure_find_unused_parameters, is_compiled
 from lit_efficient.core.logs import Throughput, step_logs_due
 from lit_efficient.core.savings import SavingsRow
@@ -101,7 +101,8 @@ class BlockFreezing(EfficientCallback):
     On global rank 0 with a TensorBoardLogger (and matplotlib), the figure
     ``efficient/freezing/timeline`` shows when each block was planned to freeze and when it did,
     above the measured throughput; it is drawn on the steps a block freezes and at the end of each
-    training epoch, never on an ordinary step.
+    training epoch (of about 16 spread over a longer run: :func:`~lit_efficient.core.figures.epoch_figure_due`),
+    never on an ordinary step.
     """
 
     technique = "freezing"
@@ -399,7 +400,8 @@ class BlockFreezing(EfficientCallback):
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._close_window(trainer, pl_module, restart=False)  # the next opens at the next epoch's first batch
-        self.draw_timeline(trainer, pl_module)
+        if epoch_figure_due(trainer):
+            self.draw_timeline(trainer, pl_module)
         cache = self._cache
         if cache is None or cache.disabled is not None or not self.frozen:
             return

@@ -36,7 +36,7 @@ from typing_extensions import override
 from lit_efficient.core.callback import EfficientCallback
 from lit_efficient.core.checks import check_bool, check_int
 from lit_efficient.core.distributed import refuse_sharded_strategies
-from lit_efficient.core.figures import bars, figure_writer, line_chart, log_figure, width_for
+from lit_efficient.core.figures import bars, epoch_figure_due, figure_writer, line_chart, log_figure, width_for
 from lit_efficient.core.lightning_internals import inner_schedulers, mark_step_tracked, replace_method, restore_method
 from lit_efficient.core.logs import step_logs_due
 from lit_efficient.core.savings import SavingsRow
@@ -102,9 +102,10 @@ class GaLore(EfficientCallback):
 
     Figures (TensorBoard, rank 0, with matplotlib): ``subspace_overlap`` at each refresh after the
     first — the overlap of every projected matrix, named, above the mean (and range over matrices)
-    at every refresh so far — and ``optimizer_state`` at the end of each training epoch: this rank's
-    state in MiB over the run beside AdamW's for the same parameters. APOLLO's random projections
-    (``projection="random"``) are redrawn, not refreshed from gradients, and have no overlap figure.
+    at every refresh so far — and ``optimizer_state`` at the end of each training epoch (of about 16
+    in a longer run): this rank's state in MiB over the run beside AdamW's for the same parameters.
+    APOLLO's random projections (``projection="random"``) are redrawn, not refreshed from
+    gradients, and have no overlap figure.
     """
 
     technique = "galore"
@@ -392,7 +393,7 @@ class GaLore(EfficientCallback):
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self.state_history and figure_writer(trainer) is not None:
+        if self.state_history and figure_writer(trainer) is not None and epoch_figure_due(trainer):
             self.draw_state(trainer)
 
     def draw_state(self, trainer: "pl.Trainer") -> None:

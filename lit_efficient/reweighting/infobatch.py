@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lit_efficient.core.checks import check_bool, check_fraction, check_int
 from lit_efficient.core.distributed import reduced_across_ranks
-from lit_efficient.core.figures import figure_writer, histogram, log_figure, stacked_bars
+from lit_efficient.core.figures import epoch_figure_due, figure_writer, histogram, log_figure, stacked_bars
 from lit_efficient.core.logs import log_histogram
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.seeding import epoch_generator
@@ -137,8 +137,9 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
     Logged under ``efficient/infobatch/``: ``skipped_fraction`` (of the dataset, this epoch),
     ``samples_saved`` (cumulative), ``well_learned_fraction``, ``score_mean``; a row in the
     savings table with the samples forwarded relative to full-data training. In TensorBoard, at
-    the start of every epoch that prunes: the figure ``data`` (kept/pruned fractions of the epochs
-    so far; the scores with the mean-score threshold) and the histogram ``scores``.
+    the start of every epoch that prunes (of about 16 spread over a longer run): the figure
+    ``data`` (kept/pruned fractions of the epochs so far; the scores with the mean-score
+    threshold) and the histogram ``scores``.
     """
 
     technique = "infobatch"
@@ -279,7 +280,7 @@ class InfoBatch(PlannedOrder, SampleLossCallback):
                             planned=self.optimizer_steps(self.order.numel(), trainer))
             if not self.removed or self.removed[-1][0] != self.plan_epoch:
                 self.removed.append((self.plan_epoch, self.skipped_fraction()))
-            if self.pruning_decided(trainer.max_epochs):
+            if self.pruning_decided(trainer.max_epochs) and epoch_figure_due(trainer):
                 self.draw_data(trainer)
 
     def skipped_fraction(self) -> float:

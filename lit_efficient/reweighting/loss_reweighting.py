@@ -32,7 +32,7 @@ from typing_extensions import override
 
 from lit_efficient.core.checks import check_bool, check_int
 from lit_efficient.core.distributed import gather_samples
-from lit_efficient.core.figures import figure_writer, histogram, log_figure, scatter_chart
+from lit_efficient.core.figures import epoch_figure_due, figure_writer, histogram, log_figure, scatter_chart
 from lit_efficient.core.logs import log_histogram, step_logs_due, tensorboard_writer
 from lit_efficient.core.savings import SavingsRow
 from lit_efficient.core.time import Time, TimeSpec, TrainingLength
@@ -133,7 +133,7 @@ class LossReweighting(SampleLossCallback):
     ``nonfinite_samples``, and a histogram ``weights`` of ``N·w`` in TensorBoard, on the steps Lightning
     writes logs (every ``log_every_n_steps``); a warning counts the non-finite sample losses left out.
     The figure ``weights`` (each sample's ``N·w`` against its loss, and their histogram) is drawn on the
-    first logging step of each epoch.
+    first logging step of each epoch (of about 16 spread over a longer run).
     """
 
     technique = "loss_reweighting"
@@ -240,7 +240,8 @@ class LossReweighting(SampleLossCallback):
     def show_weights(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", weights: Tensor,
                      stats: Mapping[str, Tensor]) -> None:
         """On a logging step: the progress entry, the histogram and (once an epoch) the figure of the weights."""
-        draw = trainer.current_epoch != self._drawn_epoch and figure_writer(trainer) is not None
+        draw = (trainer.current_epoch != self._drawn_epoch and figure_writer(trainer) is not None
+                and epoch_figure_due(trainer))
         # a logging step reads its scalars anyway: reading one more costs no extra wait
         ess = float(stats["effective_sample_size"]) if self.progress_bar or draw else 1.0
         self.show_progress(pl_module, "ess%", round(100 * ess, 1))

@@ -246,3 +246,23 @@ def test_progress_bar_entry_is_sent_when_it_changes_and_kept_between(tmp_path, m
                          default_root_dir=tmp_path)
     trainer.fit(Regression())
     assert sent == [] and "level" not in trainer.progress_bar_metrics
+
+
+def test_once_an_epoch_figures_are_drawn_about_sixteen_times_in_a_long_run():
+    from types import SimpleNamespace
+
+    from lit_efficient.core.figures import epoch_figure_due, run_epochs
+
+    def trainer(epoch, max_epochs=40, max_steps=-1, batches=23, global_step=0):
+        return SimpleNamespace(current_epoch=epoch, max_epochs=max_epochs, max_steps=max_steps,
+                               num_training_batches=batches, accumulate_grad_batches=1, global_step=global_step)
+
+    assert all(epoch_figure_due(trainer(e, max_epochs=16)) for e in range(16))  # short runs: every epoch
+    drawn = [e for e in range(40) if epoch_figure_due(trainer(e))]  # the README job's 40 epochs
+    assert drawn == [2, 5, 8, 11, 14, 17, 20, 23, 26, 29, 32, 35, 38, 39]  # every third, and the last
+    # a run bounded by steps: 1000 steps of 10 batches are 100 epochs
+    assert run_epochs(trainer(0, max_epochs=-1, max_steps=1000, batches=10)) == 100
+    assert [e for e in range(100) if epoch_figure_due(trainer(e, max_epochs=-1, max_steps=1000, batches=10))][-3:] \
+        == [90, 97, 99]
+    assert epoch_figure_due(trainer(50, max_epochs=-1, max_steps=1000, batches=10, global_step=1000))  # it ends here
+    assert run_epochs(trainer(0, max_epochs=-1, max_steps=-1)) is None and epoch_figure_due(trainer(3, max_epochs=-1))
